@@ -1,0 +1,26 @@
+"""The curvature core (paper Sec 2-5, 6.3, Appendix B): Kronecker factors and the
+block-diagonal / block-tridiagonal approximate inverses. Plain PyTorch here is the
+``torch`` backend and the reference for every kernel."""
+from .block_diagonal import BlockDiagonal
+from .block_tridiagonal import BlockTridiagonal
+from .damping import pi_trace
+from .factors import KroneckerFactors, kronecker_factors
+from .kron_sum import KronSumInverse, kron_sum_inverse, kron_sum_inverse_identity
+from .layers import LinearLayer, find_layers
+from .losses import LOSSES, PredictiveDistribution, get_loss
+
+__all__ = [
+    "BlockDiagonal",
+    "BlockTridiagonal",
+    "KroneckerFactors",
+    "KronSumInverse",
+    "LOSSES",
+    "LinearLayer",
+    "PredictiveDistribution",
+    "find_layers",
+    "get_loss",
+    "kron_sum_inverse",
+    "kron_sum_inverse_identity",
+    "kronecker_factors",
+    "pi_trace",
+]

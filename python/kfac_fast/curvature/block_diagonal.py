@@ -1,0 +1,152 @@
+"""Block-diagonal approximate inverse F̆⁻¹ (paper Sec 4.2) with factored Tikhonov damping (Sec 6.3).
+
+F̆ = diag(Ā₀,₀ ⊗ G₁,₁, …, Ā_{ℓ-1,ℓ-1} ⊗ G_{ℓ,ℓ}), so F̆⁻¹v is, per layer,
+U_i = (G_i + (γ/π_i) I)⁻¹ V_i (Ā_{i-1} + π_i γ I)⁻¹ with V_i the (d_out, d_in+1) gradient block.
+With ``exact_damping=True`` the block is (Ā ⊗ G + γ² I)⁻¹ instead (eqn 6, via Appendix B).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _dispatch
+from ._eigen import FactorEig, damped_spectrum, eigendecompose, inverse_from_eig
+from .damping import PiSpec, check_damping, resolve_pi
+from .factors import KroneckerFactors, check_factors
+
+
+def check_grads(grads: Sequence[torch.Tensor], shapes: Sequence[tuple]) -> None:
+    if len(grads) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} gradient blocks (one per layer), got {len(grads)}")
+    for i, (g, s) in enumerate(zip(grads, shapes)):
+        if tuple(g.shape) != tuple(s):
+            raise ValueError(f"gradient block {i} must have shape {tuple(s)} = (d_out, d_in + 1), got {tuple(g.shape)}")
+
+
+class BlockDiagonal:
+    """F̆⁻¹ with factored Tikhonov damping γ (Sec 4.2, 6.3, 6.6).
+
+    Args:
+        factors: per-layer :class:`KroneckerFactors` (A: (a_i, a_i), G: (g_i, g_i)).
+        damping: γ ≥ 0. Ā ← Ā + π·γ·I and G ← G + (γ/π)·I; γ = 0 gives the undamped inverse
+            (which must exist).
+        pi: ``"trace"`` (Sec 6.3 trace-norm rule) or a positive float.
+        exact_damping: use (Ā ⊗ G + γ²I)⁻¹ (eqn 6, Appendix B) instead of the factored form.
+        backend: ``"auto"|"torch"|"triton"|"native"`` for eigendecompositions and products.
+        warm_start: a previous :class:`BlockDiagonal` (or its ``eig``) whose eigenbases start
+            the iterative eigensolver (native engine).
+    """
+
+    def __init__(
+        self,
+        factors: Sequence[KroneckerFactors],
+        *,
+        damping: float,
+        pi: PiSpec = "trace",
+        exact_damping: bool = False,
+        backend: str = "auto",
+        warm_start=None,
+        _eig: Optional[list[FactorEig]] = None,
+    ):
+        check_factors(factors)
+        self.factors = list(factors)
+        self.damping = check_damping(damping)
+        self.pi_spec = pi
+        self.exact_damping = bool(exact_damping)
+        self.backend = backend
+        if isinstance(warm_start, (BlockDiagonal,)):
+            warm_start = warm_start.eig
+        self.eig = _eig if _eig is not None else eigendecompose(self.factors, backend=backend, warm_start=warm_start)
+        self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
+        self._build()
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(f.G.shape[0], f.A.shape[0]) for f in self.factors]
+
+    def _build(self) -> None:
+        g = self.damping
+        self.Ainv, self.Ginv, self.kron_sum = [], [], []
+        for i, (f, e, pi) in enumerate(zip(self.factors, self.eig, self.pis)):
+            label = f"layer {i}" + (f" ({f.name})" if f.name else "")
+            if self.exact_damping:
+                from .kron_sum import KronSumInverse
+
+                xi = g * g
+                sA = e.sA.clamp_min(0) if xi > 0 else e.sA
+                sG = e.sG.clamp_min(0) if xi > 0 else e.sG
+                inv = KronSumInverse(K1=e.QA, K2=e.QG, s1=sA, s2=sG, sign=1, c0=xi)
+                den = inv.denominator
+                if den.numel() and float(den.min()) <= 1e-12 * float(den.abs().max()):
+                    raise ValueError(f"{label}: Ā⊗G is singular and damping is 0; use damping > 0")
+                self.kron_sum.append(inv)
+            else:
+                dA = damped_spectrum(e.sA, pi * g, label=f"{label}: factor A (Ā)")
+                dG = damped_spectrum(e.sG, g / pi, label=f"{label}: factor G")
+                self.Ainv.append(inverse_from_eig(e.QA, dA))
+                self.Ginv.append(inverse_from_eig(e.QG, dG))
+
+    def with_damping(self, damping: float) -> "BlockDiagonal":
+        """Same factors and eigendecompositions, another γ (cheap: no new eigendecomposition)."""
+        return BlockDiagonal(self.factors, damping=damping, pi=self.pi_spec, exact_damping=self.exact_damping,
+                             backend=self.backend, _eig=self.eig)
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """F̆⁻¹v. grads: list of (d_out, d_in + 1) blocks -> list of the same shapes."""
+        check_grads(grads, self.shapes)
+        grads = [g.to(self.factors[i].A.dtype) for i, g in enumerate(grads)]
+        if self.exact_damping:
+            return _dispatch.eigen_precondition(
+                grads, [k.K2 for k in self.kron_sum], [k.s2 for k in self.kron_sum],
+                [k.K1 for k in self.kron_sum], [k.s1 for k in self.kron_sum],
+                c0=[k.c0 for k in self.kron_sum], sigma=1, backend=self.backend)
+        return _dispatch.sandwich(self.Ginv, grads, self.Ainv, backend=self.backend)
+
+    def apply_per_example(
+        self, X: Sequence[torch.Tensor], Gm: Sequence[torch.Tensor], *, scale: float, rank_m: Optional[bool] = None
+    ) -> list[torch.Tensor]:
+        """F̆⁻¹ applied to the mini-batch gradient V_i = scale·Gmᵢᵀ X̄ᵢ, from per-example quantities.
+
+        The rank-m trick (end of Sec 8): U_i = scale·(G⁻¹Gmᵢᵀ)(X̄ᵢ Ā⁻¹) costs O(m d²) instead of
+        O(d³); chosen per layer when cheaper (``rank_m=None``) or forced on/off.
+        Not compatible with weight decay (whose gradient ηW is not low-rank; Sec 8).
+
+        Args:
+            X: per layer (m, d_in) inputs. Gm: per layer (m, d_out) per-example derivatives.
+            scale: 1/m for a mean loss with unscaled per-example g.
+        """
+        if self.exact_damping:
+            raise ValueError("the rank-m trick needs the factored damping (exact_damping=False)")
+        if len(X) != len(self.factors) or len(Gm) != len(self.factors):
+            raise ValueError(f"expected {len(self.factors)} per-layer inputs and derivatives")
+        out: list[Optional[torch.Tensor]] = [None] * len(self.factors)
+        low, direct = [], []
+        for i, (f, x, g) in enumerate(zip(self.factors, X, Gm)):
+            if x.shape[0] != g.shape[0]:
+                raise ValueError(f"layer {i}: inputs have {x.shape[0]} rows but derivatives {g.shape[0]}")
+            if x.shape[1] + int(f.homogeneous) != f.A.shape[0] or g.shape[1] != f.G.shape[0]:
+                raise ValueError(f"layer {i}: per-example shapes {tuple(x.shape)}, {tuple(g.shape)} do not match "
+                                 f"factors A {tuple(f.A.shape)}, G {tuple(f.G.shape)}")
+            use = rank_m if rank_m is not None else _dispatch.rank_m_is_cheaper(x.shape[0], f.G.shape[0], f.A.shape[0])
+            (low if use else direct).append(i)
+        dt = self.factors[0].A.dtype
+        if low:
+            res = _dispatch.rank_m_precondition(
+                [X[i].to(dt) for i in low], [Gm[i].to(dt) for i in low], [self.Ainv[i] for i in low],
+                [self.Ginv[i] for i in low], homogeneous=[self.factors[i].homogeneous for i in low],
+                scale=scale, backend=self.backend)
+            for i, u in zip(low, res):
+                out[i] = u
+        if direct:
+            V = []
+            for i in direct:
+                x = X[i].to(dt)
+                if self.factors[i].homogeneous:
+                    x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+                V.append(scale * (Gm[i].to(dt).t() @ x))
+            res = _dispatch.sandwich([self.Ginv[i] for i in direct], V, [self.Ainv[i] for i in direct],
+                                     backend=self.backend)
+            for i, u in zip(direct, res):
+                out[i] = u
+        return out  # type: ignore[return-value]

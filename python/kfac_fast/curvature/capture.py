@@ -1,0 +1,76 @@
+"""Recording each layer's input ā_{i-1} and pre-activation output s_i during a forward pass.
+
+Per-example derivatives g_i = ∂L/∂s_i are then obtained in one call to
+``torch.autograd.grad(surrogate, recording.outputs)`` (paper Algorithm 1).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .layers import LinearLayer
+
+
+@dataclass
+class Recording:
+    """Inputs (rows = examples, shape (m, d_in)) and outputs (m, d_out) per layer, plus call order."""
+
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    order: list = field(default_factory=list)
+
+    def flat_input(self, i: int) -> torch.Tensor:
+        x = self.inputs[i]
+        return x.reshape(-1, x.shape[-1])
+
+
+@contextlib.contextmanager
+def capture(layers: Sequence[LinearLayer], *, need_outputs: bool = True) -> Iterator[Recording]:
+    """Hook ``layers`` for one forward pass.
+
+    Raises (after the forward): ValueError naming a layer called more than once (weight
+    sharing breaks the one-use-per-forward assumption of the factors) or never called.
+    """
+    rec = Recording(inputs=[None] * len(layers), outputs=[None] * len(layers))
+    calls = [0] * len(layers)
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module, args, out):
+            calls[i] += 1
+            if calls[i] > 1:
+                return
+            rec.inputs[i] = args[0].detach()
+            rec.order.append(i)
+            if need_outputs:
+                rec.outputs[i] = out
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.module.register_forward_hook(make_hook(i)))
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+    for i, layer in enumerate(layers):
+        if calls[i] > 1:
+            raise ValueError(
+                f"layer {layer.name} was called {calls[i]} times in one forward pass; K-FAC's Kronecker "
+                "factors assume each layer is used once per forward (no weight sharing)"
+            )
+        if calls[i] == 0:
+            raise ValueError(
+                f"layer {layer.name} was not used in the forward pass; remove it from the model or freeze it "
+                "(requires_grad_(False)) so K-FAC does not track it"
+            )
+    if need_outputs:
+        for i, layer in enumerate(layers):
+            if not rec.outputs[i].requires_grad:
+                raise ValueError(
+                    f"the output of layer {layer.name} does not require grad (forward under torch.no_grad()?)"
+                )

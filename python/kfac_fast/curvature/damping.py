@@ -1,0 +1,40 @@
+"""Factored Tikhonov damping (paper Sec 6.3, with γ of Sec 6.6).
+
+(Ā ⊗ G + γ²I) is approximated by (Ā + π γ I) ⊗ (G + (γ/π) I), with π from the trace norm:
+π = sqrt( (tr(Ā)/dim Ā) / (tr(G)/dim G) ), the ratio of the factors' average eigenvalues.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+PiSpec = Union[str, float]
+
+
+def pi_trace(A: torch.Tensor, G: torch.Tensor) -> float:
+    """Trace-norm π of Sec 6.3. Falls back to 1 when either factor has zero trace."""
+    ta = float(torch.diagonal(A).sum()) / A.shape[0]
+    tg = float(torch.diagonal(G).sum()) / G.shape[0]
+    if not (ta > 0 and tg > 0) or not math.isfinite(ta / tg):
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+def resolve_pi(pi: PiSpec, A: torch.Tensor, G: torch.Tensor) -> float:
+    if isinstance(pi, str):
+        if pi != "trace":
+            raise ValueError(f"pi must be 'trace' or a positive float, got {pi!r}")
+        return pi_trace(A, G)
+    pi = float(pi)
+    if not (pi > 0 and math.isfinite(pi)):
+        raise ValueError(f"pi must be a positive finite float, got {pi}")
+    return pi
+
+
+def check_damping(damping: float) -> float:
+    damping = float(damping)
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping (γ) must be a finite number >= 0, got {damping}")
+    return damping

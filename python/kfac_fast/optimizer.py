@@ -1,0 +1,346 @@
+"""K-FAC, Algorithm 2 of Martens & Grosse (2015): orchestration only.
+
+Per iteration k (``KFAC.step``):
+  1. forward/backward on the mini-batch S' for h and ∇h (with the ℓ2 term η)          Sec 9
+  2. forward + backward with targets sampled from the model on S₁ (|S₁| = τ₁|S'|)    Sec 5
+  3. running factors Ā, G (and cross factors) with ε = min(1 − 1/k, ema_max)          Sec 5
+  4. inverse refresh when k ≡ 0 (mod T3) or k ≤ 3, with factored Tikhonov damping γ   Sec 4, 6.3, 8
+  5. proposal Δ = −F̆⁻¹∇h (or F̂⁻¹), for each γ candidate (every T2: γ, ω₂γ, γ/ω₂)    Sec 6.6
+  6. δ = αΔ + µδ₀ minimising the exact-Fisher quadratic model M on S₂ (Appendix C)   Sec 6.4, 7
+  7. λ by the Levenberg-Marquardt rule every T1 (one extra forward for ρ)             Sec 6.5
+  8. θ ← θ + δ
+
+The curvature blocks own their factors and inverses; kernels know nothing of this class.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ._state import (STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state, load_inverse,
+                     snapshot)
+from .config import KFACConfig
+from .curvature.capture import capture
+from .curvature.layers import find_layers
+from .curvature.losses import check_output, get_loss
+from .quadratic import fisher_gram, inner, solve_alpha_mu
+
+
+def levenberg_marquardt(lambda_: float, rho: float, omega1: float, *, lo: float = 0.0, hi: float = math.inf) -> float:
+    """Sec 6.5: ρ > 3/4 → λ ← ω₁λ; ρ < 1/4 → λ ← λ/ω₁; otherwise unchanged (clamped to [lo, hi])."""
+    if rho > 0.75:
+        return max(lambda_ * omega1, lo)
+    if rho < 0.25:
+        return min(lambda_ / omega1, hi)
+    return lambda_
+
+
+class StepRejected(RuntimeError):
+    """Raised after ``max_rejections`` consecutive rejected steps (non-finite loss or update)."""
+
+
+class KFAC:
+    """The K-FAC optimizer (Algorithm 2) with re-scaling, momentum, λ and γ adaptation.
+
+    Example::
+
+        opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", inverse="block_tridiagonal")
+        for x, y in loader:
+            stats = opt.step(x, y)   # does the forward/backward passes itself
+
+    Args:
+        model: network whose trainable parameters all live in ``nn.Linear`` layers.
+        loss: ``"softmax_cross_entropy"`` (targets: class indices (m,)), ``"sigmoid_cross_entropy"``
+            (targets in [0, 1], (m, k)) or ``"squared_error"`` (targets (m, k)); the objective is
+            the batch mean of the per-example negative log-likelihood plus η/2‖θ‖².
+        backend: ``"auto"|"torch"|"triton"|"native"`` for the kernels and eigendecompositions.
+        generator: RNG for the subsets S₁, S₂ and the sampled targets (default: seeded from torch's
+            global RNG, so ``torch.manual_seed`` makes runs reproducible).
+        factor_dtype: dtype of factors and inverses (default float32, float64 for float64 models).
+        config: a :class:`KFACConfig`; or pass its fields as keywords (``inverse=``, ``lambda_init=``,
+            ``weight_decay=``, ``momentum=``, ``rescale=``, ``T1=``, ``T2=``, ``T3=``, ``tau1=``,
+            ``tau2=``, ``ema_max=``, ...). ``KFACConfig.paper()`` gives the paper's values.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss: str,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        factor_dtype: Optional[torch.dtype] = None,
+        config: Optional[KFACConfig] = None,
+        **kwargs: Any,
+    ):
+        if config is not None and kwargs:
+            raise TypeError("pass either config= or keyword hyper-parameters, not both")
+        unknown = set(kwargs) - KFACConfig.field_names()
+        if unknown:
+            raise TypeError(f"unknown KFAC option(s): {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(sorted(KFACConfig.field_names()))}")
+        self.config = config if config is not None else KFACConfig(**kwargs)
+        if self.config.momentum and not self.config.rescale:
+            raise ValueError("momentum=True needs rescale=True: α and µ come from the exact-Fisher model (Sec 7)")
+        self.model = model
+        self.loss = get_loss(loss)
+        self.backend = backend
+        self.layers = find_layers(model)
+        p0 = self.layers[0].module.weight
+        self.device = p0.device
+        self.factor_dtype = factor_dtype or (torch.float64 if p0.dtype == torch.float64 else torch.float32)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+        self.generator = generator
+        cfg = self.config
+        self.lambda_ = float(cfg.lambda_init)
+        self.gamma = float(cfg.gamma_init) if cfg.gamma_init is not None else math.sqrt(cfg.lambda_init + cfg.weight_decay)
+        self.k = 1
+        self._ordered = False
+        self.factors: Optional[RunningFactors] = None
+        self.inverse = None
+        self.delta0: Optional[list[torch.Tensor]] = None
+        self.rejections = 0
+        self.total_rejections = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _params(self) -> list[nn.Parameter]:
+        return [p for l in self.layers for p in l.params()]
+
+    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError("KFAC.step(inputs, targets) takes tensors")
+        if inputs.shape[0] == 0:
+            raise ValueError("empty batch: inputs has 0 rows")
+        if targets.shape[0] != inputs.shape[0]:
+            raise ValueError(f"inputs has {inputs.shape[0]} rows but targets {targets.shape[0]}")
+        if inputs.device != self.device:
+            raise ValueError(f"inputs are on {inputs.device} but the model is on {self.device}; move them with .to()")
+        for l in self.layers:
+            for p in l.params():
+                if not p.requires_grad:
+                    raise ValueError(f"a parameter of {l.name} was frozen after KFAC was built; build a new KFAC "
+                                     "for the new set of trainable parameters")
+
+    def _ensure_state(self) -> None:
+        if self.factors is None:
+            self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
+                                          tridiagonal=self.config.inverse == "block_tridiagonal")
+
+    def _subset(self, m: int, frac: float) -> torch.Tensor:
+        size = max(1, int(round(frac * m)))
+        return torch.randperm(m, generator=self.generator, device=self.device)[:size]
+
+    def _objective(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        with torch.no_grad():
+            z = self.model(inputs)
+            h = self.loss.loss(z, targets).mean()
+        return float(h) + self._l2()
+
+    def _l2(self) -> float:
+        eta = self.config.weight_decay
+        if eta == 0:
+            return 0.0
+        return 0.5 * eta * float(sum(p.detach().double().pow(2).sum() for p in self._params()))
+
+    def _add(self, direction: list[torch.Tensor], scale: float = 1.0) -> None:
+        with torch.no_grad():
+            for layer, D in zip(self.layers, direction):
+                for p, part in zip(layer.params(), layer.from_matrix(D)):
+                    p.add_(part.to(p.dtype).reshape(p.shape), alpha=scale)
+
+    def _reject(self, what: str, stats: dict, saved: Optional[list[list[torch.Tensor]]] = None) -> dict:
+        if saved is not None:
+            with torch.no_grad():
+                for layer, ps in zip(self.layers, saved):
+                    for p, s in zip(layer.params(), ps):
+                        p.copy_(s)
+        self.lambda_ = min(self.lambda_ / self.config.omega1, self.config.lambda_max)
+        self.rejections += 1
+        self.total_rejections += 1
+        stats.update(rejected=True, reason=what, lambda_=self.lambda_)
+        if self.rejections >= self.config.max_rejections:
+            raise StepRejected(f"{self.rejections} consecutive K-FAC steps rejected; last cause: {what}. "
+                               "Check the data and the model for overflow, lower the learning problem's scale, or "
+                               "raise lambda_init")
+        warnings.warn(f"K-FAC step {self.k} rejected ({what}); λ raised to {self.lambda_:.3g}", RuntimeWarning)
+        return stats
+
+    # ------------------------------------------------------------------ Algorithm 2
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
+        """One iteration of Algorithm 2 on the mini-batch (inputs (m, ...), targets per the loss).
+
+        Returns:
+            dict with ``loss`` (batch mean data loss at θ_k), ``objective`` (h incl. η/2‖θ‖²),
+            ``lambda_``, ``gamma``, ``alpha``, ``mu``, ``M`` (M(δ) − M(0)), ``rho`` (on λ-update
+            iterations, else None), ``refreshed``, ``rejected``, ``k``.
+        """
+        cfg = self.config
+        self._check_batch(inputs, targets)
+        self._ensure_state()
+        k = self.k
+        m = inputs.shape[0]
+        params = self._params()
+        stats: dict = {"k": k, "rho": None, "rejected": False, "refreshed": False}
+
+        # 1. h and ∇h on S'
+        with torch.enable_grad():
+            if not self._ordered:
+                with capture(self.layers, need_outputs=False) as rec:
+                    z = self.model(inputs)
+                self.layers = [self.layers[i] for i in rec.order]
+                params = self._params()
+                self._ordered = True
+                self.factors = None
+                self._ensure_state()
+            else:
+                z = self.model(inputs)
+            check_output(z, self.loss)
+            self.loss.check_targets(z, targets)
+            h_data = self.loss.loss(z, targets).mean()
+            grads = torch.autograd.grad(h_data, params)
+        h_val = float(h_data.detach())
+        stats["loss"] = h_val
+        if not math.isfinite(h_val):
+            return self._reject("non-finite loss", stats)
+        eta = cfg.weight_decay
+        theta = [[p.detach().clone() for p in l.params()] for l in self.layers]
+        V, pos = [], 0
+        for layer in self.layers:
+            n = len(layer.params())
+            gw = grads[pos]
+            gb = grads[pos + 1] if n == 2 else None
+            Vi = layer.to_matrix(gw, gb).to(self.factor_dtype)
+            if eta:
+                Vi = Vi + eta * layer.param_matrix().detach().to(self.factor_dtype)
+            V.append(Vi)
+            pos += n
+        h = h_val + self._l2()
+        stats["objective"] = h
+
+        # 2-3. statistics on S1 with targets sampled from the model, running averages
+        idx1 = self._subset(m, cfg.tau1)
+        x1 = inputs.index_select(0, idx1)
+        with torch.enable_grad():
+            with capture(self.layers) as rec:
+                z1 = self.model(x1)
+            y1 = self.loss.sample(z1, self.generator)
+            gs = torch.autograd.grad(self.loss.loss(z1, y1).sum(), rec.outputs)
+        acts = [rec.flat_input(i) for i in range(len(self.layers))]
+        gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+        eps = ema_decay(k, cfg.ema_max)
+        self.factors.update(acts, gs, eps=eps, backend=self.backend)
+
+        # 4-6. inverse refresh, γ candidates, proposal, re-scaling / momentum
+        refresh = (k % cfg.T3 == 0) or k <= 3 or self.inverse is None
+        candidates = [self.gamma]
+        if cfg.adapt_gamma and k % cfg.T2 == 0:
+            w2 = cfg.omega2
+            candidates += [max(self.gamma * w2, cfg.gamma_min), min(self.gamma / w2, cfg.gamma_max)]
+        if refresh:
+            base = build_inverse(cfg.inverse, snapshot(self.factors.pending), damping=candidates[0],
+                                 backend=self.backend, warm_start=self.inverse)
+            stats["refreshed"] = True
+        else:
+            base = self.inverse
+            if abs(base.damping - self.gamma) > 0:
+                base = base.with_damping(self.gamma)
+        idx2 = self._subset(m, cfg.tau2)
+        x2 = inputs.index_select(0, idx2)
+        use_mom = cfg.momentum and self.delta0 is not None
+        best = None
+        lam_eta = self.lambda_ + eta
+        for gamma in candidates:
+            inv = base if gamma == base.damping else base.with_damping(gamma)
+            Delta = [-u for u in inv.apply(V)]
+            dirs = [Delta] + ([self.delta0] if use_mom else [])
+            b = torch.stack([inner(V, d) for d in dirs])
+            if cfg.rescale:
+                gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
+                dots = torch.tensor([[float(inner(a, c)) for c in dirs] for a in dirs], dtype=torch.float64)
+                sol = solve_alpha_mu(gram, dots, b, lam_eta)
+                alpha, mu, M = sol.alpha, sol.mu, sol.M
+            else:
+                alpha, mu, M = 1.0, 0.0, float("nan")
+            if best is None or (math.isfinite(M) and M < best[0]):
+                best = (M, gamma, inv, Delta, alpha, mu)
+        M, gamma, inv, Delta, alpha, mu = best
+        delta = [alpha * d for d in Delta]
+        if mu != 0.0:
+            delta = [d + mu * d0 for d, d0 in zip(delta, self.delta0)]
+        if not all(bool(torch.isfinite(d).all()) for d in delta):
+            return self._reject("non-finite update δ", stats)
+
+        # 7-8. θ ← θ + δ, λ by Levenberg-Marquardt every T1
+        self._add(delta)
+        if cfg.adapt_lambda and cfg.rescale and k % cfg.T1 == 0:
+            h_new = self._objective(inputs, targets)
+            if not math.isfinite(h_new):
+                return self._reject("non-finite loss after the update", stats, saved=theta)
+            rho = (h_new - h) / M if M < 0 else float("-inf")
+            self.lambda_ = levenberg_marquardt(self.lambda_, rho, cfg.omega1, lo=cfg.lambda_min, hi=cfg.lambda_max)
+            stats["rho"] = rho
+        self.factors.commit()
+        self.inverse = inv
+        self.gamma = gamma
+        self.delta0 = [d.detach() for d in delta]
+        self.k += 1
+        self.rejections = 0
+        stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M)
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue the same trajectory (with the model's own state_dict)."""
+        return {
+            "version": STATE_VERSION,
+            "kind": "KFAC",
+            "config": self.config.to_dict(),
+            "layers": [l.name for l in self.layers],
+            "shapes": [(l.g_dim, l.a_dim) for l in self.layers],
+            "ordered": self._ordered,
+            "k": self.k,
+            "lambda_": self.lambda_,
+            "gamma": self.gamma,
+            "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
+            "factors": None if self.factors is None else self.factors.state(),
+            "inverse": inverse_state(self.inverse),
+            "generator": self.generator.get_state(),
+            "rejections": self.rejections,
+            "total_rejections": self.total_rejections,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. Raises ValueError for another model or format."""
+        if state.get("kind") != "KFAC" or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a KFAC state_dict of version {STATE_VERSION} "
+                             f"(got kind={state.get('kind')!r}, version={state.get('version')!r})")
+        by_name = {l.name: l for l in self.layers}
+        if sorted(by_name) != sorted(state["layers"]):
+            raise ValueError(f"state_dict is from a different model: layers {state['layers']} vs {sorted(by_name)}")
+        layers = [by_name[n] for n in state["layers"]]
+        for l, shp in zip(layers, state["shapes"]):
+            if (l.g_dim, l.a_dim) != tuple(shp):
+                raise ValueError(f"state_dict is from a different model: layer {l.name} has shape {tuple(shp)} "
+                                 f"there, ({l.g_dim}, {l.a_dim}) here")
+        self.config = KFACConfig(**state["config"])
+        self.layers = layers
+        self._ordered = state["ordered"]
+        self.factors = None
+        self._ensure_state()
+        if state["factors"] is not None:
+            self.factors.load(state["factors"])
+        self.inverse = load_inverse(self.config.inverse, state["inverse"], self.factors.current, self.backend)
+        self.k = int(state["k"])
+        self.lambda_ = float(state["lambda_"])
+        self.gamma = float(state["gamma"])
+        self.delta0 = None if state["delta0"] is None else [d.to(self.device, self.factor_dtype)
+                                                            for d in state["delta0"]]
+        self.generator.set_state(state["generator"])
+        self.rejections = int(state["rejections"])
+        self.total_rejections = int(state["total_rejections"])

@@ -1,0 +1,176 @@
+"""K-FAC as a gradient preconditioner for people who keep their own optimizer.
+
+Differences from :class:`kfac_fast.KFAC` (Algorithm 2):
+  * no re-scaling by the exact Fisher, no momentum, no λ/γ adaptation: the damping γ is
+    fixed (factored Tikhonov, Sec 6.3) and the step size is your optimizer's learning rate;
+  * it works on the gradients you computed (``loss.backward()``) and replaces each layer's
+    ``.grad`` in place by the corresponding block of F̆⁻¹∇ (or F̂⁻¹∇);
+  * weight decay is your optimizer's business (applied after preconditioning).
+Like KFAC it keeps running factor averages (Sec 5) and refreshes the inverse every T3 steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._state import STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state, load_inverse, snapshot
+from .config import INVERSES
+from .curvature.capture import capture
+from .curvature.layers import find_layers
+from .curvature.losses import check_output, get_loss
+
+FISHERS = ("mc", "empirical")
+
+
+class KFACPreconditioner:
+    """Replace ``.grad`` of every ``nn.Linear`` by the K-FAC direction.
+
+    Example::
+
+        pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", damping=1e-2)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in loader:
+            sgd.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step(x, y)          # .grad ← F̆⁻¹ .grad
+            sgd.step()
+
+    Args:
+        model: network whose trainable parameters all live in ``nn.Linear`` layers.
+        loss: predictive distribution the factors use (``"softmax_cross_entropy"``, ...).
+        damping: γ of the factored Tikhonov damping (Sec 6.3), > 0.
+        fisher: ``"mc"`` (true Fisher, targets sampled from the model: one extra forward and
+            backward on a τ₁ subset, Sec 5) or ``"empirical"`` (uses the given targets).
+        inverse: ``"block_diagonal"`` or ``"block_tridiagonal"``.
+        T3: inverse refresh period (also refreshed on the first 3 steps).
+        tau1: fraction of the batch used for the factor statistics.
+        ema_max: ε = min(1 − 1/k, ema_max).
+        backend, generator, factor_dtype: as for :class:`kfac_fast.KFAC`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss: str,
+        damping: float = 1e-2,
+        fisher: str = "mc",
+        inverse: str = "block_diagonal",
+        T3: int = 20,
+        tau1: float = 1.0 / 8,
+        ema_max: float = 0.95,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        factor_dtype: Optional[torch.dtype] = None,
+    ):
+        if fisher not in FISHERS:
+            raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHERS)}")
+        if inverse not in INVERSES:
+            raise ValueError(f"unknown inverse {inverse!r}; choose one of {', '.join(INVERSES)}")
+        if not (damping > 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a positive finite number, got {damping}")
+        if not isinstance(T3, int) or T3 < 1:
+            raise ValueError(f"T3 must be a positive integer, got {T3!r}")
+        if not 0 < tau1 <= 1:
+            raise ValueError(f"tau1 must lie in (0, 1], got {tau1}")
+        if not 0 <= ema_max < 1:
+            raise ValueError(f"ema_max must lie in [0, 1), got {ema_max}")
+        self.model = model
+        self.loss = get_loss(loss)
+        self.damping = float(damping)
+        self.fisher = fisher
+        self.inverse_kind = inverse
+        self.T3, self.tau1, self.ema_max = T3, tau1, ema_max
+        self.backend = backend
+        self.layers = find_layers(model)
+        p0 = self.layers[0].module.weight
+        self.device = p0.device
+        self.factor_dtype = factor_dtype or (torch.float64 if p0.dtype == torch.float64 else torch.float32)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+        self.generator = generator
+        self.k = 1
+        self._ordered = False
+        self.factors: Optional[RunningFactors] = None
+        self.inverse = None
+
+    def step(self, inputs: torch.Tensor, targets: Optional[torch.Tensor] = None) -> None:
+        """Update the factors on (a τ₁ subset of) ``inputs`` and precondition ``.grad`` in place.
+
+        Args:
+            inputs: (m, ...) the batch whose gradients are in ``.grad``.
+            targets: needed for ``fisher="empirical"``; ignored for ``"mc"``.
+        """
+        if inputs.shape[0] == 0:
+            raise ValueError("empty batch: inputs has 0 rows")
+        if self.fisher == "empirical" and targets is None:
+            raise ValueError("fisher='empirical' needs the targets: step(inputs, targets)")
+        grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
+        m = inputs.shape[0]
+        size = max(1, int(round(self.tau1 * m)))
+        idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
+        x1 = inputs.index_select(0, idx)
+        with torch.enable_grad():
+            with capture(self.layers) as rec:
+                z = self.model(x1)
+            check_output(z, self.loss)
+            if self.fisher == "mc":
+                y = self.loss.sample(z, self.generator)
+            else:
+                y = targets.index_select(0, idx)
+                self.loss.check_targets(z, y)
+            gs = torch.autograd.grad(self.loss.loss(z, y).sum(), rec.outputs)
+        if not self._ordered:
+            order = rec.order
+            self.layers = [self.layers[i] for i in order]
+            grads = [grads[i] for i in order]
+            acts = [rec.flat_input(i) for i in order]
+            gs = [gs[i].reshape(-1, gs[i].shape[-1]) for i in order]
+            self._ordered = True
+        else:
+            acts = [rec.flat_input(i) for i in range(len(self.layers))]
+            gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+        if self.factors is None:
+            self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
+                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
+        self.factors.update(acts, gs, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
+        self.factors.commit()
+        if self.inverse is None or self.k <= 3 or self.k % self.T3 == 0:
+            self.inverse = build_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
+                                         backend=self.backend, warm_start=self.inverse)
+        U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
+        with torch.no_grad():
+            for layer, u in zip(self.layers, U):
+                for p, part in zip(layer.params(), layer.from_matrix(u)):
+                    p.grad.copy_(part.to(p.dtype).reshape(p.shape))
+        self.k += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION, "kind": "KFACPreconditioner", "layers": [l.name for l in self.layers],
+            "ordered": self._ordered, "k": self.k, "damping": self.damping,
+            "factors": None if self.factors is None else self.factors.state(),
+            "inverse": inverse_state(self.inverse), "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "KFACPreconditioner" or state.get("version") != STATE_VERSION:
+            raise ValueError("not a KFACPreconditioner state_dict of this version")
+        by_name = {l.name: l for l in self.layers}
+        if sorted(by_name) != sorted(state["layers"]):
+            raise ValueError(f"state_dict is from a different model: layers {state['layers']} vs {sorted(by_name)}")
+        self.layers = [by_name[n] for n in state["layers"]]
+        self._ordered = state["ordered"]
+        self.k = int(state["k"])
+        self.damping = float(state["damping"])
+        self.factors = None
+        if state["factors"] is not None:
+            self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
+                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
+            self.factors.load(state["factors"])
+            self.inverse = load_inverse(self.inverse_kind, state["inverse"], self.factors.current, self.backend)
+        self.generator.set_state(state["generator"])

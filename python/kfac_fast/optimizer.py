@@ -273,7 +273,7 @@ class KFAC:
         delta = [alpha * d for d in Delta]
         if mu != 0.0:
             delta = [d + mu * d0 for d, d0 in zip(delta, self.delta0)]
-        if not all(bool(torch.isfinite(d).all()) for d in delta):
+        if not math.isfinite(float(sum(d.abs().sum().double() for d in delta))):
             return self._reject("non-finite update δ", stats)
 
         # 7-8. θ ← θ + δ, λ by Levenberg-Marquardt every T1

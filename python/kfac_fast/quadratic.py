@@ -61,8 +61,8 @@ def fisher_gram(
 
 
 def inner(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_i <u_i, v_i> over layers, as a float64 0-d tensor."""
-    return sum((a.double() * b.double()).sum() for a, b in zip(u, v))
+    """Σ_i <u_i, v_i> over layers (each dot in the tensors' dtype), as a float64 0-d tensor."""
+    return sum(torch.dot(a.reshape(-1), b.reshape(-1)).double() for a, b in zip(u, v))
 
 
 @dataclass

@@ -67,7 +67,15 @@ def _torch_eigh(mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torc
                 vecs[i] = mats[i].new_zeros(0, 0)
             continue
         batch = torch.stack([mats[i] for i in idx])
-        w, q = torch.linalg.eigh(batch)
+        try:
+            w, q = torch.linalg.eigh(batch)
+        except torch.linalg.LinAlgError:
+            # LAPACK's fp32 divide-and-conquer can fail on matrices with many exactly repeated
+            # eigenvalues (e.g. Ā of images with constant-zero border pixels): retry in float64.
+            if batch.dtype == torch.float64:
+                raise
+            w, q = torch.linalg.eigh(batch.double())
+            w, q = w.to(batch.dtype), q.to(batch.dtype)
         for j, i in enumerate(idx):
             vals[i], vecs[i] = w[j], q[j]
     return vals, vecs  # type: ignore[return-value]

@@ -9,7 +9,7 @@ pytest.importorskip("matplotlib")
 def test_demo_runs_and_writes_outputs(tmp_path):
     from kfac_fast import demo
 
-    runs = demo.main(["--budget", "1.5", "--batch-size", "200", "--encoder", "784,32,8", "--eval-every", "0.5",
+    runs = demo.main(["--budget", "1.0", "--batch-size", "200", "--encoder", "784,32,8", "--eval-every", "0.5",
                       "--methods", "kfac,sgd,adam", "--inverse", "both", "--out", str(tmp_path)])
     assert [r.method for r in runs] == ["K-FAC blkdiag", "K-FAC tridiag", "SGD-Nesterov", "Adam"]
     for r in runs:

@@ -14,7 +14,9 @@ The curvature blocks own their factors and inverses; kernels know nothing of thi
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import warnings
 from typing import Any, Optional
 
@@ -64,6 +66,8 @@ class KFAC:
         config: a :class:`KFACConfig`; or pass its fields as keywords (``inverse=``, ``lambda_init=``,
             ``weight_decay=``, ``momentum=``, ``rescale=``, ``T1=``, ``T2=``, ``T3=``, ``tau1=``,
             ``tau2=``, ``ema_max=``, ...). ``KFACConfig.paper()`` gives the paper's values.
+        profile: time the paper's tasks 1-8 (Sec 8) of every step into ``stats["phases"]``
+            (synchronising CUDA around each phase: for benchmarks, not for training).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class KFAC:
         generator: Optional[torch.Generator] = None,
         factor_dtype: Optional[torch.dtype] = None,
         config: Optional[KFACConfig] = None,
+        profile: bool = False,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -107,6 +112,28 @@ class KFAC:
         self.delta0: Optional[list[torch.Tensor]] = None
         self.rejections = 0
         self.total_rejections = 0
+        self.profile = profile
+        self._phases: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ profiling
+    # Phase names follow the paper's task list of Sec 8.
+    PHASES = ("1-2 gradient", "3 sampled backward", "4 factor update", "5 inverse refresh", "6 precondition",
+              "7 fisher quadratic", "8 rho forward")
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        if not self.profile:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[nn.Parameter]:
@@ -188,8 +215,9 @@ class KFAC:
         params = self._params()
         stats: dict = {"k": k, "rho": None, "rejected": False, "refreshed": False}
 
+        self._phases = {}
         # 1. h and ∇h on S'
-        with torch.enable_grad():
+        with self._phase("1-2 gradient"), torch.enable_grad():
             if not self._ordered:
                 with capture(self.layers, need_outputs=False) as rec:
                     z = self.model(inputs)
@@ -226,7 +254,7 @@ class KFAC:
         # 2-3. statistics on S1 with targets sampled from the model, running averages
         idx1 = self._subset(m, cfg.tau1)
         x1 = inputs.index_select(0, idx1)
-        with torch.enable_grad():
+        with self._phase("3 sampled backward"), torch.enable_grad():
             with capture(self.layers) as rec:
                 z1 = self.model(x1)
             y1 = self.loss.sample(z1, self.generator)
@@ -234,7 +262,8 @@ class KFAC:
         acts = [rec.flat_input(i) for i in range(len(self.layers))]
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
         eps = ema_decay(k, cfg.ema_max)
-        self.factors.update(acts, gs, eps=eps, backend=self.backend)
+        with self._phase("4 factor update"):
+            self.factors.update(acts, gs, eps=eps, backend=self.backend)
 
         # 4-6. inverse refresh, γ candidates, proposal, re-scaling / momentum
         refresh = (k % cfg.T3 == 0) or k <= 3 or self.inverse is None
@@ -242,26 +271,30 @@ class KFAC:
         if cfg.adapt_gamma and k % cfg.T2 == 0:
             w2 = cfg.omega2
             candidates += [max(self.gamma * w2, cfg.gamma_min), min(self.gamma / w2, cfg.gamma_max)]
-        if refresh:
-            base = build_inverse(cfg.inverse, snapshot(self.factors.pending), damping=candidates[0],
-                                 backend=self.backend, warm_start=self.inverse)
-            stats["refreshed"] = True
-        else:
-            base = self.inverse
-            if abs(base.damping - self.gamma) > 0:
-                base = base.with_damping(self.gamma)
+        with self._phase("5 inverse refresh"):
+            if refresh:
+                base = build_inverse(cfg.inverse, snapshot(self.factors.pending), damping=candidates[0],
+                                     backend=self.backend, warm_start=self.inverse)
+                stats["refreshed"] = True
+            else:
+                base = self.inverse
+                if abs(base.damping - self.gamma) > 0:
+                    base = base.with_damping(self.gamma)
         idx2 = self._subset(m, cfg.tau2)
         x2 = inputs.index_select(0, idx2)
         use_mom = cfg.momentum and self.delta0 is not None
         best = None
         lam_eta = self.lambda_ + eta
         for gamma in candidates:
-            inv = base if gamma == base.damping else base.with_damping(gamma)
-            Delta = [-u for u in inv.apply(V)]
+            with self._phase("5 inverse refresh"):
+                inv = base if gamma == base.damping else base.with_damping(gamma)
+            with self._phase("6 precondition"):
+                Delta = [-u for u in inv.apply(V)]
             dirs = [Delta] + ([self.delta0] if use_mom else [])
             b = torch.stack([inner(V, d) for d in dirs])
             if cfg.rescale:
-                gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
+                with self._phase("7 fisher quadratic"):
+                    gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
                 dots = torch.tensor([[float(inner(a, c)) for c in dirs] for a in dirs], dtype=torch.float64)
                 sol = solve_alpha_mu(gram, dots, b, lam_eta)
                 alpha, mu, M = sol.alpha, sol.mu, sol.M
@@ -279,7 +312,8 @@ class KFAC:
         # 7-8. θ ← θ + δ, λ by Levenberg-Marquardt every T1
         self._add(delta)
         if cfg.adapt_lambda and cfg.rescale and k % cfg.T1 == 0:
-            h_new = self._objective(inputs, targets)
+            with self._phase("8 rho forward"):
+                h_new = self._objective(inputs, targets)
             if not math.isfinite(h_new):
                 return self._reject("non-finite loss after the update", stats, saved=theta)
             rho = (h_new - h) / M if M < 0 else float("-inf")
@@ -292,6 +326,8 @@ class KFAC:
         self.k += 1
         self.rejections = 0
         stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M)
+        if self.profile:
+            stats["phases"] = dict(self._phases)
         return stats
 
     # ------------------------------------------------------------------ checkpoints

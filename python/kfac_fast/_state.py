@@ -104,11 +104,12 @@ def _factors_to_dict(f: KroneckerFactors) -> dict:
             for k in ("A", "G", "A_next", "G_next")}
 
 
-def snapshot(factors: Sequence[KroneckerFactors]) -> list[KroneckerFactors]:
-    """Independent copies (the inverse must not alias the double-buffered running factors)."""
-    return [KroneckerFactors(A=f.A.clone(), G=f.G.clone(),
-                             A_next=None if f.A_next is None else f.A_next.clone(),
-                             G_next=None if f.G_next is None else f.G_next.clone(),
+def snapshot(factors: Sequence[KroneckerFactors], dtype: Optional[torch.dtype] = None) -> list[KroneckerFactors]:
+    """Independent copies, optionally cast (the inverse must not alias the double-buffered factors)."""
+    def cp(t):
+        return None if t is None else t.to(dtype=dtype or t.dtype, copy=True)
+
+    return [KroneckerFactors(A=cp(f.A), G=cp(f.G), A_next=cp(f.A_next), G_next=cp(f.G_next),
                              name=f.name, homogeneous=f.homogeneous) for f in factors]
 
 
@@ -134,12 +135,13 @@ def load_inverse(kind: str, state: Optional[dict], template: Sequence[KroneckerF
         return None
     facs = []
     for t, d in zip(template, state["factors"]):
-        facs.append(KroneckerFactors(A=d["A"].to(t.A), G=d["G"].to(t.G),
-                                     A_next=None if d["A_next"] is None else d["A_next"].to(t.A),
-                                     G_next=None if d["G_next"] is None else d["G_next"].to(t.G),
+        dev = t.A.device
+        facs.append(KroneckerFactors(A=d["A"].to(dev), G=d["G"].to(dev),
+                                     A_next=None if d["A_next"] is None else d["A_next"].to(dev),
+                                     G_next=None if d["G_next"] is None else d["G_next"].to(dev),
                                      name=t.name, homogeneous=t.homogeneous))
-    eig = [FactorEig(sA=e["sA"].to(f.A), QA=e["QA"].to(f.A), sG=e["sG"].to(f.G), QG=e["QG"].to(f.G))
-           for e, f in zip(state["eig"], facs)]
+    eig = [FactorEig(sA=e["sA"].to(f.A.device), QA=e["QA"].to(f.A.device), sG=e["sG"].to(f.G.device),
+                     QG=e["QG"].to(f.G.device)) for e, f in zip(state["eig"], facs)]
     return build_inverse(kind, facs, damping=state["damping"], backend=backend, eig=eig, pi=state["pi"])
 
 

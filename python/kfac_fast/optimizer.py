@@ -41,6 +41,16 @@ def levenberg_marquardt(lambda_: float, rho: float, omega1: float, *, lo: float 
     return lambda_
 
 
+def _first_non_finite(layers, acts, gs) -> Optional[str]:
+    """Name the first non-finite activation/derivative (one host sync for the whole check)."""
+    flags = torch.stack([torch.isfinite(t).all() for t in list(acts) + list(gs)]).tolist()
+    if all(flags):
+        return None
+    L = len(layers)
+    i = flags.index(False)
+    return f"inputs of layer {layers[i].name}" if i < L else f"output derivatives of layer {layers[i - L].name}"
+
+
 class StepRejected(RuntimeError):
     """Raised after ``max_rejections`` consecutive rejected steps (non-finite loss or update)."""
 
@@ -78,6 +88,7 @@ class KFAC:
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
         factor_dtype: Optional[torch.dtype] = None,
+        inverse_dtype: Optional[torch.dtype] = None,
         config: Optional[KFACConfig] = None,
         profile: bool = False,
         **kwargs: Any,
@@ -98,6 +109,10 @@ class KFAC:
         p0 = self.layers[0].module.weight
         self.device = p0.device
         self.factor_dtype = factor_dtype or (torch.float64 if p0.dtype == torch.float64 else torch.float32)
+        self.inverse_dtype = inverse_dtype or self.factor_dtype
+        for name, dt in (("factor_dtype", self.factor_dtype), ("inverse_dtype", self.inverse_dtype)):
+            if dt not in (torch.float32, torch.float64):
+                raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dt}")
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
@@ -114,6 +129,8 @@ class KFAC:
         self.total_rejections = 0
         self.profile = profile
         self._phases: dict[str, float] = {}
+        self.inverse_fallbacks = 0
+        self._warned_fallback = False
 
     # ------------------------------------------------------------------ profiling
     # Phase names follow the paper's task list of Sec 8.
@@ -148,6 +165,12 @@ class KFAC:
             raise ValueError(f"inputs has {inputs.shape[0]} rows but targets {targets.shape[0]}")
         if inputs.device != self.device:
             raise ValueError(f"inputs are on {inputs.device} but the model is on {self.device}; move them with .to()")
+        m = inputs.shape[0]
+        for tau_name in ("tau1", "tau2"):
+            tau = getattr(self.config, tau_name)
+            if int(round(tau * m)) < 1:
+                raise ValueError(f"a batch of {m} rows leaves the {tau_name} subset empty ({tau_name}={tau:g}); "
+                                 f"use at least {math.ceil(0.5 / tau)} rows or raise {tau_name}")
         for l in self.layers:
             for p in l.params():
                 if not p.requires_grad:
@@ -160,7 +183,7 @@ class KFAC:
                                           tridiagonal=self.config.inverse == "block_tridiagonal")
 
     def _subset(self, m: int, frac: float) -> torch.Tensor:
-        size = max(1, int(round(frac * m)))
+        size = int(round(frac * m))
         return torch.randperm(m, generator=self.generator, device=self.device)[:size]
 
     def _objective(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -180,6 +203,9 @@ class KFAC:
             for layer, D in zip(self.layers, direction):
                 for p, part in zip(layer.params(), layer.from_matrix(D)):
                     p.add_(part.to(p.dtype).reshape(p.shape), alpha=scale)
+        # Under torch.autocast the low-precision copies of the weights are cached for the whole
+        # autocast region; in-place updates do not invalidate them, so drop the cache.
+        torch.clear_autocast_cache()
 
     def _reject(self, what: str, stats: dict, saved: Optional[list[list[torch.Tensor]]] = None) -> dict:
         if saved is not None:
@@ -187,6 +213,7 @@ class KFAC:
                 for layer, ps in zip(self.layers, saved):
                     for p, s in zip(layer.params(), ps):
                         p.copy_(s)
+            torch.clear_autocast_cache()
         self.lambda_ = min(self.lambda_ / self.config.omega1, self.config.lambda_max)
         self.rejections += 1
         self.total_rejections += 1
@@ -243,9 +270,9 @@ class KFAC:
             n = len(layer.params())
             gw = grads[pos]
             gb = grads[pos + 1] if n == 2 else None
-            Vi = layer.to_matrix(gw, gb).to(self.factor_dtype)
+            Vi = layer.to_matrix(gw, gb).to(self.inverse_dtype)
             if eta:
-                Vi = Vi + eta * layer.param_matrix().detach().to(self.factor_dtype)
+                Vi = Vi + eta * layer.param_matrix().detach().to(self.inverse_dtype)
             V.append(Vi)
             pos += n
         h = h_val + self._l2()
@@ -261,6 +288,9 @@ class KFAC:
             gs = torch.autograd.grad(self.loss.loss(z1, y1).sum(), rec.outputs)
         acts = [rec.flat_input(i) for i in range(len(self.layers))]
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+        bad = _first_non_finite(self.layers, acts, gs)
+        if bad is not None:
+            return self._reject(f"non-finite {bad} in the sampled-target pass", stats)
         eps = ema_decay(k, cfg.ema_max)
         with self._phase("4 factor update"):
             self.factors.update(acts, gs, eps=eps, backend=self.backend)
@@ -273,9 +303,8 @@ class KFAC:
             candidates += [max(self.gamma * w2, cfg.gamma_min), min(self.gamma / w2, cfg.gamma_max)]
         with self._phase("5 inverse refresh"):
             if refresh:
-                base = build_inverse(cfg.inverse, snapshot(self.factors.pending), damping=candidates[0],
-                                     backend=self.backend, warm_start=self.inverse)
-                stats["refreshed"] = True
+                base = self._refresh(candidates[0])
+                stats["refreshed"] = base is not self.inverse
             else:
                 base = self.inverse
                 if abs(base.damping - self.gamma) > 0:
@@ -307,7 +336,8 @@ class KFAC:
         if mu != 0.0:
             delta = [d + mu * d0 for d, d0 in zip(delta, self.delta0)]
         if not math.isfinite(float(sum(d.abs().sum().double() for d in delta))):
-            return self._reject("non-finite update δ", stats)
+            bad = next((l.name for l, d in zip(self.layers, delta) if not bool(torch.isfinite(d).all())), "?")
+            return self._reject(f"non-finite update δ in layer {bad}", stats)
 
         # 7-8. θ ← θ + δ, λ by Levenberg-Marquardt every T1
         self._add(delta)
@@ -325,10 +355,35 @@ class KFAC:
         self.delta0 = [d.detach() for d in delta]
         self.k += 1
         self.rejections = 0
-        stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M)
+        stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M,
+                     inverse_fallbacks=self.inverse_fallbacks)
         if self.profile:
             stats["phases"] = dict(self._phases)
         return stats
+
+    def _refresh(self, gamma: float):
+        """New approximate inverse from the pending factors (Sec 4 + 6.3), with fallbacks.
+
+        Factors whose eigendecomposition fails even in float64 keep the last good one; an
+        inverse that cannot be built at all (e.g. Σ_(i|i+1) not positive definite) is replaced by
+        the previous inverse. Both are counted in ``stats["inverse_fallbacks"]`` and warned once.
+        """
+        facs = snapshot(self.factors.pending, dtype=self.inverse_dtype)
+        try:
+            inv = build_inverse(self.config.inverse, facs, damping=gamma, backend=self.backend,
+                                warm_start=self.inverse)
+            failures = list(inv.fallbacks)
+        except ValueError as exc:
+            if self.inverse is None:
+                raise
+            inv, failures = self.inverse, [f"whole inverse ({exc})"]
+        if failures:
+            self.inverse_fallbacks += len(failures)
+            if not self._warned_fallback:
+                warnings.warn(f"K-FAC kept the last good inverse for: {'; '.join(failures)} (iteration {self.k}); "
+                              "further fallbacks are counted in stats['inverse_fallbacks']", RuntimeWarning)
+                self._warned_fallback = True
+        return inv
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -349,6 +404,7 @@ class KFAC:
             "generator": self.generator.get_state(),
             "rejections": self.rejections,
             "total_rejections": self.total_rejections,
+            "inverse_fallbacks": self.inverse_fallbacks,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -375,8 +431,9 @@ class KFAC:
         self.k = int(state["k"])
         self.lambda_ = float(state["lambda_"])
         self.gamma = float(state["gamma"])
-        self.delta0 = None if state["delta0"] is None else [d.to(self.device, self.factor_dtype)
+        self.delta0 = None if state["delta0"] is None else [d.to(self.device, self.inverse_dtype)
                                                             for d in state["delta0"]]
         self.generator.set_state(state["generator"])
         self.rejections = int(state["rejections"])
         self.total_rejections = int(state["total_rejections"])
+        self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))

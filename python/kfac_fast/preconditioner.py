@@ -142,6 +142,10 @@ class KFACPreconditioner:
         if self.inverse is None or self.k <= 3 or self.k % self.T3 == 0:
             self.inverse = build_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
                                          backend=self.backend, warm_start=self.inverse)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            # e.g. a GradScaler overflow step: leave .grad as it is so the scaler sees inf and skips
+            self.k += 1
+            return
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
         with torch.no_grad():
             for layer, u in zip(self.layers, U):

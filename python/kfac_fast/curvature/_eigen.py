@@ -19,24 +19,59 @@ class FactorEig:
     QG: torch.Tensor
 
 
-def eigendecompose(factors, *, backend: str, warm_start: Optional[Sequence[FactorEig]] = None) -> list[FactorEig]:
-    """Eigendecompose every A and G in one batched call (mixed sizes), warm-started if given."""
+def _finite(*ts) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def eigendecompose(factors, *, backend: str, warm_start: Optional[Sequence[FactorEig]] = None
+                   ) -> tuple[list[FactorEig], list[str]]:
+    """Eigendecompose every A and G in one batched call (mixed sizes), warm-started if given.
+
+    A matrix whose eigendecomposition fails or comes back non-finite is retried in float64
+    (plain LAPACK); if that fails too, that factor keeps its previous eigendecomposition from
+    ``warm_start`` (the last good inverse). Returns (per-layer eigendecompositions, the list of
+    factors that fell back, e.g. ``["model.3: G"]``). Raises ValueError when a factor fails and
+    there is nothing to fall back to.
+    """
     mats = []
     for f in factors:
         mats += [0.5 * (f.A + f.A.t()), 0.5 * (f.G + f.G.t())]
-    warm = None
+    prev = None
     if warm_start is not None and len(warm_start) == len(factors):
-        warm = []
+        prev = []
         for e in warm_start:
-            warm += [e.QA, e.QG]
-        if any(w.shape != m.shape or w.dtype != m.dtype for w, m in zip(warm, mats)):
-            warm = None
-    r = eigh(mats, warm_start=warm, backend=backend)
+            prev += [(e.sA, e.QA), (e.sG, e.QG)]
+        if any(q.shape != m.shape for (_, q), m in zip(prev, mats)):
+            prev = None
+    warm = None if prev is None else [q.to(m.dtype) for (_, q), m in zip(prev, mats)]
+    try:
+        r = eigh(mats, warm_start=warm, backend=backend)
+        vals, vecs = list(r.eigenvalues), list(r.eigenvectors)
+    except (RuntimeError, ValueError):
+        vals, vecs = [None] * len(mats), [None] * len(mats)
+    failures: list[str] = []
+    for j, M in enumerate(mats):
+        if vals[j] is not None and _finite(vals[j], vecs[j]):
+            continue
+        label = f"{factors[j // 2].name or f'layer {j // 2}'}: {'A' if j % 2 == 0 else 'G'}"
+        cause = "non-finite result" if vals[j] is not None else "solver error"
+        try:
+            w, q = torch.linalg.eigh(M.double())
+            if not _finite(w, q):
+                raise RuntimeError("non-finite result in float64")
+            vals[j], vecs[j] = w.to(M.dtype), q.to(M.dtype)
+            continue
+        except (RuntimeError, ValueError) as exc:
+            cause = f"{cause}; float64 retry: {exc}"
+        if prev is None:
+            raise ValueError(f"eigendecomposition of factor {label} failed ({cause}) and there is no previous "
+                             "inverse to fall back to; check the factor for NaN/inf or extreme values")
+        vals[j], vecs[j] = prev[j][0].to(M.dtype), prev[j][1].to(M.dtype)
+        failures.append(label)
     out = []
     for i in range(len(factors)):
-        out.append(FactorEig(sA=r.eigenvalues[2 * i], QA=r.eigenvectors[2 * i],
-                             sG=r.eigenvalues[2 * i + 1], QG=r.eigenvectors[2 * i + 1]))
-    return out
+        out.append(FactorEig(sA=vals[2 * i], QA=vecs[2 * i], sG=vals[2 * i + 1], QG=vecs[2 * i + 1]))
+    return out, failures
 
 
 def damped_spectrum(s: torch.Tensor, c: float, *, label: str) -> torch.Tensor:

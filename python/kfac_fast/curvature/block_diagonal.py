@@ -57,7 +57,11 @@ class BlockDiagonal:
         self.backend = backend
         if isinstance(warm_start, (BlockDiagonal,)):
             warm_start = warm_start.eig
-        self.eig = _eig if _eig is not None else eigendecompose(self.factors, backend=backend, warm_start=warm_start)
+        self.fallbacks: list[str] = []
+        if _eig is not None:
+            self.eig = _eig
+        else:
+            self.eig, self.fallbacks = eigendecompose(self.factors, backend=backend, warm_start=warm_start)
         self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
         self._build()
 

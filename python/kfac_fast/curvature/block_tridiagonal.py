@@ -50,8 +50,11 @@ class BlockTridiagonal:
         self.backend = backend
         if isinstance(warm_start, (BlockTridiagonal,)):
             warm_start = warm_start.eig
-        self.eig: list[FactorEig] = _eig if _eig is not None else eigendecompose(
-            self.factors, backend=backend, warm_start=warm_start)
+        self.fallbacks: list[str] = []
+        if _eig is not None:
+            self.eig: list[FactorEig] = _eig
+        else:
+            self.eig, self.fallbacks = eigendecompose(self.factors, backend=backend, warm_start=warm_start)
         self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
         self._build()
 

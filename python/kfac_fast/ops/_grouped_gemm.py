@@ -70,7 +70,7 @@ def _as_ptr(addr, CODE: tl.constexpr):
 @triton.jit
 def _grouped_gemm_kernel(
     meta, fmeta, idx_ptr, G,
-    A_CODE: tl.constexpr, B_CODE: tl.constexpr, C_CODE: tl.constexpr,
+    A_CODE: tl.constexpr, B_CODE: tl.constexpr, C_CODE: tl.constexpr, CIN_CODE: tl.constexpr,
     HAS_ONES: tl.constexpr, GATHER_K: tl.constexpr, SYMMETRIC: tl.constexpr,
     DIVIDE: tl.constexpr, HAS_CIN: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -171,7 +171,7 @@ def _grouped_gemm_kernel(
         out = out / tl.where(c_mask, d, 1.0)
     if HAS_CIN:
         beta = tl.load(frow + 1)
-        cin_ptr = _as_ptr(tl.load(row + 2), C_CODE)
+        cin_ptr = _as_ptr(tl.load(row + 2), CIN_CODE)
         sci0 = tl.load(row + 17)
         sci1 = tl.load(row + 18)
         cin = tl.load(cin_ptr + offs_m64[:, None] * sci0 + offs_n64[None, :] * sci1, mask=up_mask, other=0.0)
@@ -259,13 +259,13 @@ def grouped_gemm(problems: Sequence[Problem], *, symmetric: bool = False, divide
     for p in problems:
         if p.out.shape[0] == 0 or p.out.shape[1] == 0:
             continue
-        key = (p.a.t.dtype, p.b.t.dtype, p.out.dtype)
+        key = (p.a.t.dtype, p.b.t.dtype, p.out.dtype, (p.cin if p.cin is not None else p.out).dtype)
         groups.setdefault(key, []).append(p)
-    for (adt, bdt, cdt), probs in groups.items():
-        _launch(probs, adt, bdt, cdt, symmetric, divide, gather_idx)
+    for (adt, bdt, cdt, cidt), probs in groups.items():
+        _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx)
 
 
-def _launch(probs, adt, bdt, cdt, symmetric, divide, gather_idx):
+def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
     dot_fp32 = triton_interpret() or adt == torch.float32 or bdt == torch.float32 or adt != bdt
     cfg = _config(dot_fp32, symmetric)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -307,7 +307,7 @@ def _launch(probs, adt, bdt, cdt, symmetric, divide, gather_idx):
     idx = gather_idx if gather_idx is not None else meta  # dummy pointer when unused
     _grouped_gemm_kernel[(total,)](
         meta, fmeta, idx, G,
-        A_CODE=_DTYPE_CODE[adt], B_CODE=_DTYPE_CODE[bdt], C_CODE=_DTYPE_CODE[cdt],
+        A_CODE=_DTYPE_CODE[adt], B_CODE=_DTYPE_CODE[bdt], C_CODE=_DTYPE_CODE[cdt], CIN_CODE=_DTYPE_CODE[cidt],
         HAS_ONES=has_ones, GATHER_K=gather_idx is not None, SYMMETRIC=symmetric,
         DIVIDE=divide, HAS_CIN=has_cin, DOT_FP32=dot_fp32, INPUT_PRECISION=_input_precision(),
         **cfg,

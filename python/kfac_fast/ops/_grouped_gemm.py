@@ -68,12 +68,28 @@ def _as_ptr(addr, CODE: tl.constexpr):
 
 
 @triton.jit
+def _offsets(r, c, s0, s1, CONTIG: tl.constexpr):
+    """Element offsets of rows r ([R, 1]) and columns c ([1, C]); CONTIG 1: s1 == 1,
+    2: s0 == 1 (a literal unit stride tells the compiler the accesses are contiguous)."""
+    if CONTIG == 1:
+        o = r * s0 + c
+    elif CONTIG == 2:
+        o = r + c * s1
+    else:
+        o = r * s0 + c * s1
+    return o
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     meta, fmeta, idx_ptr, G,
     A_CODE: tl.constexpr, B_CODE: tl.constexpr, C_CODE: tl.constexpr, CIN_CODE: tl.constexpr,
     HAS_ONES: tl.constexpr, GATHER_K: tl.constexpr, SYMMETRIC: tl.constexpr,
     DIVIDE: tl.constexpr, HAS_CIN: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    A_CONTIG: tl.constexpr, B_CONTIG: tl.constexpr, C_CONTIG: tl.constexpr, CIN_CONTIG: tl.constexpr,
+    A_ALIGN: tl.constexpr, B_ALIGN: tl.constexpr, C_ALIGN: tl.constexpr, CIN_ALIGN: tl.constexpr,
+    A_PALIGN: tl.constexpr, B_PALIGN: tl.constexpr, C_PALIGN: tl.constexpr, CIN_PALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,13 +109,27 @@ def _grouped_gemm_kernel(
     a_cols = tl.load(row + 10)
     b_rows = tl.load(row + 11)
     b_cols = tl.load(row + 12)
-    sa0 = tl.load(row + 13)
-    sa1 = tl.load(row + 14)
-    sb0 = tl.load(row + 15)
-    sb1 = tl.load(row + 16)
-    sco0 = tl.load(row + 19)
-    sco1 = tl.load(row + 20)
+    sa0 = tl.multiple_of(tl.load(row + 13), A_ALIGN)
+    sa1 = tl.multiple_of(tl.load(row + 14), A_ALIGN)
+    sb0 = tl.multiple_of(tl.load(row + 15), B_ALIGN)
+    sb1 = tl.multiple_of(tl.load(row + 16), B_ALIGN)
+    sco0 = tl.multiple_of(tl.load(row + 19), C_ALIGN)
+    sco1 = tl.multiple_of(tl.load(row + 20), C_ALIGN)
     tiles_n = tl.load(row + 21)
+    # Extents along a unit-stride dimension bound the masks; their divisibility lets masked
+    # loads stay vectorised (the host only claims what holds for every problem).
+    if A_CONTIG == 1:
+        a_cols = tl.multiple_of(a_cols, A_ALIGN)
+    elif A_CONTIG == 2:
+        a_rows = tl.multiple_of(a_rows, A_ALIGN)
+    if B_CONTIG == 1:
+        b_cols = tl.multiple_of(b_cols, B_ALIGN)
+    elif B_CONTIG == 2:
+        b_rows = tl.multiple_of(b_rows, B_ALIGN)
+    if C_CONTIG == 1:
+        N = tl.multiple_of(N, C_ALIGN)
+    elif C_CONTIG == 2:
+        M = tl.multiple_of(M, C_ALIGN)
 
     if SYMMETRIC:
         # t enumerates the lower triangle (r, c), c <= r, of the tile grid; use tm=c, tn=r.
@@ -114,8 +144,11 @@ def _grouped_gemm_kernel(
         tn = t % tiles_n
 
     a_ptr = _as_ptr(tl.load(row + 0), A_CODE)
+    a_ptr = tl.multiple_of(a_ptr, A_PALIGN)
     b_ptr = _as_ptr(tl.load(row + 1), B_CODE)
+    b_ptr = tl.multiple_of(b_ptr, B_PALIGN)
     c_ptr = _as_ptr(tl.load(row + 3), C_CODE)
+    c_ptr = tl.multiple_of(c_ptr, C_PALIGN)
 
     offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,9 +168,9 @@ def _grouped_gemm_kernel(
         else:
             kk = offs_k.to(tl.int64)
         a_mask = a_row_ok & (offs_k[None, :] < a_cols)
-        a = tl.load(a_ptr + offs_m64[:, None] * sa0 + kk[None, :] * sa1, mask=a_mask, other=0.0)
+        a = tl.load(a_ptr + _offsets(offs_m64[:, None], kk[None, :], sa0, sa1, A_CONTIG), mask=a_mask, other=0.0)
         b_mask = (offs_k[:, None] < b_rows) & b_col_ok
-        b = tl.load(b_ptr + kk[:, None] * sb0 + offs_n64[None, :] * sb1, mask=b_mask, other=0.0)
+        b = tl.load(b_ptr + _offsets(kk[:, None], offs_n64[None, :], sb0, sb1, B_CONTIG), mask=b_mask, other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -172,16 +205,18 @@ def _grouped_gemm_kernel(
     if HAS_CIN:
         beta = tl.load(frow + 1)
         cin_ptr = _as_ptr(tl.load(row + 2), CIN_CODE)
-        sci0 = tl.load(row + 17)
-        sci1 = tl.load(row + 18)
-        cin = tl.load(cin_ptr + offs_m64[:, None] * sci0 + offs_n64[None, :] * sci1, mask=up_mask, other=0.0)
+        cin_ptr = tl.multiple_of(cin_ptr, CIN_PALIGN)
+        sci0 = tl.multiple_of(tl.load(row + 17), CIN_ALIGN)
+        sci1 = tl.multiple_of(tl.load(row + 18), CIN_ALIGN)
+        cin = tl.load(cin_ptr + _offsets(offs_m64[:, None], offs_n64[None, :], sci0, sci1, CIN_CONTIG),
+                      mask=up_mask, other=0.0)
         # beta == 0 ignores Cin entirely (NaN/Inf in Cin included), as addmm does.
         out = tl.where(beta != 0.0, out + beta * cin.to(tl.float32), out)
     out_c = out.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs_m64[:, None] * sco0 + offs_n64[None, :] * sco1, out_c, mask=up_mask)
+    tl.store(c_ptr + _offsets(offs_m64[:, None], offs_n64[None, :], sco0, sco1, C_CONTIG), out_c, mask=up_mask)
     if SYMMETRIC:
         low_mask = c_mask & (offs_m[:, None] < offs_n[None, :])
-        tl.store(c_ptr + offs_n64[:, None] * sco0 + offs_m64[None, :] * sco1, tl.trans(out_c),
+        tl.store(c_ptr + _offsets(offs_n64[:, None], offs_m64[None, :], sco0, sco1, C_CONTIG), tl.trans(out_c),
                  mask=tl.trans(low_mask))
 
 
@@ -248,6 +283,26 @@ def _input_precision() -> str:
     return "ieee"
 
 
+def _layout(rows: int, cols: int, s0: int, s1: int) -> tuple[int, int, int]:
+    """(code, s0, s1): code 1 when columns are unit-stride, 2 when rows are, else 0.
+    The stride of a dimension of extent <= 1 is never used and is set to 0."""
+    s0, s1 = (0 if rows <= 1 else s0), (0 if cols <= 1 else s1)
+    if cols <= 1 or s1 == 1:
+        return 1, s0, s1
+    if rows <= 1 or s0 == 1:
+        return 2, s0, s1
+    return 0, s0, s1
+
+
+def _pow2_div(values, cap: int) -> int:
+    """Largest power of two <= cap dividing every value (0 divides as anything)."""
+    d = cap
+    for v in values:
+        while d > 1 and v % d:
+            d //= 2
+    return d
+
+
 def grouped_gemm(problems: Sequence[Problem], *, symmetric: bool = False, divide: bool = False,
                  gather_idx: Optional[torch.Tensor] = None) -> None:
     """Launch the grouped kernel over ``problems`` (one launch per operand-dtype combination).
@@ -283,6 +338,9 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
     ints: list[int] = []
     floats: list[float] = []
     starts: list[int] = []
+    codes: list[set] = [set(), set(), set(), set()]  # layouts seen for A, B, C, Cin
+    ptrs: list[list[int]] = [[], [], [], []]
+    layouts, extents = [], []
     total = 0
     for p in probs:
         nt, tn = ntiles(p)
@@ -290,17 +348,42 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         total += nt
         cin = p.cin if p.cin is not None else p.out
         M, N = p.out.shape
+        la = _layout(p.a.stored_rows, p.a.stored_cols, p.a.s0, p.a.s1)
+        lb = _layout(p.b.stored_rows, p.b.stored_cols, p.b.s0, p.b.s1)
+        lc = _layout(M, N, *p.out.stride())
+        lci = _layout(M, N, *cin.stride())
+        layouts.append((la, lb, lc, lci))
+        extents.append(((p.a.stored_rows, p.a.stored_cols), (p.b.stored_rows, p.b.stored_cols), (M, N), (M, N)))
+        for j, lay in enumerate((la, lb, lc, lci)):
+            codes[j].add(lay[0])
+        for j, t in enumerate((p.a.t, p.b.t, p.out, cin)):
+            ptrs[j].append(t.data_ptr())
         row = [p.a.t.data_ptr(), p.b.t.data_ptr(), cin.data_ptr(), p.out.data_ptr(),
                p.sl.data_ptr() if p.sl is not None else 0, p.sr.data_ptr() if p.sr is not None else 0,
                M, N, p.a.cols, p.a.stored_rows, p.a.stored_cols, p.b.stored_rows, p.b.stored_cols,
-               p.a.s0, p.a.s1, p.b.s0, p.b.s1, cin.stride(0), cin.stride(1),
-               p.out.stride(0), p.out.stride(1), tn]
+               la[1], la[2], lb[1], lb[2], lci[1], lci[2], lc[1], lc[2], tn]
         ints.extend(row + [0] * (_W - len(row)))
         fl = [p.alpha, p.beta if p.cin is not None else 0.0, p.cL, p.cR, p.c0, p.sigma]
         floats.extend(fl + [0.0] * (_FW - len(fl)))
     if total == 0:
         return
     ints.extend(starts)
+    # One layout code per operand for the launch (generic strides when layers disagree),
+    # and per operand the divisibility (in elements, up to 16 bytes) the hints may claim:
+    # of every address, of every stride the kernel multiplies and of the extent along the
+    # unit-stride dimension.
+    contig = [c.pop() if len(c) == 1 else 0 for c in codes]
+    align, palign = [], []
+    for j, dt in enumerate((adt, bdt, cdt, cidt)):
+        esize = torch.empty((), dtype=dt).element_size()
+        strides = []
+        for lays, ext in zip(layouts, extents):
+            _, s0, s1 = lays[j]
+            r, c = ext[j]
+            strides += [s0, c] if contig[j] == 1 else [s1, r] if contig[j] == 2 else [s0, s1]
+        byte_align = _pow2_div(ptrs[j], 16)
+        align.append(max(1, min(byte_align // esize, _pow2_div(strides, 16 // esize))))
+        palign.append(byte_align)
     device = probs[0].out.device
     meta = torch.tensor(ints, dtype=torch.int64).to(device, non_blocking=True)
     fmeta = torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True)
@@ -310,5 +393,8 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         A_CODE=_DTYPE_CODE[adt], B_CODE=_DTYPE_CODE[bdt], C_CODE=_DTYPE_CODE[cdt], CIN_CODE=_DTYPE_CODE[cidt],
         HAS_ONES=has_ones, GATHER_K=gather_idx is not None, SYMMETRIC=symmetric,
         DIVIDE=divide, HAS_CIN=has_cin, DOT_FP32=dot_fp32, INPUT_PRECISION=_input_precision(),
+        A_CONTIG=contig[0], B_CONTIG=contig[1], C_CONTIG=contig[2], CIN_CONTIG=contig[3],
+        A_ALIGN=align[0], B_ALIGN=align[1], C_ALIGN=align[2], CIN_ALIGN=align[3],
+        A_PALIGN=palign[0], B_PALIGN=palign[1], C_PALIGN=palign[2], CIN_PALIGN=palign[3],
         **cfg,
     )

@@ -5,7 +5,7 @@ import torch
 
 from _kernel_utils import assert_close_scaled, noncontig
 from kfac_fast.ops import cross_factor_update, factor_update, factor_update_ref
-from kfac_fast.ops.factor_update import _factor_update_triton
+from kfac_fast.ops.factor_update import _cross_factor_update_triton, _factor_update_triton
 
 SIZES = (1, 7, 33, 130)
 HOMOG = (True, False, True, True)
@@ -146,6 +146,9 @@ def test_opcheck():
     torch.library.opcheck(_factor_update_triton, (Fs, xs, [0.5, 0.5], [1.0, 2.0], [True, False], None, -1))
     torch.library.opcheck(_factor_update_triton, (Fs, xs, [0.5, 0.5], [1.0, 2.0], [True, False],
                                                   torch.tensor([4, 0]), 2))
+    C = [torch.randn(8, 2), torch.randn(3, 8)]
+    torch.library.opcheck(_cross_factor_update_triton, (C, xs, xs[::-1], [0.5, 0.5], [1.0, 2.0], [True, False],
+                                                        [False, True], None, 3))
 
 
 @pytest.mark.gpu

@@ -385,8 +385,12 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         align.append(max(1, min(byte_align // esize, _pow2_div(strides, 16 // esize))))
         palign.append(byte_align)
     device = probs[0].out.device
-    meta = torch.tensor(ints, dtype=torch.int64).to(device, non_blocking=True)
-    fmeta = torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True)
+    # One host-to-device copy: the float32 epilogue scalars ride behind the int64 table.
+    host = torch.empty(len(ints) + len(floats) // 2, dtype=torch.int64)
+    host[:len(ints)] = torch.tensor(ints, dtype=torch.int64)
+    host[len(ints):].view(torch.float32).copy_(torch.tensor(floats, dtype=torch.float32))
+    meta = host.to(device, non_blocking=True) if device.type != "cpu" else host
+    fmeta = meta[len(ints):].view(torch.float32)
     idx = gather_idx if gather_idx is not None else meta  # dummy pointer when unused
     _grouped_gemm_kernel[(total,)](
         meta, fmeta, idx, G,

@@ -54,7 +54,26 @@ def _rel_err(out, ref) -> float:
     return num / max(den, 1e-30)
 
 
-def bench_family(name, layers, m, dtype, device, timing):
+def _cfg_name(cfg: dict) -> str:
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}/w{cfg['num_warps']}/s{cfg['num_stages']}"
+
+
+def _with_config(cfg, fn):
+    from kfac_fast.ops._grouped_gemm import config_override
+
+    def run():
+        with config_override(cfg):
+            fn()
+    return run
+
+
+# Tile configs tried by --sweep (BLOCK_M = BLOCK_N so symmetric launches can use them too).
+SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=bk, num_warps=w, num_stages=st)
+         for bm, bk, w, st in [(64, 32, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3),
+                               (128, 64, 8, 4), (256, 32, 8, 3)]]
+
+
+def bench_family(name, layers, m, dtype, device, timing, sweep=()):
     """Rows for one (layer set, batch): each family, reference then Triton."""
     from kfac_fast.ops import (cross_factor_update, eigen_precondition, factor_update, rank_m_is_cheaper,
                                rank_m_precondition, sandwich)
@@ -65,18 +84,25 @@ def bench_family(name, layers, m, dtype, device, timing):
     d_in = [a for a, _ in layers]
     d_out = [b for _, b in layers]
 
-    def add(family, flops, fns):
-        ref_t = None
+    def add(family, flops, fns, reset=None):
+        # Triton candidates: the default config, plus each --sweep config.
+        if sweep:
+            for cfg in sweep:
+                fn, result = fns["triton"]
+                fns[f"triton[{_cfg_name(cfg)}]"] = (_with_config(cfg, fn), result)
+        times = {cand: time_fn(fn, device=device, **timing)["median_s"] for cand, (fn, _) in fns.items()}
+        # Correctness from one call each on the same state (timing loops mutate in-place outputs).
         outs = {}
         for cand, (fn, result) in fns.items():
-            t = time_fn(fn, device=device, **timing)["median_s"]
-            outs[cand] = result()
-            if ref_t is None:
-                ref_t = t
+            if reset is not None:
+                reset()
+            fn()
+            outs[cand] = [t.clone() for t in result()]
+        for cand, t in times.items():
             rows.append(dict(layers=name, m=m, family=family, candidate=cand, median_ms=t * 1e3,
-                             rank_m_cheaper=all(rank_m_is_cheaper(m, do, di + 1) for di, do in layers),
-                             speedup=ref_t / t, gflops=flops / t / 1e9,
-                             rel_err=_rel_err(outs[cand], outs["torch"]) if cand != "torch" else 0.0))
+                             speedup=times["torch"] / t, gflops=flops / t / 1e9,
+                             rel_err=_rel_err(outs[cand], outs["torch"]) if cand != "torch" else 0.0,
+                             rank_m_cheaper=all(rank_m_is_cheaper(m, do, di + 1) for di, do in layers)))
 
     # 1. factor_update: Ā_{i-1,i-1} (d_in+1) and G_{i,i} (d_out) of every layer in one call.
     X = [torch.randn(m, d, device=dev).to(dtype) for d in d_in]
@@ -85,20 +111,24 @@ def bench_family(name, layers, m, dtype, device, timing):
     hs = [True] * L + [False] * L
     F_ref = [torch.zeros(x.shape[1] + h, x.shape[1] + h, device=dev) for x, h in zip(inputs, hs)]
     F_tri = [f.clone() for f in F_ref]
+
+    def reset_F():
+        for f, g in zip(F_ref, F_tri):
+            f.zero_()
+            g.zero_()
+
     kw = dict(eps=0.95, scale=0.05 / m, homogeneous=hs)
     flops = sum(2 * m * f.shape[0] ** 2 for f in F_ref)
     add("factor_update", flops, {
         "torch": (lambda: factor_update(F_ref, inputs, backend="torch", **kw), lambda: F_ref),
         "triton": (lambda: factor_update(F_tri, inputs, backend="triton", **kw), lambda: F_tri),
-    })
+    }, reset_F)
     # same with the tau_1 subset (a quarter of the batch, scattered indices)
     idx = torch.randperm(m, device=dev)[: max(1, m // 4)]
-    for f, g in zip(F_ref, F_tri):
-        g.copy_(f)
     add("factor_update[rows=m/4 idx]", flops / 4, {
         "torch": (lambda: factor_update(F_ref, inputs, rows=idx, backend="torch", **kw), lambda: F_ref),
         "triton": (lambda: factor_update(F_tri, inputs, rows=idx, backend="triton", **kw), lambda: F_tri),
-    })
+    }, reset_F)
 
     # 2. cross_factor_update: Ā_{i-1,i} between consecutive layers' inputs.
     if L > 1:
@@ -110,7 +140,7 @@ def bench_family(name, layers, m, dtype, device, timing):
         add("cross_factor_update", flops, {
             "torch": (lambda: cross_factor_update(C_ref, Xc, Yc, backend="torch", **ckw), lambda: C_ref),
             "triton": (lambda: cross_factor_update(C_tri, Xc, Yc, backend="triton", **ckw), lambda: C_tri),
-        })
+        }, lambda: [c.zero_() for c in C_ref + C_tri])
     del X, Gm, inputs, F_ref, F_tri
 
     # 3. eigen_precondition: factored Tikhonov in the eigenbases of G (d_out) and Ā (d_in+1).
@@ -182,6 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (accumulation is fp32)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for both torch and Triton")
     p.add_argument("--batches", type=int, nargs="*", default=None)
+    p.add_argument("--sweep", action="store_true", help="also time the Triton kernels under each tile config in SWEEP")
     args = p.parse_args(argv)
 
     if torch.device(args.device).type == "cpu":
@@ -200,7 +231,8 @@ def main(argv=None) -> None:
     rows = []
     for name, layers in sets.items():
         for m in batches:
-            rows.extend(bench_family(name, layers, m, DTYPES[args.dtype], args.device, timing))
+            rows.extend(bench_family(name, layers, m, DTYPES[args.dtype], args.device, timing,
+                                     sweep=SWEEP[:1] if (args.sweep and interp) else SWEEP if args.sweep else ()))
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     print(f"# device={args.device} dtype={args.dtype} tf32={args.tf32} (speedup = t_torch / t_candidate)")
@@ -211,7 +243,7 @@ def main(argv=None) -> None:
         return
     info = machine_info(args.device)
     info.update(dtype=args.dtype, tf32=args.tf32)
-    write_csv(f"bench_kernels_{args.dtype}{'_tf32' if args.tf32 else ''}", rows, info)
+    write_csv(f"bench_kernels_{args.dtype}{'_tf32' if args.tf32 else ''}{'_sweep' if args.sweep else ''}", rows, info)
 
 
 if __name__ == "__main__":

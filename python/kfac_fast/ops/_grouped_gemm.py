@@ -35,8 +35,9 @@ Transposes are strides: ``op(A)`` is read in place from the stored tensor.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -266,12 +267,34 @@ class Problem:
     extra: dict = field(default_factory=dict)
 
 
+_CONFIG_OVERRIDE: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def config_override(cfg: Optional[dict]) -> Iterator[None]:
+    """Use ``cfg`` (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for every launch in
+    the block: for tuning sweeps (benchmarks/bench_kernels.py --sweep). Symmetric
+    launches need BLOCK_M == BLOCK_N and use BLOCK_M for both."""
+    global _CONFIG_OVERRIDE
+    old, _CONFIG_OVERRIDE = _CONFIG_OVERRIDE, cfg
+    try:
+        yield
+    finally:
+        _CONFIG_OVERRIDE = old
+
+
 def _config(dot_fp32: bool, symmetric: bool) -> dict:
     if triton_interpret():
         # Larger tiles mean fewer (slow, Python-level) programs in the interpreter.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    # Fixed configs (no autotune: the grouped launch mixes shapes). Not tuned on hardware yet.
-    if dot_fp32:
+    if _CONFIG_OVERRIDE is not None:
+        cfg = dict(_CONFIG_OVERRIDE)
+        if symmetric:
+            cfg["BLOCK_N"] = cfg["BLOCK_M"]
+        return cfg
+    # Fixed configs (no autotune: one launch mixes many shapes). NOT yet tuned on hardware:
+    # fp32 without TF32 runs FMA dots (smaller tiles); TF32 and 16-bit inputs use tensor cores.
+    if dot_fp32 and _input_precision() == "ieee":
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
 

@@ -12,7 +12,8 @@ def as_list(value, n: int, name: str) -> list:
     """A scalar broadcast to ``n`` layers, or a per-layer sequence of length ``n``."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries but there are {n} layers; give one per layer or a scalar")
+            raise ValueError(f"{name} has {len(value)} entries but there are {n} layers; "
+                             "give one per layer or a scalar")
         return list(value)
     if isinstance(value, torch.Tensor) and value.dim() > 0:
         raise TypeError(f"{name} must be a Python scalar or a list of them, not a tensor")

@@ -36,7 +36,7 @@ Transposes are strides: ``op(A)`` is read in place from the stored tensor.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -264,7 +264,6 @@ class Problem:
     cR: float = 0.0
     c0: float = 0.0
     sigma: float = 1.0
-    extra: dict = field(default_factory=dict)
 
 
 _CONFIG_OVERRIDE: Optional[dict] = None

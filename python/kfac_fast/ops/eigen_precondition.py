@@ -116,7 +116,8 @@ def eigen_precondition(V: Sequence[torch.Tensor], QL: Sequence[torch.Tensor], sL
             raise ValueError(f"eigen_precondition: layer {i}: V must be a matrix, got shape {tuple(v.shape)}")
         p, m = v.shape
         if tuple(ql.shape) != (p, p) or tuple(sl.shape) != (p,) or tuple(qr.shape) != (m, m) or tuple(sr.shape) != (m,):
-            raise ValueError(f"eigen_precondition: layer {i}: V is {tuple(v.shape)}, so QL must be {(p, p)}, sL {(p,)}, "
+            raise ValueError(f"eigen_precondition: layer {i}: V is {tuple(v.shape)}, so QL must be {(p, p)}, "
+                             f"sL {(p,)}, "
                              f"QR {(m, m)}, sR {(m,)}; got {tuple(ql.shape)}, {tuple(sl.shape)}, {tuple(qr.shape)}, "
                              f"{tuple(sr.shape)}")
     dev = check_same_device("eigen_precondition", V + QL + sL + QR + sR)

@@ -125,7 +125,8 @@ def _check_rows(rows: Rows, ms: Sequence[int], device) -> tuple[Optional[torch.T
             raise ValueError(f"rows={rows} must lie in [0, {m_min}] (the smallest mini-batch in the list)")
         return None, rows
     if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"rows index tensor must be 1-D int64 (or int32), got {rows.dtype} of shape {tuple(rows.shape)}")
+        raise TypeError(f"rows index tensor must be 1-D int64 (or int32), got {rows.dtype} "
+                        f"of shape {tuple(rows.shape)}")
     if rows.device != device:
         raise ValueError(f"rows is on {rows.device} but the factors are on {device}; move it with rows.to(device)")
     if rows.numel() > 0:
@@ -141,7 +142,8 @@ def _check_common(name, factors, xs, ys, hx, hy, backend):
         raise ValueError(f"{name}: got {n} factors but {len(xs)} / {len(ys)} input lists; one entry per layer")
     for i, (F, x, y, a, b) in enumerate(zip(factors, xs, ys, hx, hy)):
         if x.dim() != 2 or y.dim() != 2:
-            raise ValueError(f"{name}: layer {i}: inputs must be (m, d) matrices, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(f"{name}: layer {i}: inputs must be (m, d) matrices, "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{name}: layer {i}: X and Y have {x.shape[0]} and {y.shape[0]} rows; they must match")
         want = (x.shape[1] + int(a), y.shape[1] + int(b))

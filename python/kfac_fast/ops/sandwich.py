@@ -123,7 +123,8 @@ def sandwich(L: Sequence[torch.Tensor], W: Sequence[torch.Tensor], R: Sequence[t
             raise ValueError(f"sandwich: layer {i}: op(L) {tuple(l.shape)} @ W {tuple(W[i].shape)} @ op(R) "
                              f"{tuple(r.shape)} do not chain")
         if V is not None and tuple(V[i].shape) != (l.shape[0], r.shape[1]):
-            raise ValueError(f"sandwich: layer {i}: V has shape {tuple(V[i].shape)}, expected {(l.shape[0], r.shape[1])}")
+            raise ValueError(f"sandwich: layer {i}: V has shape {tuple(V[i].shape)}, "
+                             f"expected {(l.shape[0], r.shape[1])}")
     dev = check_same_device("sandwich", L + W + R + (V or []))
     which = resolve_backend(backend, dev.type, family="sandwich")
     if which == "triton":

@@ -83,6 +83,17 @@ def test_eps_zero_ignores_nan_in_old_factor():
     assert F[-1, -1].item() == 5.0  # the ones column: sum over 5 rows of 1*1
 
 
+def test_empty_row_subset_only_decays():
+    xs = [torch.randn(4, 7), torch.randn(4, 2)]
+    Fs = _factors((7, 2), (True, False))
+    F0 = [F.clone() for F in Fs]
+    factor_update(Fs, xs, eps=0.5, scale=1.0, homogeneous=[True, False], rows=0, backend="triton")
+    factor_update(Fs, xs, eps=2.0, scale=1.0, homogeneous=[True, False], rows=torch.tensor([], dtype=torch.int64),
+                  backend="triton")
+    for F, F_0 in zip(Fs, F0):
+        assert_close_scaled(F, F_0, torch.float32)
+
+
 @pytest.mark.parametrize("rows_kind", ["all", "index"])
 def test_cross_factor_update(rows_kind):
     m = 9

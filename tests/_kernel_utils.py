@@ -1,7 +1,9 @@
 """Helpers shared by the Triton kernel-family tests (tests/test_ops_*.py)."""
+import pytest
 import torch
 
 from conftest import TOL
+from kfac_fast.backends import triton_interpret
 
 DTYPES_16 = (torch.float16, torch.bfloat16)
 
@@ -27,3 +29,9 @@ def orth(n, dtype=torch.float32, device="cpu"):
 def noncontig(x):
     """Same values as ``x`` through a non-contiguous view (transposed storage)."""
     return x.T.contiguous().T
+
+
+def needs_compiled_triton():
+    """GPU tests run the compiled kernels: the interpreter cannot read CUDA pointer tables."""
+    if triton_interpret():
+        pytest.skip("GPU kernel tests need TRITON_INTERPRET=0 (conftest defaults it to 1)")

@@ -3,7 +3,7 @@ Tikhonov eqn (6), Appendix B) against float64 dense Kronecker algebra."""
 import pytest
 import torch
 
-from _kernel_utils import assert_close_scaled, noncontig, orth, spd
+from _kernel_utils import assert_close_scaled, needs_compiled_triton, noncontig, orth, spd
 from kfac_fast.ops import eigen_precondition, eigen_precondition_ref
 from kfac_fast.ops.eigen_precondition import _eigen_precondition_triton
 
@@ -124,6 +124,7 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_reference_cuda(dtype):
+    needs_compiled_triton()
     shapes = [(1000, 785), (500, 1001), (250, 501), (30, 251), (784, 1001)]
     V, QL, sL, QR, sR = _inputs(shapes, dtype, device="cuda")
     for sigma, c0 in ((1, 0.0), (-1, 5.0)):

@@ -3,7 +3,7 @@ reference and float64 dense math."""
 import pytest
 import torch
 
-from _kernel_utils import assert_close_scaled, noncontig
+from _kernel_utils import assert_close_scaled, needs_compiled_triton, noncontig
 from kfac_fast.ops import cross_factor_update, factor_update, factor_update_ref
 from kfac_fast.ops.factor_update import _cross_factor_update_triton, _factor_update_triton
 
@@ -165,6 +165,7 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_factor_update_cuda(dtype):
+    needs_compiled_triton()
     sizes, hs = (784, 1000, 500, 250, 30, 1023), (True,) * 6
     m = 1025
     xs = [torch.randn(m, d, device="cuda").to(dtype) for d in sizes]

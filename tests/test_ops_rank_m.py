@@ -3,7 +3,7 @@ Ginv (Gmᵀ X̄) Ainv, plus the flop rule."""
 import pytest
 import torch
 
-from _kernel_utils import assert_close_scaled, noncontig, spd
+from _kernel_utils import assert_close_scaled, needs_compiled_triton, noncontig, spd
 from kfac_fast.ops import rank_m_is_cheaper, rank_m_precondition
 from kfac_fast.ops.rank_m import _rank_m_triton
 
@@ -76,6 +76,7 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 128])
 def test_matches_reference_cuda(m):
+    needs_compiled_triton()
     layers = [(1000, 784), (500, 1000), (250, 500), (30, 250), (784, 1000)]
     hs = [True] * len(layers)
     X, Gm, Ainv, Ginv = _inputs(m, layers, hs, device="cuda")

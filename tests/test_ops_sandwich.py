@@ -3,7 +3,7 @@ pass of Sec 4.3 (alpha=-1, beta=1, transposes read in place)."""
 import pytest
 import torch
 
-from _kernel_utils import assert_close_scaled, noncontig, spd
+from _kernel_utils import assert_close_scaled, needs_compiled_triton, noncontig, spd
 from kfac_fast.ops import sandwich
 from kfac_fast.ops.sandwich import _left_first, _sandwich_triton
 
@@ -86,6 +86,7 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tridiagonal_pass_cuda(dtype):
+    needs_compiled_triton()
     shapes = [(1000, 785), (500, 1001), (250, 501), (30, 251), (250, 31), (500, 251)]
     PsiG, Vprev, PsiA, V = _tridiag_inputs(shapes, dtype, device="cuda")
     U = sandwich(PsiG, Vprev, PsiA, alpha=-1.0, V=V, beta=1.0, transpose_L=True, backend="triton")

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpret
+from ..backends import BackendUnavailableError, triton_interpret
 
 # Row layout of the int64 metadata table (one row per problem).
 _W = 24
@@ -407,6 +407,11 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         align.append(max(1, min(byte_align // esize, _pow2_div(strides, 16 // esize))))
         palign.append(byte_align)
     device = probs[0].out.device
+    if device.type != "cpu" and triton_interpret():
+        # The interpreter would dereference device addresses from the pointer table on the host.
+        raise BackendUnavailableError(
+            "the grouped Triton kernels run CUDA tensors only compiled; unset TRITON_INTERPRET "
+            "(or set it to 0) before importing triton, or pass CPU tensors to use the interpreter")
     # One host-to-device copy: the float32 epilogue scalars ride behind the int64 table.
     host = torch.empty(len(ints) + len(floats) // 2, dtype=torch.int64)
     host[:len(ints)] = torch.tensor(ints, dtype=torch.int64)

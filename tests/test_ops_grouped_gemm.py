@@ -52,7 +52,7 @@ _COMPILE = textwrap.dedent("""
     k = gg._grouped_gemm_kernel
     base = dict(A_CODE=0, B_CODE=0, C_CODE=0, CIN_CODE=0, HAS_ONES=False, GATHER_K=False, SYMMETRIC=False,
                 DIVIDE=False, HAS_CIN=False, DOT_FP32=True, INPUT_PRECISION="ieee", BLOCK_M=64, BLOCK_N=64,
-                BLOCK_K=32, A_CONTIG=1, B_CONTIG=1, C_CONTIG=1, CIN_CONTIG=1, A_ALIGN=4, B_ALIGN=4, C_ALIGN=4,
+                BLOCK_K=32, GROUP_M=8, A_CONTIG=1, B_CONTIG=1, C_CONTIG=1, CIN_CONTIG=1, A_ALIGN=4, B_ALIGN=4, C_ALIGN=4,
                 CIN_ALIGN=4, A_PALIGN=16, B_PALIGN=16, C_PALIGN=16, CIN_PALIGN=16)
     variants = {
         "plain_fp32": {},

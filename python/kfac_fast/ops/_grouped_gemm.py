@@ -48,7 +48,7 @@ from ..backends import BackendUnavailableError, triton_interpret
 # Row layout of the int64 metadata table (one row per problem).
 _W = 24
 (_A, _B, _CIN, _COUT, _SL, _SR, _M, _N, _K, _AR, _AC, _BR, _BC,
- _SA0, _SA1, _SB0, _SB1, _SCI0, _SCI1, _SCO0, _SCO1, _TN) = range(22)
+ _SA0, _SA1, _SB0, _SB1, _SCI0, _SCI1, _SCO0, _SCO1, _TN, _TM) = range(23)
 # Float table layout (one row per problem).
 _FW = 8
 _ALPHA, _BETA, _CL, _CR, _C0, _SIGMA = range(6)
@@ -91,7 +91,7 @@ def _grouped_gemm_kernel(
     A_CONTIG: tl.constexpr, B_CONTIG: tl.constexpr, C_CONTIG: tl.constexpr, CIN_CONTIG: tl.constexpr,
     A_ALIGN: tl.constexpr, B_ALIGN: tl.constexpr, C_ALIGN: tl.constexpr, CIN_ALIGN: tl.constexpr,
     A_PALIGN: tl.constexpr, B_PALIGN: tl.constexpr, C_PALIGN: tl.constexpr, CIN_PALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Which problem: last g with tile_start[g] <= pid (problems are few: one per layer).
@@ -141,8 +141,14 @@ def _grouped_gemm_kernel(
         tm = t - r * (r + 1) // 2
         tn = r
     else:
-        tm = t // tiles_n
-        tn = t % tiles_n
+        # Grouped ordering: GROUP_M row-tiles sweep the columns together, so consecutive
+        # programs share A row-panels and B column-panels in L2.
+        tiles_m = tl.load(row + 22)
+        per_group = GROUP_M * tiles_n
+        first_m = (t // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        tm = first_m + (t % per_group) % group_rows
+        tn = (t % per_group) // group_rows
 
     a_ptr = _as_ptr(tl.load(row + 0), A_CODE)
     a_ptr = tl.multiple_of(a_ptr, A_PALIGN)
@@ -383,7 +389,7 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         row = [p.a.t.data_ptr(), p.b.t.data_ptr(), cin.data_ptr(), p.out.data_ptr(),
                p.sl.data_ptr() if p.sl is not None else 0, p.sr.data_ptr() if p.sr is not None else 0,
                M, N, p.a.cols, p.a.stored_rows, p.a.stored_cols, p.b.stored_rows, p.b.stored_cols,
-               la[1], la[2], lb[1], lb[2], lci[1], lci[2], lc[1], lc[2], tn]
+               la[1], la[2], lb[1], lb[2], lci[1], lci[2], lc[1], lc[2], tn, triton.cdiv(M, bm)]
         ints.extend(row + [0] * (_W - len(row)))
         fl = [p.alpha, p.beta if p.cin is not None else 0.0, p.cL, p.cR, p.c0, p.sigma]
         floats.extend(fl + [0.0] * (_FW - len(fl)))
@@ -427,5 +433,5 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         A_CONTIG=contig[0], B_CONTIG=contig[1], C_CONTIG=contig[2], CIN_CONTIG=contig[3],
         A_ALIGN=align[0], B_ALIGN=align[1], C_ALIGN=align[2], CIN_ALIGN=align[3],
         A_PALIGN=palign[0], B_PALIGN=palign[1], C_PALIGN=palign[2], CIN_PALIGN=palign[3],
-        **cfg,
+        GROUP_M=8, **cfg,
     )

@@ -40,10 +40,18 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from ..backends import BackendUnavailableError, triton_interpret
+
+try:  # Triton is optional (Linux + CUDA, or the interpreter); the torch references never need it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    triton = tl = None
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
 
 # Row layout of the int64 metadata table (one row per problem).
 _W = 24
@@ -57,7 +65,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SUPPORTED_DTYPES = tuple(_DTYPE_CODE)
 
 
-@triton.jit
+@_jit
 def _as_ptr(addr, CODE: tl.constexpr):
     if CODE == 0:
         p = addr.to(tl.pointer_type(tl.float32))
@@ -68,7 +76,7 @@ def _as_ptr(addr, CODE: tl.constexpr):
     return p
 
 
-@triton.jit
+@_jit
 def _offsets(r, c, s0, s1, CONTIG: tl.constexpr):
     """Element offsets of rows r ([R, 1]) and columns c ([1, C]); CONTIG 1: s1 == 1,
     2: s0 == 1 (a literal unit stride tells the compiler the accesses are contiguous)."""
@@ -81,7 +89,7 @@ def _offsets(r, c, s0, s1, CONTIG: tl.constexpr):
     return o
 
 
-@triton.jit
+@_jit
 def _grouped_gemm_kernel(
     meta, fmeta, idx_ptr, G,
     A_CODE: tl.constexpr, B_CODE: tl.constexpr, C_CODE: tl.constexpr, CIN_CODE: tl.constexpr,

@@ -87,3 +87,32 @@ def test_kernel_compiles_for_sm90_with_vectorised_loads():
     for name, r in res.items():
         assert r["cp16"] + r["ldv4"] > 0, (name, r)
     assert res["plain_fp32"]["cp4"] == 0, res["plain_fp32"]
+
+
+def test_one_launch_per_gemm_stage_for_all_layers(monkeypatch):
+    from kfac_fast import ops
+    from kfac_fast.ops import _grouped_gemm as gg
+
+    calls = []
+    real = gg._launch
+    monkeypatch.setattr(gg, "_launch", lambda probs, *a: (calls.append(len(probs)), real(probs, *a))[1])
+    shapes = [(7, 9), (1, 3), (12, 2)]  # (d_out, d_in + 1)
+    X = [torch.randn(4, n - 1) for _, n in shapes]
+    Gm = [torch.randn(4, p) for p, _ in shapes]
+    V = [torch.randn(p, n) for p, n in shapes]
+    sq = lambda n: torch.randn(n, n)  # noqa: E731
+    ops.factor_update([torch.zeros(n, n) for _, n in shapes] + [torch.zeros(p, p) for p, _ in shapes], X + Gm,
+                      eps=0.0, scale=1.0, homogeneous=[True] * 3 + [False] * 3, backend="triton")
+    assert calls == [6]
+    calls.clear()
+    ops.eigen_precondition(V, [sq(p) for p, _ in shapes], [torch.rand(p) for p, _ in shapes],
+                           [sq(n) for _, n in shapes], [torch.rand(n) + 1 for _, n in shapes], backend="triton")
+    assert calls == [3, 3, 3, 3]
+    calls.clear()
+    ops.sandwich([sq(p) for p, _ in shapes], V, [sq(n) for _, n in shapes], V=V, beta=1.0, alpha=-1.0,
+                 transpose_L=True, backend="triton")
+    assert calls == [3, 3]
+    calls.clear()
+    ops.rank_m_precondition(X, Gm, [sq(n) for _, n in shapes], [sq(p) for p, _ in shapes], homogeneous=True,
+                            scale=0.25, backend="triton")
+    assert calls == [6, 3]

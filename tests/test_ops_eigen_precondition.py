@@ -28,8 +28,8 @@ def _unvec(v, p, n):
     return v.reshape(n, p).T
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("sigma", [1, -1])
+@pytest.mark.parametrize("dtype, sigma", [(torch.float32, 1), (torch.float32, -1), (torch.float16, -1),
+                                          (torch.bfloat16, 1)])
 def test_matches_reference(dtype, sigma):
     V, QL, sL, QR, sR = _inputs(SHAPES, dtype)
     kw = dict(cL=[0.1, 0.2, 0.3, 0.4], cR=0.5, c0=[0.0, 0.01, 2.0, 0.3], sigma=sigma)

@@ -46,6 +46,30 @@ def _as_list(matrices: TensorOrList) -> tuple[list[torch.Tensor], str]:
     return mats, "list"
 
 
+def _warm_list(warm_start: TensorOrList, mats: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
+    """Normalise ``warm_start`` to a list matching ``mats`` (same structure as the input)."""
+    if isinstance(warm_start, torch.Tensor):
+        if kind == "single" and warm_start.dim() == 2:
+            warm = [warm_start]
+        elif warm_start.dim() == 3:
+            warm = list(warm_start.unbind(0))
+        else:
+            raise ValueError(f"eigh: warm_start must have the structure of the input; got shape {tuple(warm_start.shape)}")
+    else:
+        warm = list(warm_start)
+    if len(warm) != len(mats):
+        raise ValueError(f"eigh: warm_start has {len(warm)} matrices, the input has {len(mats)}")
+    for i, (q, m) in enumerate(zip(warm, mats)):
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != tuple(m.shape):
+            shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ValueError(f"eigh: warm_start {i} must have shape {tuple(m.shape)} like matrix {i}, got {shape}")
+        if q.device != m.device:
+            raise ValueError(f"eigh: warm_start {i} is on {q.device}, matrix {i} on {m.device}")
+        if q.numel() and not bool(torch.isfinite(q).all()):
+            raise ValueError(f"eigh: warm_start {i} contains NaN or inf")
+    return warm
+
+
 def _check_finite(mats: list[torch.Tensor]) -> None:
     for i, m in enumerate(mats):
         if m.numel() and not bool(torch.isfinite(m).all()):
@@ -105,7 +129,8 @@ def eigh(
     if which == "native":
         from .native_eigh import native_eigh  # provided by the native engine
 
-        vals, vecs, sweeps = native_eigh(mats, warm_start=warm_start, tol=tol, max_sweeps=max_sweeps)
+        warm = _warm_list(warm_start, mats, kind) if warm_start is not None else None
+        vals, vecs, sweeps = native_eigh(mats, warm_start=warm, tol=tol, max_sweeps=max_sweeps)
     else:
         vals, vecs = _torch_eigh(mats)
         sweeps = [0] * len(mats)

@@ -154,7 +154,7 @@ def test_no_convergence_raises_with_index():
 
 
 def test_threads_give_identical_results():
-    mats = [_wishart(n, seed=n) for n in (3, 40, 17, 64, 8)]
+    mats = [_wishart(n, seed=n) for n in (3, 40, 200, 17, 64, 8)]  # 200: a team of threads on one matrix
     one = native_eigh(mats, num_threads=1)
     two = native_eigh(mats, num_threads=2)
     for a, b in zip(one[1], two[1]):

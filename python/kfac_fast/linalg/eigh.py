@@ -3,7 +3,8 @@
 ``eigh`` is what the curvature blocks call to refresh their inverses (paper Sec 8, task 5):
 every factor Ā and G, and for the block-tridiagonal inverse the generalised problems of
 Appendix B. Backends: ``torch`` (``torch.linalg.eigh``, batched over equal sizes) and
-``native`` (the compiled engine; see ``kfac_fast._C``).
+``native`` (the compiled Jacobi engine, warm-startable; algorithm, tolerances and limits in
+:mod:`kfac_fast.linalg.native_eigh`). ``auto`` is ``torch`` on CPU (see backends.py).
 """
 from __future__ import annotations
 
@@ -112,15 +113,19 @@ def eigh(
         warm_start: previous eigenvectors with the same structure; the iterative native engine
             starts from Q₀ᵀAQ₀ and needs few sweeps when the matrices changed little.
             Ignored by the direct ``torch`` solver.
-        tol: off-diagonal convergence tolerance relative to ‖A‖ (native engine).
-        max_sweeps: cap on Jacobi sweeps (native engine).
+        tol: native engine: on exit off(QᵀAQ)_F <= max(tol, 4·n·eps64)·‖A‖_F. Default 1e-12
+            for float64, 1e-7 for float32 inputs.
+        max_sweeps: cap on Jacobi sweeps (native engine, default 30); needing more raises.
         backend: ``"auto"``, ``"torch"`` or ``"native"``.
 
     Returns:
         :class:`EighResult` with ascending eigenvalues and orthonormal eigenvectors.
 
     Raises:
-        ValueError: non-square input, or NaN/inf in matrix ``i`` (named in the message).
+        ValueError: non-square input, NaN/inf in matrix ``i`` or in ``warm_start[i]``, or a
+            ``warm_start`` whose structure/shapes differ from the input (index in the message).
+        RuntimeError: (``kfac_fast._C.NativeError``) the native engine failed on matrix ``i``
+            (e.g. no convergence within ``max_sweeps``); the message names ``i`` and the cause.
     """
     mats, kind = _as_list(matrices)
     _check_finite(mats)

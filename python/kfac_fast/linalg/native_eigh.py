@@ -1,15 +1,29 @@
 """The native eigensolver behind ``eigh(..., backend="native")``.
 
-Algorithm (see csrc/cpu/eigh_jacobi.cpp and csrc/cuda/eigh_jacobi.cu): cyclic threshold
-Jacobi in float64 on ``B = Q0ᵀ A Q0`` with the rotations accumulated into ``Q0`` (``Q0 = I``
-for a cold start). The projection ``Q0ᵀ A Q0`` is two matrix products done here with
-``torch.matmul`` (MKL / cuBLAS), batched over equal sizes; everything else is the compiled
-engine: C++ threads over matrices on CPU, one CUDA thread block per matrix on GPU.
+Algorithm (csrc/cpu/eigh_jacobi.cpp, csrc/cuda/eigh_jacobi.cu): parallel-order (round-robin)
+threshold Jacobi in float64 on ``B = Q0ᵀ A Q0`` with the rotations accumulated into ``Q0``
+(``Q0 = I`` for a cold start). The projection ``Q0ᵀ A Q0`` is two matrix products done here
+with ``torch.matmul`` (MKL / cuBLAS), batched over equal sizes; the rotations are the compiled
+engine: C++ threads (a team per large matrix, one thread per small matrix) on CPU, one CUDA
+thread block per matrix on GPU.
 
 Inputs are read as ``(A + Aᵀ)/2``; float32 inputs are projected in float32 and rotated in
-float64, outputs are returned in the input dtype. A warm start that is not orthonormal to
-the working precision (checked with a random probe, O(n²)) is re-orthonormalised by QR first,
-so a perturbed basis is a valid warm start, just a slower one.
+float64 (so the float32 results are often more accurate than float32 LAPACK), outputs are
+returned in the input dtype. A warm start that is not orthonormal to working precision
+(checked with a random probe, O(n²)) is re-orthonormalised by QR first, so a perturbed basis
+is a valid warm start, just a slower one.
+
+Convergence: a rotation is skipped when ``|b_pq| <= max(tol·‖A‖_F/n, 4·eps64·‖A‖_F)``; the
+result has ``off(QᵀAQ)_F <= max(tol, 4·n·eps64)·‖A‖_F``, i.e. eigenvalue errors are absolute
+(relative to ‖A‖), as for LAPACK. Non-convergence within ``max_sweeps`` is an error naming
+the matrix (never a hang); so is NaN/inf input.
+
+Limits (measured, benchmarks/results/eigh_cpu.csv): a full Jacobi sweep costs about as much as
+a whole LAPACK eigh, so the engine is fast only for small matrices (n <~ 64: many small
+factors, warm or cold) and slow for large ones even warm-started, where ``backend="torch"``
+stays the right choice. The CUDA kernel is one block per matrix (B in shared memory for
+n <= 64, global memory above): correct for any n up to 65536 but meant for batches of small
+matrices.
 
 The whole engine is one ``torch.library`` custom op, ``kfac_fast::eigh_native``, with a fake
 (meta) implementation so it traces under ``torch.compile``.

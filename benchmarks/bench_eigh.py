@@ -156,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one repeat, skip the slowest native cold run")
     ap.add_argument("--slow-cold", action="store_true",
                     help="also time native_cold on the large workloads (sum n^3 > 5e8; minutes on 2 cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (the native engine follows it); default: torch's default")
     ap.add_argument("--gamma-rel", type=float, default=1e-3, help="damping γ relative to λ_max of each factor")
     ap.add_argument("--loose-tol", type=float, default=1e-5, help="tol of the native_warm_tol row")
     ap.add_argument("--workloads", default="resnet_le64,resnet_like,mnist_ae")
@@ -164,6 +166,8 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # First calls pay one-off costs (torch.library dispatch set-up, LAPACK/MKL init): not timed.
     warm_up = [torch.eye(3, dtype=dtype, device=args.device) * 2.0]
     eigh(warm_up, backend="native"), eigh(warm_up, backend="torch"), torch.linalg.eigh(warm_up[0])

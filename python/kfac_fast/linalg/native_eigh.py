@@ -44,16 +44,20 @@ _ORTHO_DEFECT = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 def _orthonormal_warm(Q0: torch.Tensor) -> torch.Tensor:
-    n = Q0.shape[0]
+    """(b, n, n) warm starts, each re-orthonormalised by QR if its probe defect is too large."""
+    n = Q0.shape[-1]
     g = torch.Generator(device=Q0.device).manual_seed(1234)
     x = torch.randn(n, 2, generator=g, device=Q0.device, dtype=Q0.dtype)
-    defect = (Q0.mT @ (Q0 @ x) - x).norm() / x.norm()
-    if bool(defect <= _ORTHO_DEFECT.get(Q0.dtype, 1e-4)):
+    defect = torch.linalg.vector_norm(Q0.mT @ (Q0 @ x) - x, dim=(-2, -1)) / x.norm()
+    bad = (defect > _ORTHO_DEFECT.get(Q0.dtype, 1e-4)).nonzero().flatten().tolist()
+    if not bad:
         return Q0
-    Q, R = torch.linalg.qr(Q0)
-    d = torch.sign(torch.diagonal(R))
+    Q0 = Q0.clone()
+    Q, R = torch.linalg.qr(Q0[bad])
+    d = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     d = torch.where(d == 0, torch.ones_like(d), d)
-    return Q * d
+    Q0[bad] = Q * d[:, None, :]
+    return Q0
 
 
 def _project(mats: list[torch.Tensor], warm: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -67,7 +71,7 @@ def _project(mats: list[torch.Tensor], warm: list[torch.Tensor]) -> tuple[list[t
         A = torch.stack([mats[i] for i in idx])
         A = 0.5 * (A + A.mT)
         if warm:
-            Q0 = torch.stack([_orthonormal_warm(warm[i].to(mats[i].dtype)) for i in idx])
+            Q0 = _orthonormal_warm(torch.stack([warm[i].to(mats[i].dtype) for i in idx]))
             B = Q0.mT @ (A @ Q0)
             B = (0.5 * (B + B.mT)).to(torch.float64)
             Vt = Q0.mT.to(torch.float64)

@@ -66,7 +66,7 @@ def _mnist_factors(dtype, n_prev=2000, n_new=500):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(h, tgt, reduction="sum")
         grads = torch.autograd.grad(loss, pres)
         m = xb.shape[0]
-        return [a.T @ a / m for a in acts] + [gr.T @ gr / m for gr in grads]
+        return [(a.T @ a / m).detach() for a in acts] + [(gr.T @ gr / m).detach() for gr in grads]
 
     F = stats(X[:n_prev])
     C = stats(X[n_prev:n_prev + n_new])

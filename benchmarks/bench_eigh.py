@@ -21,7 +21,10 @@ minutes on 2 cores), native_warm (default tol), native_warm_tol (warm with --loo
 relative error against float64 torch.linalg.eigh (column u_err, max over the matrices);
 `ok` is u_err <= 1e-4. ratio_looped / ratio_batched = torch time / method time (>1: faster).
 
-    PYTHONPATH=python python benchmarks/bench_eigh.py [--device cpu|cuda] [--quick]
+    PYTHONPATH=python python benchmarks/bench_eigh.py [--device cpu|cuda] [--quick] [--threads N]
+
+The committed benchmarks/results/eigh_cpu.csv is `--threads 1` on a 2-core machine shared
+with other jobs (torch's OpenMP threads degrade badly under oversubscription there).
 """
 from __future__ import annotations
 
@@ -153,14 +156,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--quick", action="store_true", help="one repeat, skip the slowest native cold run")
+    ap.add_argument("--quick", action="store_true",
+                    help="one repeat, ResNet-like workloads only (about a minute; the full run takes ~7 min)")
     ap.add_argument("--slow-cold", action="store_true",
                     help="also time native_cold on the large workloads (sum n^3 > 5e8; minutes on 2 cores)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (the native engine follows it); default: torch's default")
     ap.add_argument("--gamma-rel", type=float, default=1e-3, help="damping γ relative to λ_max of each factor")
     ap.add_argument("--loose-tol", type=float, default=1e-5, help="tol of the native_warm_tol row")
-    ap.add_argument("--workloads", default="resnet_le64,resnet_like,mnist_ae")
+    ap.add_argument("--workloads", default=None, help="comma list (default: all; --quick: resnet_le64,resnet_like)")
     ap.add_argument("--out", default=None, help="CSV name under benchmarks/results (default eigh_<device>)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -173,7 +177,8 @@ def main(argv=None):
     eigh(warm_up, backend="native"), eigh(warm_up, backend="torch"), torch.linalg.eigh(warm_up[0])
     rows = []
     resnet = _synthetic(_resnet_sizes(), dtype, seed=2)
-    for w in args.workloads.split(","):
+    workloads = args.workloads or ("resnet_le64,resnet_like" if args.quick else "resnet_le64,resnet_like,mnist_ae")
+    for w in workloads.split(","):
         if w == "mnist_ae":
             pairs, data = _mnist_factors(dtype)
         elif w == "resnet_like":

@@ -25,6 +25,7 @@
 // and a cold start needs ~8-12 sweeps, a warm start 3-8. So this engine wins for small
 // matrices (no per-call overhead, threads over many matrices) and loses for large ones
 // (n >~ 100) to MKL/OpenBLAS; see benchmarks/results/eigh_cpu.csv.
+// KFAC_FAST_JACOBI_DEBUG=1 prints the rotations of every sweep to stderr.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

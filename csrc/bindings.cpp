@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <thread>
+
 #include "kfac_fast/common.h"
 
 namespace py = pybind11;
@@ -62,6 +64,28 @@ PYBIND11_MODULE(_C, m) {
         cuda::symmetrize(reinterpret_cast<const void*>(in), reinterpret_cast<void*>(out), batch, n, dt, stream);
       },
       py::arg("in_ptr"), py::arg("out_ptr"), py::arg("batch"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+
+  m.def(
+      "eigh_jacobi_cpu",
+      [](const std::vector<std::uintptr_t>& B, const std::vector<std::uintptr_t>& Vt, const std::vector<int64_t>& n,
+         double tol, int64_t max_sweeps, int64_t num_threads) {
+        py::gil_scoped_release nogil;
+        return cpu::eigh_jacobi(B, Vt, n, tol, max_sweeps, num_threads);
+      },
+      py::arg("B_ptrs"), py::arg("Vt_ptrs"), py::arg("sizes"), py::arg("tol"), py::arg("max_sweeps"),
+      py::arg("num_threads") = 0,
+      "Jacobi eigensolver on float64 row-major buffers, in place: B -> diag(eigenvalues), Vt <- J^T Vt. "
+      "Returns sweeps per matrix; raises NativeError naming the matrix index.");
+  m.def(
+      "eigh_jacobi_cuda",
+      [](const std::vector<std::uintptr_t>& B, const std::vector<std::uintptr_t>& Vt, const std::vector<int64_t>& n,
+         double tol, int64_t max_sweeps, std::intptr_t stream) {
+        py::gil_scoped_release nogil;
+        return cuda::eigh_jacobi(B, Vt, n, tol, max_sweeps, stream);
+      },
+      py::arg("B_ptrs"), py::arg("Vt_ptrs"), py::arg("sizes"), py::arg("tol"), py::arg("max_sweeps"),
+      py::arg("stream"));
+  m.def("hardware_threads", []() { return static_cast<int64_t>(std::thread::hardware_concurrency()); });
 
   // Feature modules add their bindings here (one register_* per file).
   py::register_exception<Error>(m, "NativeError", PyExc_RuntimeError);

@@ -1,6 +1,6 @@
 """Smoke test of an installed kfac_fast wheel (run outside the source tree).
 
-Checks: import, backend report, a native op through its custom op, and that the
+Checks: import, backend report, native ops (symmetrize, eigh) through their custom ops, and that the
 compiled module links neither libtorch nor a shared CUDA runtime.
 """
 import argparse
@@ -31,6 +31,11 @@ elif args.expect_cuda == "no":
     assert info["cuda"] == "none"
 A = torch.randn(3, 7, 7, dtype=torch.float64)
 torch.testing.assert_close(symmetrize(A, backend="native"), symmetrize_ref(A))
+from kfac_fast.linalg import eigh  # noqa: E402
+
+S = symmetrize_ref(A)
+r = eigh(S, backend="native")
+torch.testing.assert_close(r.eigenvalues, torch.linalg.eigvalsh(S), rtol=0, atol=1e-10)
 so = glob.glob(os.path.join(pkg_dir, "_C*.so"))[0]
 ldd = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
 for bad in ("libtorch", "libc10", "libcudart.so"):

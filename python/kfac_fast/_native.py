@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 # Must equal kfac_fast::kAbiVersion in csrc/include/kfac_fast/common.h.
-EXPECTED_ABI_VERSION = 2
+EXPECTED_ABI_VERSION = 3
 
 
 class NativeUnavailableError(RuntimeError):

@@ -170,6 +170,9 @@ def check_available(name: str) -> None:
 # Measured preferences for backend="auto": (kernel family, device type) -> ordered candidates.
 # Only entries backed by a benchmark in benchmarks/results/ belong here; everything else
 # falls back to the default rule in resolve_backend.
+# ("eigh", "cpu") stays torch: benchmarks/results/eigh_cpu.csv shows the native Jacobi engine
+# faster only for sets of small factors (n <= 64) and several times slower on the large factors
+# that dominate a K-FAC refresh (mnist_ae, resnet_like), even warm-started.
 _AUTO_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 

@@ -3,7 +3,8 @@
 ``eigh`` is what the curvature blocks call to refresh their inverses (paper Sec 8, task 5):
 every factor Ā and G, and for the block-tridiagonal inverse the generalised problems of
 Appendix B. Backends: ``torch`` (``torch.linalg.eigh``, batched over equal sizes) and
-``native`` (the compiled engine; see ``kfac_fast._C``).
+``native`` (the compiled Jacobi engine, warm-startable; algorithm, tolerances and limits in
+:mod:`kfac_fast.linalg.native_eigh`). ``auto`` is ``torch`` on CPU (see backends.py).
 """
 from __future__ import annotations
 
@@ -44,6 +45,30 @@ def _as_list(matrices: TensorOrList) -> tuple[list[torch.Tensor], str]:
             shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
             raise ValueError(f"eigh: matrix {i} must be a square (n, n) tensor, got {shape}")
     return mats, "list"
+
+
+def _warm_list(warm_start: TensorOrList, mats: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
+    """Normalise ``warm_start`` to a list matching ``mats`` (same structure as the input)."""
+    if isinstance(warm_start, torch.Tensor):
+        if kind == "single" and warm_start.dim() == 2:
+            warm = [warm_start]
+        elif warm_start.dim() == 3:
+            warm = list(warm_start.unbind(0))
+        else:
+            raise ValueError(f"eigh: warm_start must have the structure of the input; got shape {tuple(warm_start.shape)}")
+    else:
+        warm = list(warm_start)
+    if len(warm) != len(mats):
+        raise ValueError(f"eigh: warm_start has {len(warm)} matrices, the input has {len(mats)}")
+    for i, (q, m) in enumerate(zip(warm, mats)):
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != tuple(m.shape):
+            shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ValueError(f"eigh: warm_start {i} must have shape {tuple(m.shape)} like matrix {i}, got {shape}")
+        if q.device != m.device:
+            raise ValueError(f"eigh: warm_start {i} is on {q.device}, matrix {i} on {m.device}")
+        if q.numel() and not bool(torch.isfinite(q).all()):
+            raise ValueError(f"eigh: warm_start {i} contains NaN or inf")
+    return warm
 
 
 def _check_finite(mats: list[torch.Tensor]) -> None:
@@ -96,15 +121,19 @@ def eigh(
         warm_start: previous eigenvectors with the same structure; the iterative native engine
             starts from Q₀ᵀAQ₀ and needs few sweeps when the matrices changed little.
             Ignored by the direct ``torch`` solver.
-        tol: off-diagonal convergence tolerance relative to ‖A‖ (native engine).
-        max_sweeps: cap on Jacobi sweeps (native engine).
+        tol: native engine: on exit off(QᵀAQ)_F <= max(tol, 4·n·eps64)·‖A‖_F. Default 1e-12
+            for float64, 1e-7 for float32 inputs.
+        max_sweeps: cap on Jacobi sweeps (native engine, default 30); needing more raises.
         backend: ``"auto"``, ``"torch"`` or ``"native"``.
 
     Returns:
         :class:`EighResult` with ascending eigenvalues and orthonormal eigenvectors.
 
     Raises:
-        ValueError: non-square input, or NaN/inf in matrix ``i`` (named in the message).
+        ValueError: non-square input, NaN/inf in matrix ``i`` or in ``warm_start[i]``, or a
+            ``warm_start`` whose structure/shapes differ from the input (index in the message).
+        RuntimeError: (``kfac_fast._C.NativeError``) the native engine failed on matrix ``i``
+            (e.g. no convergence within ``max_sweeps``); the message names ``i`` and the cause.
     """
     mats, kind = _as_list(matrices)
     _check_finite(mats)
@@ -113,7 +142,8 @@ def eigh(
     if which == "native":
         from .native_eigh import native_eigh  # provided by the native engine
 
-        vals, vecs, sweeps = native_eigh(mats, warm_start=warm_start, tol=tol, max_sweeps=max_sweeps)
+        warm = _warm_list(warm_start, mats, kind) if warm_start is not None else None
+        vals, vecs, sweeps = native_eigh(mats, warm_start=warm, tol=tol, max_sweeps=max_sweeps)
     else:
         vals, vecs = _torch_eigh(mats)
         sweeps = [0] * len(mats)

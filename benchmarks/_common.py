@@ -11,7 +11,6 @@ import datetime as _dt
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Iterable, Sequence
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 import kfac_fast
 from kfac_fast.backends import BackendUnavailableError, resolve_backend

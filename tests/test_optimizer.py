@@ -13,9 +13,9 @@ from kfac_fast import KFAC
 from kfac_fast.config import KFACConfig
 from kfac_fast.curvature.losses import SquaredError
 from kfac_fast.optimizer import levenberg_marquardt
-from kfac_fast.quadratic import fisher_gram, inner, solve_alpha_mu
+from kfac_fast.quadratic import fisher_gram, solve_alpha_mu
 
-from dense import blocks_to_vec, exact_fisher, mlp, vec, vec_to_blocks
+from dense import blocks_to_vec, exact_fisher, mlp, vec
 
 D = torch.float64
 

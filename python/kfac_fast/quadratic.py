@@ -12,20 +12,50 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+
 
 from .curvature.layers import LinearLayer
 from .curvature.losses import PredictiveDistribution
 
 
-def directions_to_tangents(layers: Sequence[LinearLayer], direction: Sequence[torch.Tensor], names: dict):
-    """Per-layer (d_out, d_in+h) matrices -> {param_name: tangent} for functional_call."""
-    tangents = {}
+def linearized_forward(model: nn.Module, layers: Sequence[LinearLayer], inputs: torch.Tensor,
+                       direction: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, J·v) for a parameter direction v given as per-layer (d_out, d_in+h) blocks.
+
+    Forward-mode AD through the model (Appendix C: "a linearized version of the standard
+    forward pass"): each K-FAC layer's output gets the extra tangent dW·ā from a forward hook,
+    so no parameter swapping (functional_call) is needed.
+    """
+    import torch.autograd.forward_ad as fwAD
+
+    handles = []
+
+    def make_hook(layer: LinearLayer, D: torch.Tensor):
+        def hook(module, args, out):
+            x = fwAD.unpack_dual(args[0]).primal
+            o = fwAD.unpack_dual(out)
+            Dw = D[:, : layer.d_in].to(x.dtype)
+            extra = x @ Dw.t()
+            if layer.has_bias:
+                extra = extra + D[:, layer.d_in].to(x.dtype)
+            tangent = extra if o.tangent is None else o.tangent + extra
+            return fwAD.make_dual(o.primal, tangent)
+
+        return hook
+
     for layer, D in zip(layers, direction):
-        parts = layer.from_matrix(D)
-        for p, t in zip(layer.params(), parts):
-            tangents[names[p]] = t.to(p.dtype).reshape(p.shape)
-    return tangents
+        handles.append(layer.module.register_forward_hook(make_hook(layer, D)))
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            out = model(inputs)
+            z, jv = fwAD.unpack_dual(out)
+            if jv is None:
+                jv = torch.zeros_like(z)
+            z, jv = z.clone(), jv.clone()
+    finally:
+        for h in handles:
+            h.remove()
+    return z, jv
 
 
 def fisher_gram(
@@ -40,14 +70,10 @@ def fisher_gram(
     One forward-mode pass per direction gives J v_a; every entry is then (Jv_a)ᵀ F_R (Jv_b),
     averaged over the rows (Appendix C). Returns a (n, n) float64 tensor.
     """
-    names = {p: n for n, p in model.named_parameters()}
-    params = {names[p]: p.detach() for layer in layers for p in layer.params()}
     Jv = []
     z = None
     for d in directions:
-        tangents = directions_to_tangents(layers, d, names)
-        with torch.no_grad():
-            z, jv = jvp(lambda p: functional_call(model, p, (inputs,), strict=False), (params,), (tangents,))
+        z, jv = linearized_forward(model, layers, inputs, d)
         Jv.append(jv.reshape(jv.shape[0], -1) if jv.dim() != 2 else jv)
     n = len(directions)
     gram = torch.zeros(n, n, dtype=torch.float64)

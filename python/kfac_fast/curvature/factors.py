@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .capture import Recording, capture
-from .layers import LinearLayer, find_layers
+from .layers import find_layers
 from .losses import PredictiveDistribution, check_output, get_loss
 
 FISHER_KINDS = ("exact", "mc", "empirical")

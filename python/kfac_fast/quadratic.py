@@ -34,11 +34,13 @@ def linearized_forward(model: nn.Module, layers: Sequence[LinearLayer], inputs: 
         def hook(module, args, out):
             x = fwAD.unpack_dual(args[0]).primal
             o = fwAD.unpack_dual(out)
-            Dw = D[:, : layer.d_in].to(x.dtype)
-            extra = x @ Dw.t()
+            dt = o.primal.dtype
+            Dw = D[:, : layer.d_in].to(dt)
+            extra = x.to(dt) @ Dw.t()
             if layer.has_bias:
-                extra = extra + D[:, layer.d_in].to(x.dtype)
-            tangent = extra if o.tangent is None else o.tangent + extra
+                extra = extra + D[:, layer.d_in].to(dt)
+            extra = extra.to(dt)
+            tangent = extra if o.tangent is None else o.tangent.to(dt) + extra
             return fwAD.make_dual(o.primal, tangent)
 
         return hook

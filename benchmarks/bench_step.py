@@ -154,7 +154,7 @@ def time_baseline(factory, X, which: str, args, device) -> dict:
         bce_mean(model(x), x).backward()
         opt.step()
 
-    r = time_fn(step, device=device, warmup=args.warmup, repeats=args.iters)
+    r = time_fn(step, device=device, warmup=args.warmup, repeats=min(args.iters, 20))
     return {"n_iters": r["n"], "total mean [ms]": None, "total median [ms]": 1e3 * r["median_s"],
             "min [ms]": 1e3 * r["min_s"]}
 
@@ -187,6 +187,9 @@ def phases_section(args, device, info) -> None:
             rows.append(dict(model=prob, method=which.upper(), backend="torch", **r, note=(
                 "SGD(lr, momentum=0.9, nesterov)" if which == "sgd" else "Adam") + ": forward+backward+step, median"))
             print(f"  {which}: {r['total median [ms]']:.1f} ms", flush=True)
+        saved_iters = args.iters
+        if prob == "wide":
+            args.iters = args.wide_iters
         for b, skip in backends:
             if skip:
                 rows.append(dict(model=prob, method="KFAC", backend=b, note=skip))
@@ -201,6 +204,7 @@ def phases_section(args, device, info) -> None:
             r["note"] = "amortised mean over a window of whole refresh periods; median iteration"
             rows.append(dict(model=prob, method="KFAC", backend=b, **r))
             print(f"  KFAC[{b}]: mean {r['total mean [ms]']:.1f} ms, median {r['total median [ms]']:.1f} ms", flush=True)
+        args.iters = saved_iters
         for r in rows:
             if r["model"] == prob and r.get("total mean [ms]") is not None:
                 r["mean / SGD"] = r["total mean [ms]"] / base["sgd"]
@@ -210,7 +214,7 @@ def phases_section(args, device, info) -> None:
     print()
     short = {c: c.replace(" [ms]", "") for c in cols}
     print_table([{short[c]: r.get(c) for c in cols} for r in rows], [short[c] for c in cols])
-    write_csv(f"step_{device.type}{args.suffix}", rows, dict(info, load_avg=args.load_note, batch=args.batch, T3=args.T3,
+    write_csv(f"step_{device.type}{args.suffix}", rows, dict(info, load_avg=_load_note(args), batch=args.batch, T3=args.T3,
                                                 T1=args.T1))
     plot_phases(rows, problems, os.path.join(RESULTS_DIR, f"step_{device.type}{args.suffix}.png"), info, args)
 
@@ -489,7 +493,7 @@ def peers_section(args, device, info) -> None:
     for r in rows:
         print(f"  {r['peer']}: {r.get('settings', r.get('note', ''))}\n    lacks: {r['missing paper features']}")
     out = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    write_csv(f"step_peers_{device.type}{args.suffix}", out, dict(info, load_avg=args.load_note, batch=args.batch, T3=args.T3,
+    write_csv(f"step_peers_{device.type}{args.suffix}", out, dict(info, load_avg=_load_note(args), batch=args.batch, T3=args.T3,
                                                      equal_iters=args.equal_iters, equal_seconds=args.equal_seconds))
     plot_peers(rows, os.path.join(RESULTS_DIR, f"step_peers_{device.type}{args.suffix}.png"), info, args)
 
@@ -523,6 +527,11 @@ def plot_peers(rows, path, info, args) -> None:
     print(f"wrote {path}")
 
 
+def _load_note(args) -> str:
+    end = os.getloadavg()
+    return f"{args.load_note}; {end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f} at end (1/5/15 min, 2 cores)"
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -536,6 +545,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wide", action="store_true", help="also time a wider MLP")
     ap.add_argument("--wide-dim", type=int, default=2048)
     ap.add_argument("--wide-layers", type=int, default=3)
+    ap.add_argument("--wide-iters", type=int, default=20, help="timed K-FAC steps on the wide MLP (multiple of T3)")
     ap.add_argument("--no-phases", action="store_true", help="skip question 1")
     ap.add_argument("--peers", action="store_true", help="also run ASDL and kfac-jax (question 2)")
     ap.add_argument("--peer-list", default="kfac_fast,ASDL,kfac-jax")
@@ -549,10 +559,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.warmup, args.iters, args.T3, args.T1 = 100, 2, 10, 10, 5
-        args.wide_dim, args.wide_layers = 256, 2
+        args.wide_dim, args.wide_layers, args.wide_iters = 256, 2, 10
         args.equal_iters, args.equal_seconds = 10, 3.0
-    if args.iters % args.T3 or args.iters % args.T1:
-        ap.error(f"--iters ({args.iters}) must be a multiple of T3 ({args.T3}) and T1 ({args.T1})")
+    for name in ("iters", "wide_iters"):
+        v = getattr(args, name)
+        if v % args.T3 or v % args.T1:
+            ap.error(f"--{name.replace('_', '-')} ({v}) must be a multiple of T3 ({args.T3}) and T1 ({args.T1})")
     args.suffix = "_quick" if args.quick else ""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -111,7 +111,7 @@ def time_kfac(factory, X, backend: str, args, device) -> dict:
         x = next(it)
         opt.step(x, x)
     totals, per_phase = [], {p: [] for p in PHASES}
-    n_refresh = n_rho = 0
+    n_refresh = n_rho = n_rejected = 0
     k0 = opt.k
     for _ in range(args.iters):
         x = next(it)
@@ -122,13 +122,16 @@ def time_kfac(factory, X, backend: str, args, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         totals.append(time.perf_counter() - t0)
-        ph = st.get("phases", {})
+        # a rejected step returns early without stats["phases"]; its partial phases are still in _phases
+        ph = st.get("phases") or dict(getattr(opt, "_phases", {}))
+        n_rejected += bool(st.get("rejected"))
         for p in PHASES:
             per_phase[p].append(ph.get(p, 0.0))
         n_refresh += bool(st.get("refreshed"))
         n_rho += st.get("rho") is not None
     n = len(totals)
-    row = {"steps": f"k={k0}..{opt.k - 1}", "n_iters": n, "n_refresh": n_refresh, "n_rho": n_rho}
+    row = {"steps": f"k={k0}..{opt.k - 1}", "n_iters": n, "n_refresh": n_refresh, "n_rho": n_rho,
+           "n_rejected": n_rejected}
     for p in PHASES:
         row[f"{p} [ms]"] = 1e3 * sum(per_phase[p]) / n
         row[f"{p} median [ms]"] = 1e3 * statistics.median(per_phase[p])

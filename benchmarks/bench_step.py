@@ -569,6 +569,8 @@ def main(argv=None) -> None:
         if v % args.T3 or v % args.T1:
             ap.error(f"--{name.replace('_', '-')} ({v}) must be a multiple of T3 ({args.T3}) and T1 ({args.T1})")
     args.suffix = "_quick" if args.quick else ""
+    if args.threads == 1 and "XLA_FLAGS" not in os.environ:  # kfac-jax on one thread too
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()

@@ -118,38 +118,37 @@ def sutskever_momentum(t: int, mu_max: float) -> float:
     return min(1.0 - 2.0 ** (-1.0 - math.log2(t // 250 + 1)), mu_max)
 
 
-def run_sgd(X, args) -> Run:
+def _run_first_order(X, args, name: str, make_opt, before_step=None) -> Run:
+    """A baseline: ``make_opt(params)`` on the same model, data order and loss as K-FAC."""
     gen = torch.Generator().manual_seed(args.seed)
     model = deep_autoencoder(args.encoder, generator=torch.Generator().manual_seed(args.seed)).to(X.device)
-    opt = torch.optim.SGD(model.parameters(), lr=args.sgd_lr, momentum=0.5, nesterov=True)
+    opt = make_opt(model.parameters())
     lossf = nn.BCEWithLogitsLoss(reduction="sum")
 
     def step(x, it):
-        for g in opt.param_groups:
-            g["momentum"] = sutskever_momentum(it, args.sgd_mu_max)
+        if before_step is not None:
+            before_step(opt, it)
         opt.zero_grad(set_to_none=True)
         loss = lossf(model(x), x) / x.shape[0]
         loss.backward()
         opt.step()
 
-    return _train("SGD-Nesterov", step, model, X, budget=args.budget, batch_size=args.batch_size, gen=gen,
+    return _train(name, step, model, X, budget=args.budget, batch_size=args.batch_size, gen=gen,
                   eval_every=args.eval_every)
+
+
+def run_sgd(X, args) -> Run:
+    def schedule(opt, it):
+        for g in opt.param_groups:
+            g["momentum"] = sutskever_momentum(it, args.sgd_mu_max)
+
+    return _run_first_order(
+        X, args, "SGD-Nesterov",
+        lambda params: torch.optim.SGD(params, lr=args.sgd_lr, momentum=0.5, nesterov=True), schedule)
 
 
 def run_adam(X, args) -> Run:
-    gen = torch.Generator().manual_seed(args.seed)
-    model = deep_autoencoder(args.encoder, generator=torch.Generator().manual_seed(args.seed)).to(X.device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.adam_lr)
-    lossf = nn.BCEWithLogitsLoss(reduction="sum")
-
-    def step(x, it):
-        opt.zero_grad(set_to_none=True)
-        loss = lossf(model(x), x) / x.shape[0]
-        loss.backward()
-        opt.step()
-
-    return _train("Adam", step, model, X, budget=args.budget, batch_size=args.batch_size, gen=gen,
-                  eval_every=args.eval_every)
+    return _run_first_order(X, args, "Adam", lambda params: torch.optim.Adam(params, lr=args.adam_lr))
 
 
 def _table(runs: list[Run]) -> str:

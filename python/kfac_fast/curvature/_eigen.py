@@ -74,6 +74,16 @@ def eigendecompose(factors, *, backend: str, warm_start: Optional[Sequence[Facto
     return out, failures
 
 
+def factor_eigs(factors, *, backend: str, warm_start=None, eig=None) -> tuple[list[FactorEig], list[str]]:
+    """Eigendecompositions for an inverse: given ones (``eig``) or computed, warm-started from
+    ``warm_start`` (a previous inverse object or its ``eig`` list). Returns (eig, fallbacks)."""
+    if eig is not None:
+        return eig, []
+    if warm_start is not None and hasattr(warm_start, "eig"):
+        warm_start = warm_start.eig
+    return eigendecompose(factors, backend=backend, warm_start=warm_start)
+
+
 def damped_spectrum(s: torch.Tensor, c: float, *, label: str) -> torch.Tensor:
     """s + c for a PSD factor's eigenvalues s; raises when the result is not positive.
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._eigen import FactorEig, damped_spectrum, eigendecompose, inverse_from_eig
+from ._eigen import FactorEig, damped_spectrum, factor_eigs, inverse_from_eig
 from .damping import PiSpec, check_damping, resolve_pi
 from .factors import KroneckerFactors, check_factors
 
@@ -55,13 +55,7 @@ class BlockDiagonal:
         self.pi_spec = pi
         self.exact_damping = bool(exact_damping)
         self.backend = backend
-        if isinstance(warm_start, (BlockDiagonal,)):
-            warm_start = warm_start.eig
-        self.fallbacks: list[str] = []
-        if _eig is not None:
-            self.eig = _eig
-        else:
-            self.eig, self.fallbacks = eigendecompose(self.factors, backend=backend, warm_start=warm_start)
+        self.eig, self.fallbacks = factor_eigs(self.factors, backend=backend, warm_start=warm_start, eig=_eig)
         self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
         self._build()
 

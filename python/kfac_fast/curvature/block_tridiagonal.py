@@ -19,7 +19,7 @@ import torch
 
 from . import _dispatch
 from ..linalg import eigh
-from ._eigen import FactorEig, damped_spectrum, eigendecompose, inverse_from_eig
+from ._eigen import damped_spectrum, factor_eigs, inverse_from_eig
 from .block_diagonal import check_grads
 from .damping import PiSpec, check_damping, resolve_pi
 from .factors import KroneckerFactors, check_factors
@@ -48,13 +48,7 @@ class BlockTridiagonal:
         self.damping = check_damping(damping)
         self.pi_spec = pi
         self.backend = backend
-        if isinstance(warm_start, (BlockTridiagonal,)):
-            warm_start = warm_start.eig
-        self.fallbacks: list[str] = []
-        if _eig is not None:
-            self.eig: list[FactorEig] = _eig
-        else:
-            self.eig, self.fallbacks = eigendecompose(self.factors, backend=backend, warm_start=warm_start)
+        self.eig, self.fallbacks = factor_eigs(self.factors, backend=backend, warm_start=warm_start, eig=_eig)
         self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
         self._build()
 

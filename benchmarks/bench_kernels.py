@@ -248,7 +248,7 @@ def main(argv=None) -> None:
         return
     info = machine_info(args.device)
     info.update(dtype=args.dtype, tf32=args.tf32)
-    write_csv(f"bench_kernels_{args.dtype}{'_tf32' if args.tf32 else ''}{'_sweep' if args.sweep else ''}", rows, info)
+    write_csv(f"kernels_{torch.device(args.device).type}_{args.dtype}{'_tf32' if args.tf32 else ''}{'_sweep' if args.sweep else ''}", rows, info)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ BUILD_DIR=${BUILD_DIR:-build/inplace-${KFAC_FAST_CUDA:-AUTO}}
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
 cmake -S . -B "$BUILD_DIR" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DPython_EXECUTABLE="$(command -v python)" \
+  -DPython_EXECUTABLE="${PYTHON:-$(command -v python3 || command -v python)}" \
   -DKFAC_FAST_CUDA="${KFAC_FAST_CUDA:-AUTO}" -DKFAC_FAST_CUDA_ARCHS="${KFAC_FAST_CUDA_ARCHS:-80;90}" >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 cp "$BUILD_DIR"/_C*.so python/kfac_fast/

@@ -190,13 +190,21 @@ class KFAC:
         with torch.no_grad():
             z = self.model(inputs)
             h = self.loss.loss(z, targets).mean()
-        return float(h) + self._l2()
+            h_val, l2 = torch.stack([h.detach().double(), self._l2()]).tolist()  # one host sync
+        return h_val + l2
 
-    def _l2(self) -> float:
+    def _l2(self) -> torch.Tensor:
+        """½η‖θ‖² as a 0-d float64 tensor on the device (no host sync, no float64 copy of θ)."""
         eta = self.config.weight_decay
         if eta == 0:
-            return 0.0
-        return 0.5 * eta * float(sum(p.detach().double().pow(2).sum() for p in self._params()))
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        sq = []
+        for p in self._params():
+            q = p.detach().reshape(-1)
+            if q.dtype not in (torch.float32, torch.float64):
+                q = q.float()
+            sq.append(torch.dot(q, q).double())
+        return 0.5 * eta * torch.stack(sq).sum()
 
     def _add(self, direction: list[torch.Tensor], scale: float = 1.0) -> None:
         with torch.no_grad():
@@ -259,12 +267,12 @@ class KFAC:
             self.loss.check_targets(z, targets)
             h_data = self.loss.loss(z, targets).mean()
             grads = torch.autograd.grad(h_data, params)
-        h_val = float(h_data.detach())
+            # h and ½η‖θ‖² reach the host together: the step's first sync (the finite-loss decision)
+            h_val, l2_val = torch.stack([h_data.detach().double(), self._l2()]).tolist()
         stats["loss"] = h_val
         if not math.isfinite(h_val):
             return self._reject("non-finite loss", stats)
         eta = cfg.weight_decay
-        theta = [[p.detach().clone() for p in l.params()] for l in self.layers]
         V, pos = [], 0
         for layer in self.layers:
             n = len(layer.params())
@@ -275,7 +283,7 @@ class KFAC:
                 Vi = Vi + eta * layer.param_matrix().detach().to(self.inverse_dtype)
             V.append(Vi)
             pos += n
-        h = h_val + self._l2()
+        h = h_val + l2_val
         stats["objective"] = h
 
         # 2-3. statistics on S1 with targets sampled from the model, running averages
@@ -320,28 +328,43 @@ class KFAC:
             with self._phase("6 precondition"):
                 Delta = [-u for u in inv.apply(V)]
             dirs = [Delta] + ([self.delta0] if use_mom else [])
-            b = torch.stack([inner(V, d) for d in dirs])
+            n = len(dirs)
             if cfg.rescale:
                 with self._phase("7 fisher quadratic"):
                     gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
-                dots = torch.tensor([[float(inner(a, c)) for c in dirs] for a in dirs], dtype=torch.float64)
+                    dots = [[None] * n for _ in range(n)]
+                    for a in range(n):
+                        for c in range(a, n):
+                            dots[a][c] = dots[c][a] = inner(dirs[a], dirs[c])
+                    dots = torch.stack([torch.stack(row) for row in dots])
+                    b = torch.stack([inner(V, d) for d in dirs])
+                    # Γ, the Euclidean products and ∇hᵀd reach the host in one transfer (one sync)
+                    host = torch.cat([gram.reshape(-1), dots.reshape(-1), b]).cpu()
+                gram, dots, b = host[: n * n].view(n, n), host[n * n: 2 * n * n].view(n, n), host[2 * n * n:]
                 sol = solve_alpha_mu(gram, dots, b, lam_eta)
                 alpha, mu, M = sol.alpha, sol.mu, sol.M
+                coef = torch.tensor([alpha, mu][:n], dtype=torch.float64)
+                norm2 = float(coef @ dots @ coef)  # ‖αΔ + µδ₀‖², from the same numbers
             else:
                 alpha, mu, M = 1.0, 0.0, float("nan")
+                norm2 = float(inner(Delta, Delta))
             if best is None or (math.isfinite(M) and M < best[0]):
-                best = (M, gamma, inv, Delta, alpha, mu)
-        M, gamma, inv, Delta, alpha, mu = best
+                best = (M, gamma, inv, Delta, alpha, mu, norm2)
+        M, gamma, inv, Delta, alpha, mu, norm2 = best
         delta = [alpha * d for d in Delta]
         if mu != 0.0:
             delta = [d + mu * d0 for d, d0 in zip(delta, self.delta0)]
-        if not math.isfinite(float(sum(d.abs().sum().double() for d in delta))):
+        # ‖δ‖² is finite iff δ is (an overflowing square is rejected too: conservative)
+        if not math.isfinite(norm2):
             bad = next((l.name for l, d in zip(self.layers, delta) if not bool(torch.isfinite(d).all())), "?")
             return self._reject(f"non-finite update δ in layer {bad}", stats)
 
         # 7-8. θ ← θ + δ, λ by Levenberg-Marquardt every T1
+        lm_step = cfg.adapt_lambda and cfg.rescale and k % cfg.T1 == 0
+        # θ is saved only where the ρ forward may reject the step
+        theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if lm_step else None
         self._add(delta)
-        if cfg.adapt_lambda and cfg.rescale and k % cfg.T1 == 0:
+        if lm_step:
             with self._phase("8 rho forward"):
                 h_new = self._objective(inputs, targets)
             if not math.isfinite(h_new):

@@ -70,7 +70,7 @@ def fisher_gram(
     """Gram matrix Γ_ab = v_aᵀ F v_b (F = mini-batch exact Fisher of the mean loss on ``inputs``).
 
     One forward-mode pass per direction gives J v_a; every entry is then (Jv_a)ᵀ F_R (Jv_b),
-    averaged over the rows (Appendix C). Returns a (n, n) float64 tensor.
+    averaged over the rows (Appendix C). Returns a (n, n) float64 tensor on the inputs' device.
     """
     Jv = []
     z = None
@@ -78,14 +78,13 @@ def fisher_gram(
         z, jv = linearized_forward(model, layers, inputs, d)
         Jv.append(jv.reshape(jv.shape[0], -1) if jv.dim() != 2 else jv)
     n = len(directions)
-    gram = torch.zeros(n, n, dtype=torch.float64)
     zz = z.reshape(z.shape[0], -1) if z.dim() != 2 else z
+    # all entries stay on the device: the caller moves the whole Gram matrix in one transfer
+    vals = {}
     for a in range(n):
         for b in range(a, n):
-            val = loss.fisher_inner(zz, Jv[a], Jv[b]).double().mean()
-            gram[a, b] = val
-            gram[b, a] = val
-    return gram
+            vals[a, b] = vals[b, a] = loss.fisher_inner(zz, Jv[a], Jv[b]).double().mean()
+    return torch.stack([torch.stack([vals[a, b] for b in range(n)]) for a in range(n)])
 
 
 def inner(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:

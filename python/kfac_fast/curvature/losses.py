@@ -69,9 +69,10 @@ class SoftmaxCrossEntropy(PredictiveDistribution):
                 f"softmax_cross_entropy targets must have shape ({z.shape[0]},) (one class per example), "
                 f"got {tuple(y.shape)}"
             )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
-            raise ValueError(f"softmax_cross_entropy targets must lie in [0, {z.shape[1]}), "
-                             f"got range [{int(y.min())}, {int(y.max())}]")
+        if y.numel():
+            lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync
+            if lo < 0 or hi >= z.shape[1]:
+                raise ValueError(f"softmax_cross_entropy targets must lie in [0, {z.shape[1]}), got range [{lo}, {hi}]")
 
 
 class SigmoidCrossEntropy(PredictiveDistribution):
@@ -103,7 +104,8 @@ class SigmoidCrossEntropy(PredictiveDistribution):
         if y.shape != z.shape:
             raise ValueError(f"sigmoid_cross_entropy targets must have the output's shape {tuple(z.shape)}, "
                              f"got {tuple(y.shape)}")
-        if y.numel() and (float(y.min()) < 0 or float(y.max()) > 1):
+        lo, hi = torch.stack(torch.aminmax(y)).tolist() if y.numel() else (0.0, 1.0)  # one host sync
+        if not (0 <= lo and hi <= 1):  # NaN fails too
             raise ValueError("sigmoid_cross_entropy targets must lie in [0, 1] (probabilities/intensities)")
 
 

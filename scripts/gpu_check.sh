@@ -11,6 +11,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
+STAGES=",${STAGES:-tests,step,kernels,eigh,wide,bf16},"  # a subset reruns only those stages
+want() { [[ $STAGES == *",$1,"* ]]; }
 stage() { echo; echo "=== $(date +%T) $*"; }
 save() { for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done; }
 
@@ -30,27 +32,39 @@ KFAC_FAST_CUDA=ON KFAC_FAST_CUDA_ARCHS="${ARCHS:-90}" timeout "${T_BUILD:-150}" 
 export PYTHONPATH=/tmp/kfsite${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import kfac_fast; print(kfac_fast.build_info()); print(kfac_fast.available_backends())"
 
-stage "GPU tests (pytest -m gpu)"
-timeout "${T_TESTS:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider -rfEs tests
+if want tests; then
+  stage "GPU tests (pytest -m gpu)"
+  timeout "${T_TESTS:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider -rfEs tests
+fi
 
-stage "bench_step: MNIST autoencoder, all backends"
-timeout "${T_STEP:-120}" $PY benchmarks/bench_step.py --device cuda --threads 16 --backends torch,triton,native,auto
-save benchmarks/results/step_cuda.csv benchmarks/results/step_cuda.png
+if want step; then
+  stage "bench_step: MNIST autoencoder, all backends"
+  timeout "${T_STEP:-120}" $PY benchmarks/bench_step.py --device cuda --threads 16 --backends "${STEP_BACKENDS:-torch,triton,native,auto}"
+  save benchmarks/results/step_cuda.csv benchmarks/results/step_cuda.png
+fi
 
-stage "bench_kernels fp32"
-timeout "${T_KERNELS:-70}" $PY benchmarks/bench_kernels.py --device cuda --dtype fp32
-save benchmarks/results/kernels_cuda_fp32.csv
+if want kernels; then
+  stage "bench_kernels fp32"
+  timeout "${T_KERNELS:-70}" $PY benchmarks/bench_kernels.py --device cuda --dtype fp32
+  save benchmarks/results/kernels_cuda_fp32.csv
+fi
 
-stage "bench_eigh"
-timeout "${T_EIGH:-60}" $PY benchmarks/bench_eigh.py --device cuda
-save benchmarks/results/eigh_cuda.csv
+if want eigh; then
+  stage "bench_eigh"
+  timeout "${T_EIGH:-60}" $PY benchmarks/bench_eigh.py --device cuda
+  save benchmarks/results/eigh_cuda.csv
+fi
 
-stage "bench_step: wide MLP d=2048"
-timeout "${T_WIDE:-75}" $PY benchmarks/bench_step.py --device cuda --threads 16 --problems wide --wide-dim 2048 \
-  --backends torch,triton,auto --suffix _wide
-save benchmarks/results/step_cuda_wide.csv
+if want wide; then
+  stage "bench_step: wide MLP d=2048"
+  timeout "${T_WIDE:-75}" $PY benchmarks/bench_step.py --device cuda --threads 16 --problems wide --wide-dim 2048 \
+    --backends torch,triton,auto --suffix _wide
+  save benchmarks/results/step_cuda_wide.csv benchmarks/results/step_cuda_wide.png
+fi
 
-stage "bench_kernels bf16 (quick)"
-timeout "${T_BF16:-40}" $PY benchmarks/bench_kernels.py --device cuda --dtype bf16 --quick
-save benchmarks/results/kernels_cuda_bf16.csv
+if want bf16; then
+  stage "bench_kernels bf16 (quick)"
+  timeout "${T_BF16:-40}" $PY benchmarks/bench_kernels.py --device cuda --dtype bf16 --quick
+  save benchmarks/results/kernels_cuda_bf16.csv
+fi
 stage done

@@ -13,7 +13,7 @@ Three backends implement every kernel family:
 Every public object that runs kernels takes ``backend="auto"|"torch"|"triton"|"native"``.
 ``auto`` first honours an enclosing :func:`use_backend` block, then picks per device and
 per kernel family the fastest correct backend *as measured by our benchmarks* (see
-``_AUTO_PREFERENCE``): plain PyTorch on CPU unless a native kernel was measured faster.
+``_AUTO_PREFERENCE``): plain PyTorch on CPU and CUDA unless a kernel was measured faster.
 """
 from __future__ import annotations
 
@@ -173,6 +173,12 @@ def check_available(name: str) -> None:
 # ("eigh", "cpu") stays torch: benchmarks/results/eigh_cpu.csv shows the native Jacobi engine
 # faster only for sets of small factors (n <= 64) and several times slower on the large factors
 # that dominate a K-FAC refresh (mnist_ae, resnet_like), even warm-started.
+# CUDA stays torch too: benchmarks/results/kernels_cuda_fp32.csv (H100, 2026-11-28) has the
+# grouped Triton kernels at 0.15-0.93x of cuBLAS through torch for every family in fp32
+# (e.g. eigen_precondition 0.46-0.63x, cross_factor_update 0.15-0.64x), and the whole K-FAC
+# step with backend="triton" slower than with "torch" (step_cuda.csv). The native CUDA Jacobi
+# eigensolver is faster than cuSOLVER only for sets of small matrices (n <= 64, cold) and
+# 100x slower on the MNIST autoencoder's factors (eigh_cuda.csv).
 _AUTO_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
@@ -182,7 +188,8 @@ def resolve_backend(requested: str, device_type: str, *, family: str = "generic"
     ``requested`` other than ``"auto"`` is validated and returned (raising when it cannot
     run, or when ``triton`` is asked for CPU tensors without the interpreter).
     ``"auto"``: an enclosing :func:`use_backend` wins; else the measured preference for
-    ``(family, device_type)``; else ``triton`` on CUDA when available; else ``torch``.
+    ``(family, device_type)``; else ``torch`` (the kernel backends are opt-in until a benchmark
+    shows them faster: see ``_AUTO_PREFERENCE``).
     """
     _validate_name(requested)
     if requested == "auto":
@@ -194,8 +201,6 @@ def resolve_backend(requested: str, device_type: str, *, family: str = "generic"
             for cand in _AUTO_PREFERENCE.get((family, device_type), ()):
                 if status[cand].available and _can_run_on(cand, device_type):
                     return cand
-            if device_type == "cuda" and status["triton"].available and family != "eigh":
-                return "triton"
             return "torch"
     check_available(requested)
     if not _can_run_on(requested, device_type):

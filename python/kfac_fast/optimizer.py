@@ -189,7 +189,7 @@ class KFAC:
     def _objective(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         with torch.no_grad():
             z = self.model(inputs)
-            h = self.loss.loss(z, targets).mean()
+            h = self.loss.total(z, targets) / z.shape[0]
             h_val, l2 = torch.stack([h.detach().double(), self._l2()]).tolist()  # one host sync
         return h_val + l2
 
@@ -265,7 +265,7 @@ class KFAC:
                 z = self.model(inputs)
             check_output(z, self.loss)
             self.loss.check_targets(z, targets)
-            h_data = self.loss.loss(z, targets).mean()
+            h_data = self.loss.total(z, targets) / z.shape[0]
             grads = torch.autograd.grad(h_data, params)
             # h and ½η‖θ‖² reach the host together: the step's first sync (the finite-loss decision)
             h_val, l2_val = torch.stack([h_data.detach().double(), self._l2()]).tolist()
@@ -293,7 +293,7 @@ class KFAC:
             with capture(self.layers) as rec:
                 z1 = self.model(x1)
             y1 = self.loss.sample(z1, self.generator)
-            gs = torch.autograd.grad(self.loss.loss(z1, y1).sum(), rec.outputs)
+            gs = torch.autograd.grad(self.loss.total(z1, y1), rec.outputs)
         acts = [rec.flat_input(i) for i in range(len(self.layers))]
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
         bad = _first_non_finite(self.layers, acts, gs)

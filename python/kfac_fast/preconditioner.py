@@ -123,7 +123,7 @@ class KFACPreconditioner:
             else:
                 y = targets.index_select(0, idx)
                 self.loss.check_targets(z, y)
-            gs = torch.autograd.grad(self.loss.loss(z, y).sum(), rec.outputs)
+            gs = torch.autograd.grad(self.loss.total(z, y), rec.outputs)
         if not self._ordered:
             order = rec.order
             self.layers = [self.layers[i] for i in order]

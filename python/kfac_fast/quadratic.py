@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,38 +26,59 @@ def linearized_forward(model: nn.Module, layers: Sequence[LinearLayer], inputs: 
     forward pass"): each K-FAC layer's output gets the extra tangent dW·ā from a forward hook,
     so no parameter swapping (functional_call) is needed.
     """
+    z, (jv,) = linearized_forward_many(model, layers, inputs, [direction])
+    return z, jv
+
+
+def linearized_forward_many(model: nn.Module, layers: Sequence[LinearLayer], inputs: torch.Tensor,
+                            directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(z, [J·v_1, …, J·v_n]) from ONE linearized forward pass.
+
+    The n copies of the inputs are stacked along the batch dimension and copy j carries the
+    tangent of direction j (each layer's extra tangent dW_j·ā is one batched GEMM), so the
+    per-operation overhead of forward-mode AD is paid once instead of n times. The model must
+    treat examples independently (true of every model K-FAC supports: no batch statistics).
+    """
     import torch.autograd.forward_ad as fwAD
 
+    n = len(directions)
+    if n == 0:
+        raise ValueError("linearized_forward_many needs at least one direction")
     handles = []
 
-    def make_hook(layer: LinearLayer, D: torch.Tensor):
+    def make_hook(layer: LinearLayer, Dw: torch.Tensor, Db: Optional[torch.Tensor]):
         def hook(module, args, out):
             x = fwAD.unpack_dual(args[0]).primal
             o = fwAD.unpack_dual(out)
             dt = o.primal.dtype
-            Dw = D[:, : layer.d_in].to(dt)
-            extra = x.to(dt) @ Dw.t()
-            if layer.has_bias:
-                extra = extra + D[:, layer.d_in].to(dt)
-            extra = extra.to(dt)
+            xs = x.to(dt).reshape(n, -1, x.shape[-1])  # (n, rows, d_in): copy j is direction j
+            if Db is not None:
+                extra = torch.baddbmm(Db.to(dt).unsqueeze(1), xs, Dw.to(dt).transpose(1, 2))
+            else:
+                extra = torch.bmm(xs, Dw.to(dt).transpose(1, 2))
+            extra = extra.reshape(o.primal.shape)
             tangent = extra if o.tangent is None else o.tangent.to(dt) + extra
             return fwAD.make_dual(o.primal, tangent)
 
         return hook
 
-    for layer, D in zip(layers, direction):
-        handles.append(layer.module.register_forward_hook(make_hook(layer, D)))
+    for li, layer in enumerate(layers):
+        Dw = torch.stack([d[li][:, : layer.d_in] for d in directions])  # (n, d_out, d_in)
+        Db = torch.stack([d[li][:, layer.d_in] for d in directions]) if layer.has_bias else None
+        handles.append(layer.module.register_forward_hook(make_hook(layer, Dw, Db)))
+    rows = inputs.shape[0]
+    stacked = inputs if n == 1 else inputs.repeat(n, *([1] * (inputs.dim() - 1)))
     try:
         with torch.no_grad(), fwAD.dual_level():
-            out = model(inputs)
+            out = model(stacked)
             z, jv = fwAD.unpack_dual(out)
             if jv is None:
                 jv = torch.zeros_like(z)
-            z, jv = z.clone(), jv.clone()
+            z, jv = z[:rows].clone(), jv.clone()
     finally:
         for h in handles:
             h.remove()
-    return z, jv
+    return z, list(jv.reshape(n, rows, *jv.shape[1:]).unbind(0))
 
 
 def fisher_gram(
@@ -69,14 +90,11 @@ def fisher_gram(
 ) -> torch.Tensor:
     """Gram matrix Γ_ab = v_aᵀ F v_b (F = mini-batch exact Fisher of the mean loss on ``inputs``).
 
-    One forward-mode pass per direction gives J v_a; every entry is then (Jv_a)ᵀ F_R (Jv_b),
+    One forward-mode pass for all directions together gives every J v_a; every entry is then (Jv_a)ᵀ F_R (Jv_b),
     averaged over the rows (Appendix C). Returns a (n, n) float64 tensor on the inputs' device.
     """
-    Jv = []
-    z = None
-    for d in directions:
-        z, jv = linearized_forward(model, layers, inputs, d)
-        Jv.append(jv.reshape(jv.shape[0], -1) if jv.dim() != 2 else jv)
+    z, Jv = linearized_forward_many(model, layers, inputs, directions)
+    Jv = [jv.reshape(jv.shape[0], -1) if jv.dim() != 2 else jv for jv in Jv]
     n = len(directions)
     zz = z.reshape(z.shape[0], -1) if z.dim() != 2 else z
     # all entries stay on the device: the caller moves the whole Gram matrix in one transfer

@@ -70,7 +70,7 @@ def per_example_derivatives(
         scale = 1.0 / n ** 0.5
         for _ in range(n):
             y = loss.sample(z, generator) if fisher == "mc" else targets
-            total = loss.loss(z, y).sum()  # sum: per-example derivatives, not scaled by 1/m
+            total = loss.total(z, y)  # sum: per-example derivatives, not scaled by 1/m
             grads = torch.autograd.grad(total, outs, retain_graph=True)
             draws.append([g.reshape(-1, g.shape[-1]) * scale for g in grads])
     else:

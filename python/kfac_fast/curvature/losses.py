@@ -22,6 +22,11 @@ class PredictiveDistribution:
         """Per-example negative log-likelihood, shape (m,). z: (m, k)."""
         raise NotImplementedError
 
+    def total(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Σ over examples of :meth:`loss` (a 0-d tensor), computed with a fused "sum" reduction:
+        no (m, k) intermediate survives into the backward pass."""
+        return self.loss(z, y).sum()
+
     def sample(self, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Targets drawn from the model's predictive distribution (Sec 5), no grad."""
         raise NotImplementedError
@@ -45,6 +50,9 @@ class SoftmaxCrossEntropy(PredictiveDistribution):
 
     def loss(self, z, y):
         return F.cross_entropy(z, y, reduction="none")
+
+    def total(self, z, y):
+        return F.cross_entropy(z, y, reduction="sum")
 
     def sample(self, z, generator=None):
         p = torch.softmax(z.detach().float(), dim=-1)
@@ -82,6 +90,9 @@ class SigmoidCrossEntropy(PredictiveDistribution):
 
     def loss(self, z, y):
         return F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(-1)
+
+    def total(self, z, y):
+        return F.binary_cross_entropy_with_logits(z, y, reduction="sum")
 
     def sample(self, z, generator=None):
         p = torch.sigmoid(z.detach())

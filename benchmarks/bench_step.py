@@ -301,8 +301,9 @@ def plot_phases(rows, problems, path, info, args) -> None:
         ax.set_title(f"{prob}, batch {args.batch}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="upper left", title="paper Sec 8 task", title_fontsize=8)
-    fig.suptitle(f"One K-FAC iteration by task (T3={args.T3}, T1={args.T1}) — {info['cpu']}, "
-                 f"{info['threads']} threads, torch {info['torch']}", fontsize=9)
+    where = (f"{info['device']}, torch {info['torch']}" if info.get("device", "cpu") != "cpu"
+             else f"{info['cpu']},\n{info['threads']} threads, torch {info['torch']}")
+    fig.suptitle(f"One K-FAC iteration by task (T3={args.T3}, T1={args.T1}) — {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

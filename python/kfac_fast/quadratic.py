@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 
+from ._sequential_jvp import sequential_jvp, sequential_plan
 from .curvature.layers import LinearLayer
 from .curvature.losses import PredictiveDistribution
 
@@ -38,12 +39,19 @@ def linearized_forward_many(model: nn.Module, layers: Sequence[LinearLayer], inp
     tangent of direction j (each layer's extra tangent dW_j·ā is one batched GEMM), so the
     per-operation overhead of forward-mode AD is paid once instead of n times. The model must
     treat examples independently (true of every model K-FAC supports: no batch statistics).
+    Plain ``nn.Sequential`` networks of Linear layers and elementwise activations take a
+    hand-written path with the same result (:mod:`kfac_fast._sequential_jvp`).
     """
     import torch.autograd.forward_ad as fwAD
 
     n = len(directions)
     if n == 0:
         raise ValueError("linearized_forward_many needs at least one direction")
+    plan = sequential_plan(model, layers)
+    if plan is not None:
+        fast = sequential_jvp(plan, layers, inputs, directions)
+        if fast is not None:
+            return fast
     handles = []
 
     def make_hook(layer: LinearLayer, Dw: torch.Tensor, Db: Optional[torch.Tensor]):

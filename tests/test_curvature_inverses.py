@@ -81,11 +81,14 @@ def _random_grads(factors):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05, 1.3])
 @pytest.mark.parametrize("pi", ["trace", 0.7])
-def test_block_diagonal_matches_dense_solve(gamma, pi):
+@pytest.mark.parametrize("factorization", ["eigh", "cholesky"])
+def test_block_diagonal_matches_dense_solve(gamma, pi, factorization):
     # m > d_in + 1 so the undamped factors are invertible
     # squared error: G is invertible (softmax's G is singular: logits are shift-invariant)
     _, fac = _factors(sizes=(4, 5, 3), m=12, loss="squared_error")
-    bd = BlockDiagonal(fac, damping=gamma, pi=pi)
+    bd = BlockDiagonal(fac, damping=gamma, pi=pi, factorization=factorization)
+    assert bd.factorization == ("cholesky" if factorization == "cholesky" and gamma > 0 else "eigh")
+    bd = bd.with_damping(gamma)
     V = _random_grads(fac)
     U = bd.apply(V)
     for f, v, u in zip(fac, V, U):
@@ -178,9 +181,10 @@ def test_tridiagonal_single_layer_equals_block_diagonal():
 
 
 @pytest.mark.parametrize("m", [2, 5, 30])
-def test_rank_m_trick_equals_direct_path(m):
+@pytest.mark.parametrize("factorization", ["eigh", "cholesky"])
+def test_rank_m_trick_equals_direct_path(m, factorization):
     model, fac = _factors(sizes=(9, 12, 7, 4), m=20)
-    bd = BlockDiagonal(fac, damping=0.3)
+    bd = BlockDiagonal(fac, damping=0.3, factorization=factorization)
     X = [torch.randn(m, f.A.shape[0] - 1, dtype=D) for f in fac]
     Gm = [torch.randn(m, f.G.shape[0], dtype=D) for f in fac]
     V = [g.t() @ torch.cat([x, torch.ones(m, 1, dtype=D)], 1) / m for x, g in zip(X, Gm)]
@@ -189,6 +193,22 @@ def test_rank_m_trick_equals_direct_path(m):
         U = bd.apply_per_example(X, Gm, scale=1.0 / m, rank_m=rank_m)
         for u, d in zip(U, direct):
             torch.testing.assert_close(u, d, rtol=1e-9, atol=1e-11)
+
+
+def test_cholesky_falls_back_to_eigh_on_indefinite_factor():
+    _, fac = _factors(sizes=(4, 5, 3), m=12, loss="squared_error")
+    bad = [KroneckerFactors(A=f.A.clone(), G=f.G.clone()) for f in fac]
+    bad[0].A -= 10 * torch.eye(bad[0].A.shape[0], dtype=D)  # indefinite beyond what damping 0.1 fixes
+    chol = BlockDiagonal(bad, damping=0.1, factorization="cholesky")
+    eig = BlockDiagonal(bad, damping=0.1, factorization="eigh")
+    assert chol.factorization == "eigh" and chol.eig is not None
+    V = _random_grads(fac)
+    for a, b in zip(chol.apply(V), eig.apply(V)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="exact_damping=True needs eigendecompositions"):
+        BlockDiagonal(fac, damping=0.1, exact_damping=True, factorization="cholesky")
+    with pytest.raises(ValueError, match="unknown factorization"):
+        BlockDiagonal(fac, damping=0.1, factorization="qr")
 
 
 def test_inverse_errors():

@@ -206,8 +206,9 @@ def test_gamma_rule_picks_lowest_M():
     assert s["M"] == pytest.approx(Ms[best])
 
 
-@pytest.mark.parametrize("inverse", ["block_diagonal", "block_tridiagonal"])
-def test_checkpoint_round_trip_is_bit_identical(inverse):
+@pytest.mark.parametrize("inverse,factorization", [("block_diagonal", "auto"), ("block_diagonal", "eigh"),
+                                                   ("block_tridiagonal", "auto")])
+def test_checkpoint_round_trip_is_bit_identical(inverse, factorization):
     torch.manual_seed(0)
     x, y = torch.randn(32, 5, dtype=D), torch.rand(32, 4, dtype=D)
 
@@ -215,7 +216,7 @@ def test_checkpoint_round_trip_is_bit_identical(inverse):
         torch.manual_seed(1)
         model = mlp([5, 7, 6, 4], nn.Sigmoid, seed=1)
         return model, KFAC(model, loss="sigmoid_cross_entropy", inverse=inverse, T3=4, T2=4, T1=3,
-                           generator=torch.Generator().manual_seed(7))
+                           factorization=factorization, generator=torch.Generator().manual_seed(7))
 
     model, opt = make()
     for _ in range(7):
@@ -254,6 +255,10 @@ def test_bad_input_errors():
         KFAC(model, loss="squared_error", lr=0.1)
     with pytest.raises(ValueError, match="multiple of T3"):
         KFAC(model, loss="squared_error", T2=30, T3=20)
+    with pytest.raises(ValueError, match="unknown factorization"):
+        KFAC(model, loss="squared_error", factorization="lu")
+    with pytest.raises(ValueError, match="tridiagonal inverse needs eigendecompositions"):
+        KFAC(model, loss="squared_error", inverse="block_tridiagonal", factorization="cholesky")
     with pytest.raises(ValueError, match="no supported layer"):
         KFAC(nn.Sequential(nn.Tanh()), loss="squared_error")
     opt = KFAC(model, loss="softmax_cross_entropy")

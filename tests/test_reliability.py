@@ -32,7 +32,7 @@ def test_failed_eigendecomposition_retries_in_float64(monkeypatch):
     from kfac_fast.curvature import _eigen
 
     model, x, y = _problem(dtype=torch.float32)
-    opt = KFAC(model, loss="softmax_cross_entropy", generator=torch.Generator().manual_seed(0))
+    opt = KFAC(model, loss="softmax_cross_entropy", factorization="eigh", generator=torch.Generator().manual_seed(0))
     real = _eigen.eigh
 
     def nan_for_one(mats, **kw):
@@ -50,7 +50,7 @@ def test_layer_falls_back_to_last_good_inverse(monkeypatch):
     from kfac_fast.curvature import _eigen
 
     model, x, y = _problem()
-    opt = KFAC(model, loss="softmax_cross_entropy", generator=torch.Generator().manual_seed(0))
+    opt = KFAC(model, loss="softmax_cross_entropy", factorization="eigh", generator=torch.Generator().manual_seed(0))
     opt.step(x, y)
     good = opt.inverse.eig[1].QG.clone()
     bad_size = opt.layers[1].g_dim
@@ -82,7 +82,7 @@ def test_first_refresh_failure_without_fallback_is_a_clear_error(monkeypatch):
     from kfac_fast.curvature import _eigen
 
     model, x, y = _problem()
-    opt = KFAC(model, loss="softmax_cross_entropy")
+    opt = KFAC(model, loss="softmax_cross_entropy", factorization="eigh")
 
     def boom(*a, **k):
         raise torch.linalg.LinAlgError("simulated")
@@ -91,6 +91,23 @@ def test_first_refresh_failure_without_fallback_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_eigen.torch.linalg, "eigh", boom)
     with pytest.raises(ValueError, match="no previous inverse"):
         opt.step(x, y)
+
+
+def test_failed_cholesky_takes_the_eigendecomposition_path(monkeypatch):
+    model, x, y = _problem(dtype=torch.float32)
+    opt = KFAC(model, loss="softmax_cross_entropy", generator=torch.Generator().manual_seed(0))
+    opt.step(x, y)
+    assert opt.inverse.factorization == "cholesky" and opt.inverse.eig is None
+    real = torch.linalg.cholesky_ex
+
+    def not_pd(M, *a, **kw):
+        L, info = real(M, *a, **kw)
+        return L, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", not_pd)
+    s = opt.step(x, y)  # k = 1 <= 3: a refresh
+    assert not s["rejected"] and s["refreshed"]
+    assert opt.inverse.factorization == "eigh" and opt.inverse.eig is not None
 
 
 # ---------------------------------------------------------------- rejected steps
@@ -161,12 +178,21 @@ def test_checkpoint_is_versioned_and_weights_only_loadable():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    assert state["version"] == 1
+    assert state["version"] == 2
     opt2 = KFAC(model, loss="softmax_cross_entropy", inverse="block_tridiagonal")
     opt2.load_state_dict(state)
     state["version"] = 99
     with pytest.raises(ValueError, match="version"):
         opt2.load_state_dict(state)
+    # version 1 (before the Cholesky factorisation existed: eigenbases always, no config key) still loads
+    v1 = KFAC(model, loss="softmax_cross_entropy", factorization="eigh")
+    v1.step(x, y)
+    old = v1.state_dict()
+    old["version"] = 1
+    del old["config"]["factorization"]
+    opt3 = KFAC(model, loss="softmax_cross_entropy")
+    opt3.load_state_dict(old)
+    assert opt3.inverse.eig is not None and not opt3.step(x, y)["rejected"]
 
 
 # ---------------------------------------------------------------- mixed precision
@@ -178,7 +204,7 @@ def test_bf16_model_trains_with_fp32_factors():
     opt = KFAC(model, loss="softmax_cross_entropy", generator=torch.Generator().manual_seed(0))
     losses = [opt.step(x, y)["loss"] for _ in range(15)]
     assert opt.factors.current[0].A.dtype == torch.float32
-    assert opt.inverse.eig[0].QA.dtype == torch.float32
+    assert opt.inverse.Ainv[0].dtype == torch.float32
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
 
 
@@ -190,7 +216,7 @@ def test_autocast_and_float64_inverses():
     opt = KFAC(model, loss="softmax_cross_entropy", inverse_dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = [opt.step(x, y)["loss"] for _ in range(10)]
-    assert opt.inverse.eig[0].QA.dtype == torch.float64
+    assert opt.inverse.Ainv[0].dtype == torch.float64
     assert losses[-1] < losses[0]
 
 

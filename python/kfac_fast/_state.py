@@ -12,7 +12,8 @@ from .curvature import _dispatch
 from .curvature._eigen import FactorEig
 from .curvature.layers import LinearLayer
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a Cholesky-built inverse is stored without eigenbases
+READABLE_VERSIONS = (1, 2)
 
 
 class RunningFactors:
@@ -114,9 +115,20 @@ def snapshot(factors: Sequence[KroneckerFactors], dtype: Optional[torch.dtype] =
 
 
 def build_inverse(kind: str, factors, *, damping: float, backend: str, warm_start=None, eig=None,
-                  pi="trace"):
-    cls = BlockDiagonal if kind == "block_diagonal" else BlockTridiagonal
-    return cls(factors, damping=damping, pi=pi, backend=backend, warm_start=warm_start, _eig=eig)
+                  pi="trace", factorization: str = "eigh"):
+    if kind == "block_diagonal":
+        return BlockDiagonal(factors, damping=damping, pi=pi, backend=backend, warm_start=warm_start, _eig=eig,
+                             factorization=factorization)
+    return BlockTridiagonal(factors, damping=damping, pi=pi, backend=backend, warm_start=warm_start, _eig=eig)
+
+
+def resolve_factorization(requested: str, kind: str, backend: str) -> str:
+    """``"auto"``: Cholesky for the block-diagonal inverse (several times cheaper than an
+    eigendecomposition per refresh), eigendecompositions where they are needed (the tridiagonal
+    inverse) or asked for (``backend="native"``, the native eigensolver)."""
+    if requested != "auto":
+        return requested
+    return "cholesky" if kind == "block_diagonal" and backend != "native" else "eigh"
 
 
 def inverse_state(inv) -> Optional[dict]:
@@ -126,7 +138,9 @@ def inverse_state(inv) -> Optional[dict]:
         "damping": inv.damping,
         "pi": inv.pi_spec,
         "factors": [_factors_to_dict(f) for f in inv.factors],
-        "eig": [{"sA": e.sA.clone(), "QA": e.QA.clone(), "sG": e.sG.clone(), "QG": e.QG.clone()} for e in inv.eig],
+        # a Cholesky-built inverse is rebuilt (deterministically) from these factors on load
+        "eig": None if inv.eig is None else [{"sA": e.sA.clone(), "QA": e.QA.clone(), "sG": e.sG.clone(),
+                                              "QG": e.QG.clone()} for e in inv.eig],
     }
 
 
@@ -140,6 +154,9 @@ def load_inverse(kind: str, state: Optional[dict], template: Sequence[KroneckerF
                                      A_next=None if d["A_next"] is None else d["A_next"].to(dev),
                                      G_next=None if d["G_next"] is None else d["G_next"].to(dev),
                                      name=t.name, homogeneous=t.homogeneous))
+    if state["eig"] is None:
+        return build_inverse(kind, facs, damping=state["damping"], backend=backend, pi=state["pi"],
+                             factorization="cholesky")
     eig = [FactorEig(sA=e["sA"].to(f.A.device), QA=e["QA"].to(f.A.device), sG=e["sG"].to(f.G.device),
                      QG=e["QG"].to(f.G.device)) for e, f in zip(state["eig"], facs)]
     return build_inverse(kind, facs, damping=state["damping"], backend=backend, eig=eig, pi=state["pi"])

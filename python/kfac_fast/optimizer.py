@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ._state import (STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state, load_inverse,
-                     snapshot)
+from ._state import (READABLE_VERSIONS, STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state,
+                     load_inverse, resolve_factorization, snapshot)
 from .config import KFACConfig
 from .curvature.capture import capture
 from .curvature.layers import find_layers
@@ -394,7 +394,9 @@ class KFAC:
         facs = snapshot(self.factors.pending, dtype=self.inverse_dtype)
         try:
             inv = build_inverse(self.config.inverse, facs, damping=gamma, backend=self.backend,
-                                warm_start=self.inverse)
+                                warm_start=self.inverse,
+                                factorization=resolve_factorization(self.config.factorization, self.config.inverse,
+                                                                    self.backend))
             failures = list(inv.fallbacks)
         except ValueError as exc:
             if self.inverse is None:
@@ -432,8 +434,8 @@ class KFAC:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`. Raises ValueError for another model or format."""
-        if state.get("kind") != "KFAC" or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a KFAC state_dict of version {STATE_VERSION} "
+        if state.get("kind") != "KFAC" or state.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"not a KFAC state_dict of a readable version {READABLE_VERSIONS} "
                              f"(got kind={state.get('kind')!r}, version={state.get('version')!r})")
         by_name = {l.name: l for l in self.layers}
         if sorted(by_name) != sorted(state["layers"]):

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._state import STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state, load_inverse, snapshot
+from ._state import (READABLE_VERSIONS, STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state,
+                     load_inverse, resolve_factorization, snapshot)
 from .config import INVERSES
 from .curvature.capture import capture
 from .curvature.layers import find_layers
@@ -49,6 +50,8 @@ class KFACPreconditioner:
         tau1: fraction of the batch used for the factor statistics.
         ema_max: ε = min(1 − 1/k, ema_max).
         backend, generator, factor_dtype: as for :class:`kfac_fast.KFAC`.
+        factorization: "auto" (Cholesky for block_diagonal unless backend="native"), "eigh" or
+            "cholesky": how the damped factor inverses are computed at each refresh.
     """
 
     def __init__(
@@ -65,7 +68,12 @@ class KFACPreconditioner:
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
         factor_dtype: Optional[torch.dtype] = None,
+        factorization: str = "auto",
     ):
+        if factorization not in ("auto", "eigh", "cholesky"):
+            raise ValueError(f"unknown factorization {factorization!r}; choose one of auto, eigh, cholesky")
+        if factorization == "cholesky" and inverse == "block_tridiagonal":
+            raise ValueError("the block-tridiagonal inverse needs eigendecompositions: use factorization='auto' or 'eigh'")
         if fisher not in FISHERS:
             raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHERS)}")
         if inverse not in INVERSES:
@@ -85,6 +93,7 @@ class KFACPreconditioner:
         self.inverse_kind = inverse
         self.T3, self.tau1, self.ema_max = T3, tau1, ema_max
         self.backend = backend
+        self.factorization = resolve_factorization(factorization, inverse, backend)
         self.layers = find_layers(model)
         p0 = self.layers[0].module.weight
         self.device = p0.device
@@ -141,7 +150,8 @@ class KFACPreconditioner:
         self.factors.commit()
         if self.inverse is None or self.k <= 3 or self.k % self.T3 == 0:
             self.inverse = build_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
-                                         backend=self.backend, warm_start=self.inverse)
+                                         backend=self.backend, warm_start=self.inverse,
+                                         factorization=self.factorization)
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             # e.g. a GradScaler overflow step: leave .grad as it is so the scaler sees inf and skips
             self.k += 1
@@ -162,7 +172,7 @@ class KFACPreconditioner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "KFACPreconditioner" or state.get("version") != STATE_VERSION:
+        if state.get("kind") != "KFACPreconditioner" or state.get("version") not in READABLE_VERSIONS:
             raise ValueError("not a KFACPreconditioner state_dict of this version")
         by_name = {l.name: l for l in self.layers}
         if sorted(by_name) != sorted(state["layers"]):

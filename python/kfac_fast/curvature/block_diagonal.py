@@ -3,6 +3,11 @@
 F̆ = diag(Ā₀,₀ ⊗ G₁,₁, …, Ā_{ℓ-1,ℓ-1} ⊗ G_{ℓ,ℓ}), so F̆⁻¹v is, per layer,
 U_i = (G_i + (γ/π_i) I)⁻¹ V_i (Ā_{i-1} + π_i γ I)⁻¹ with V_i the (d_out, d_in+1) gradient block.
 With ``exact_damping=True`` the block is (Ā ⊗ G + γ² I)⁻¹ instead (eqn 6, via Appendix B).
+
+The damped factor inverses come from eigendecompositions (``factorization="eigh"``: one per
+refresh, after which every γ costs one product per factor) or from Cholesky factorisations of
+Ā + πγI and G + (γ/π)I (``"cholesky"``: about n³ flops per factor and γ, several times cheaper
+than an eigendecomposition, but recomputed for every γ candidate).
 """
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ import torch
 
 from . import _dispatch
 from ._eigen import FactorEig, damped_spectrum, factor_eigs, inverse_from_eig
-from .damping import PiSpec, check_damping, resolve_pi
+from .damping import PiSpec, check_damping, resolve_pis
 from .factors import KroneckerFactors, check_factors
+
+FACTORIZATIONS = ("eigh", "cholesky")
 
 
 def check_grads(grads: Sequence[torch.Tensor], shapes: Sequence[tuple]) -> None:
@@ -34,6 +41,9 @@ class BlockDiagonal:
         pi: ``"trace"`` (Sec 6.3 trace-norm rule) or a positive float.
         exact_damping: use (Ā ⊗ G + γ²I)⁻¹ (eqn 6, Appendix B) instead of the factored form.
         backend: ``"auto"|"torch"|"triton"|"native"`` for eigendecompositions and products.
+        factorization: ``"eigh"`` or ``"cholesky"`` (factored damping with γ > 0 only; a factor
+            that is not positive definite or not finite sends the whole inverse down the
+            ``"eigh"`` path and its fallbacks).
         warm_start: a previous :class:`BlockDiagonal` (or its ``eig``) whose eigenbases start
             the iterative eigensolver (native engine).
     """
@@ -47,17 +57,46 @@ class BlockDiagonal:
         exact_damping: bool = False,
         backend: str = "auto",
         warm_start=None,
+        factorization: str = "eigh",
         _eig: Optional[list[FactorEig]] = None,
+        _pis: Optional[list[float]] = None,
     ):
         check_factors(factors)
+        if factorization not in FACTORIZATIONS:
+            raise ValueError(f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}")
+        if factorization == "cholesky" and exact_damping:
+            raise ValueError("exact_damping=True needs eigendecompositions (Appendix B): use factorization='eigh'")
         self.factors = list(factors)
         self.damping = check_damping(damping)
         self.pi_spec = pi
         self.exact_damping = bool(exact_damping)
         self.backend = backend
+        self.pis = list(_pis) if _pis is not None else resolve_pis(pi, self.factors)
+        self.factorization = factorization
+        if factorization == "cholesky" and _eig is None and self.damping > 0 and self._build_cholesky():
+            self.eig, self.fallbacks = None, []
+            return
+        self.factorization = "eigh"
         self.eig, self.fallbacks = factor_eigs(self.factors, backend=backend, warm_start=warm_start, eig=_eig)
-        self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
         self._build()
+
+    def _build_cholesky(self) -> bool:
+        """Ainv, Ginv from Cholesky factors; False (nothing set) when any damped factor is not
+        positive definite or not finite. One host sync for the whole check."""
+        g = self.damping
+        Ls, ok = [], []
+        for f, pi in zip(self.factors, self.pis):
+            for M, c in ((f.A, pi * g), (f.G, g / pi)):
+                S = 0.5 * (M + M.t())
+                S.diagonal().add_(c)
+                L, info = torch.linalg.cholesky_ex(S)
+                Ls.append(L)
+                ok.append((info == 0) & torch.isfinite(L).all())
+        if ok and not bool(torch.stack(ok).all()):
+            return False
+        inv = [torch.cholesky_inverse(L) for L in Ls]
+        self.Ainv, self.Ginv, self.kron_sum = inv[0::2], inv[1::2], []
+        return True
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -86,9 +125,10 @@ class BlockDiagonal:
                 self.Ginv.append(inverse_from_eig(e.QG, dG))
 
     def with_damping(self, damping: float) -> "BlockDiagonal":
-        """Same factors and eigendecompositions, another γ (cheap: no new eigendecomposition)."""
+        """Same factors, another γ: cheap with ``"eigh"`` (no new eigendecomposition); with
+        ``"cholesky"`` new factorisations."""
         return BlockDiagonal(self.factors, damping=damping, pi=self.pi_spec, exact_damping=self.exact_damping,
-                             backend=self.backend, _eig=self.eig)
+                             backend=self.backend, factorization=self.factorization, _eig=self.eig, _pis=self.pis)
 
     def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """F̆⁻¹v. grads: list of (d_out, d_in + 1) blocks -> list of the same shapes."""

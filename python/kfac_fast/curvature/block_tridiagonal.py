@@ -21,7 +21,7 @@ from . import _dispatch
 from ..linalg import eigh
 from ._eigen import damped_spectrum, factor_eigs, inverse_from_eig
 from .block_diagonal import check_grads
-from .damping import PiSpec, check_damping, resolve_pi
+from .damping import PiSpec, check_damping, resolve_pis
 from .factors import KroneckerFactors, check_factors
 from .kron_sum import KronSumInverse
 
@@ -42,6 +42,7 @@ class BlockTridiagonal:
         backend: str = "auto",
         warm_start=None,
         _eig=None,
+        _pis=None,
     ):
         check_factors(factors, tridiagonal=True)
         self.factors = list(factors)
@@ -49,7 +50,7 @@ class BlockTridiagonal:
         self.pi_spec = pi
         self.backend = backend
         self.eig, self.fallbacks = factor_eigs(self.factors, backend=backend, warm_start=warm_start, eig=_eig)
-        self.pis = [resolve_pi(pi, f.A, f.G) for f in self.factors]
+        self.pis = list(_pis) if _pis is not None else resolve_pis(pi, self.factors)
         self._build()
 
     @property
@@ -58,7 +59,8 @@ class BlockTridiagonal:
 
     def with_damping(self, damping: float) -> "BlockTridiagonal":
         """Same factors, another γ (reuses the factors' eigendecompositions)."""
-        return BlockTridiagonal(self.factors, damping=damping, pi=self.pi_spec, backend=self.backend, _eig=self.eig)
+        return BlockTridiagonal(self.factors, damping=damping, pi=self.pi_spec, backend=self.backend, _eig=self.eig,
+                                _pis=self.pis)
 
     def _build(self) -> None:
         g = self.damping

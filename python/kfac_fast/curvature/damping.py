@@ -33,6 +33,23 @@ def resolve_pi(pi: PiSpec, A: torch.Tensor, G: torch.Tensor) -> float:
     return pi
 
 
+def resolve_pis(pi: PiSpec, factors) -> list[float]:
+    """π for every layer's (A, G) pair; the trace rule moves all traces to the host in one sync."""
+    factors = list(factors)
+    if not isinstance(pi, str) or not factors:
+        return [resolve_pi(pi, f.A, f.G) for f in factors]
+    if pi != "trace":
+        raise ValueError(f"pi must be 'trace' or a positive float, got {pi!r}")
+    traces = torch.stack([torch.stack([torch.diagonal(f.A).sum().double() / f.A.shape[0],
+                                       torch.diagonal(f.G).sum().double() / f.G.shape[0]]).to(factors[0].A.device)
+                          for f in factors]).tolist()
+    out = []
+    for ta, tg in traces:
+        ok = ta > 0 and tg > 0 and math.isfinite(ta / tg)
+        out.append(math.sqrt(ta / tg) if ok else 1.0)
+    return out
+
+
 def check_damping(damping: float) -> float:
     damping = float(damping)
     if not math.isfinite(damping) or damping < 0:

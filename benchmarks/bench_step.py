@@ -99,17 +99,23 @@ def bce_mean(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- question 1
-def time_kfac(factory, X, backend: str, args, device) -> dict:
-    """Warm-up, then exactly args.iters profiled steps; per-phase amortised mean and median."""
+def _warm_kfac(factory, X, backend: str, args, device, *, profile: bool):
+    """A seeded K-FAC optimizer on a fresh model after args.warmup steps, and its batch stream."""
     torch.manual_seed(args.seed)
     model = factory()
     cfg = KFACConfig(T1=args.T1, T2=args.T3, T3=args.T3, factorization=args.factorization)
-    opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", backend=backend, profile=True, config=cfg,
+    opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", backend=backend, profile=profile, config=cfg,
                          generator=torch.Generator(device=device).manual_seed(args.seed))
     it = batches(X, args.batch, args.seed)
     for _ in range(args.warmup):
         x = next(it)
         opt.step(x, x)
+    return opt, it
+
+
+def time_kfac(factory, X, backend: str, args, device) -> dict:
+    """Warm-up, then exactly args.iters profiled steps; per-phase amortised mean and median."""
+    opt, it = _warm_kfac(factory, X, backend, args, device, profile=True)
     # an SGD step on its own model and batch right after every K-FAC step: both see the same
     # machine speed, so "mean / SGD (interleaved)" survives a shared machine's drift
     sgd_step = _sgd_stepper(factory, X, args, device)
@@ -160,15 +166,7 @@ def _time_kfac_unprofiled(factory, X, backend: str, args, device) -> dict:
     host-device synchronisations per step."""
     import warnings
 
-    torch.manual_seed(args.seed)
-    model = factory()
-    cfg = KFACConfig(T1=args.T1, T2=args.T3, T3=args.T3, factorization=args.factorization)
-    opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", backend=backend, profile=False, config=cfg,
-                         generator=torch.Generator(device=device).manual_seed(args.seed))
-    it = batches(X, args.batch, args.seed)
-    for _ in range(args.warmup):
-        x = next(it)
-        opt.step(x, x)
+    opt, it = _warm_kfac(factory, X, backend, args, device, profile=False)
     xs = [next(it) for _ in range(args.iters)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -148,6 +148,8 @@ def time_kfac(factory, X, backend: str, args, device) -> dict:
     row = {"steps": f"k={k0}..{opt.k - 1}", "n_iters": n, "n_refresh": n_refresh, "n_rho": n_rho,
            "n_rejected": n_rejected, "SGD interleaved median [ms]": 1e3 * statistics.median(sgd_times)}
     row["mean / SGD (interleaved)"] = 1e3 * sum(totals) / n / row["SGD interleaved median [ms]"]
+    mem = opt.memory_report()
+    row.update({f"state {k} [MB]": v / 2 ** 20 for k, v in mem.items()})
     if device.type == "cuda":
         row.update(_time_kfac_unprofiled(factory, X, backend, args, device))
     for p in PHASES:

@@ -301,3 +301,19 @@ def test_paper_preset():
     assert cfg.lambda_init == 150.0 and cfg.T1 == 5 and cfg.T3 == 20 and cfg.tau1 == 1 / 8
     assert cfg.omega1 == pytest.approx((19 / 20) ** 5)
     assert cfg.omega2 == pytest.approx(math.sqrt(19 / 20) ** 20)
+
+
+def test_memory_report_counts_each_storage_once():
+    model = mlp([7, 9, 5, 3], nn.Sigmoid, seed=0)
+    x, y = torch.randn(16, 7, dtype=D), torch.rand(16, 3, dtype=D)
+    opt = KFAC(model, loss="sigmoid_cross_entropy", generator=torch.Generator().manual_seed(0))
+    assert opt.memory_report()["factors"] == 0
+    for _ in range(3):
+        opt.step(x, y)
+    r = opt.memory_report()
+    one_set = sum((l.a_dim ** 2 + l.g_dim ** 2) * 8 for l in opt.layers)
+    assert r["factors"] == 2 * one_set  # current + pending buffers, nothing else
+    assert r["delta0"] == r["params"] == sum(p.numel() * 8 for p in model.parameters())
+    # the factor snapshot the inverse was built from + Ā⁻¹, G⁻¹ (padded to multiples of 16 on CPU)
+    padded = sum((-(-l.a_dim // 16) * 16) ** 2 * 8 + (-(-l.g_dim // 16) * 16) ** 2 * 8 for l in opt.layers)
+    assert r["inverse"] == one_set + padded

@@ -51,6 +51,33 @@ def _first_non_finite(layers, acts, gs) -> Optional[str]:
     return f"inputs of layer {layers[i].name}" if i < L else f"output derivatives of layer {layers[i - L].name}"
 
 
+def _tensors_in(obj, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor reachable from obj through lists, tuples, dicts and attributes (depth ≤ 4)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for it in items for t in _tensors_in(it, depth + 1)]
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
 class StepRejected(RuntimeError):
     """Raised after ``max_rejections`` consecutive rejected steps (non-finite loss or update)."""
 
@@ -409,6 +436,25 @@ class KFAC:
                               "further fallbacks are counted in stats['inverse_fallbacks']", RuntimeWarning)
                 self._warned_fallback = True
         return inv
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of K-FAC state by kind, each storage counted once (views share storage).
+
+        ``factors``: the running Ā, G (and cross factors) in two buffers (current and pending,
+        so a rejected step leaves the current ones untouched); ``inverse``: the damped inverses,
+        eigenbases or Appendix B matrices plus the factor snapshot they were built from;
+        ``delta0``: the previous update δ₀ (Sec 7); ``params``: the model's K-FAC parameters,
+        for scale. Nothing else persists between steps.
+        """
+        factors = [] if self.factors is None else [t for fs in self.factors._sets for f in fs for t in
+                                                   (f.A, f.G, f.A_next, f.G_next) if t is not None]
+        return {
+            "factors": _storage_bytes(factors),
+            "inverse": _storage_bytes(_tensors_in(self.inverse)),
+            "delta0": _storage_bytes(self.delta0 or []),
+            "params": _storage_bytes(self._params()),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -118,7 +118,7 @@ def time_kfac(factory, X, backend: str, args, device) -> dict:
     opt, it = _warm_kfac(factory, X, backend, args, device, profile=True)
     # an SGD step on its own model and batch right after every K-FAC step: both see the same
     # machine speed, so "mean / SGD (interleaved)" survives a shared machine's drift
-    sgd_step = _sgd_stepper(factory, X, args, device)
+    sgd_step = _baseline_stepper(factory, X, "sgd", args, device, seed=args.seed + 1)
     sgd_step()
     totals, per_phase, sgd_times = [], {p: [] for p in PHASES}, []
     n_refresh = n_rho = n_rejected = 0
@@ -191,11 +191,15 @@ def _time_kfac_unprofiled(factory, X, backend: str, args, device) -> dict:
     return {"unprofiled mean [ms]": 1e3 * total / len(xs), "syncs / step": syncs / max(n_sync, 1)}
 
 
-def _sgd_stepper(factory, X, args, device):
+def _baseline_stepper(factory, X, which: str, args, device, *, seed: int):
+    """One forward + backward + optimizer step of SGD-Nesterov or Adam per call."""
     torch.manual_seed(args.seed)
     model = factory()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-    it = batches(X, args.batch, args.seed + 1)
+    if which == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    it = batches(X, args.batch, seed)
 
     def step():
         x = next(it)
@@ -207,20 +211,7 @@ def _sgd_stepper(factory, X, args, device):
 
 
 def time_baseline(factory, X, which: str, args, device) -> dict:
-    torch.manual_seed(args.seed)
-    model = factory()
-    if which == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    it = batches(X, args.batch, args.seed)
-
-    def step():
-        x = next(it)
-        opt.zero_grad(set_to_none=True)
-        bce_mean(model(x), x).backward()
-        opt.step()
-
+    step = _baseline_stepper(factory, X, which, args, device, seed=args.seed)
     r = time_fn(step, device=device, warmup=args.warmup, repeats=min(args.iters, 20))
     return {"n_iters": r["n"], "total mean [ms]": None, "total median [ms]": 1e3 * r["median_s"],
             "min [ms]": 1e3 * r["min_s"]}

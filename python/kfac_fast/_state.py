@@ -54,6 +54,10 @@ class RunningFactors:
     def pending(self) -> list[KroneckerFactors]:
         return self._sets[1 - self._cur]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every factor tensor of both buffers (for memory accounting)."""
+        return [t for fs in self._sets for f in fs for t in (f.A, f.G, f.A_next, f.G_next) if t is not None]
+
     def update(self, acts: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], *, eps: float, backend: str) -> None:
         """pending ← eps·current + (1−eps)·(batch estimate). acts: (m, d_in), gs: (m, d_out) per layer."""
         m = acts[0].shape[0]

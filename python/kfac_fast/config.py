@@ -9,6 +9,15 @@ INVERSES = ("block_diagonal", "block_tridiagonal")
 FACTORIZATIONS = ("auto", "eigh", "cholesky")
 
 
+def check_factorization(factorization: str, inverse: str) -> None:
+    """Validate a ``factorization`` choice for an ``inverse`` kind (KFAC and KFACPreconditioner)."""
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}")
+    if factorization == "cholesky" and inverse == "block_tridiagonal":
+        raise ValueError("the block-tridiagonal inverse needs eigendecompositions (Appendix B): use "
+                         "factorization='auto' or 'eigh'")
+
+
 @dataclass(frozen=True, kw_only=True)
 class KFACConfig:
     """Hyper-parameters of Algorithm 2. Names and defaults follow the paper except ``lambda_init``.
@@ -62,11 +71,7 @@ class KFACConfig:
     def __post_init__(self):
         if self.inverse not in INVERSES:
             raise ValueError(f"unknown inverse {self.inverse!r}; choose one of {', '.join(INVERSES)}")
-        if self.factorization not in FACTORIZATIONS:
-            raise ValueError(f"unknown factorization {self.factorization!r}; choose one of {', '.join(FACTORIZATIONS)}")
-        if self.factorization == "cholesky" and self.inverse == "block_tridiagonal":
-            raise ValueError("the block-tridiagonal inverse needs eigendecompositions (Appendix B): use "
-                             "factorization='auto' or 'eigh'")
+        check_factorization(self.factorization, self.inverse)
         for name in ("lambda_init", "lambda_min", "lambda_max", "gamma_min", "gamma_max"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):

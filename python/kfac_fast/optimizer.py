@@ -447,10 +447,8 @@ class KFAC:
         ``delta0``: the previous update δ₀ (Sec 7); ``params``: the model's K-FAC parameters,
         for scale. Nothing else persists between steps.
         """
-        factors = [] if self.factors is None else [t for fs in self.factors._sets for f in fs for t in
-                                                   (f.A, f.G, f.A_next, f.G_next) if t is not None]
         return {
-            "factors": _storage_bytes(factors),
+            "factors": _storage_bytes([] if self.factors is None else self.factors.tensors()),
             "inverse": _storage_bytes(_tensors_in(self.inverse)),
             "delta0": _storage_bytes(self.delta0 or []),
             "params": _storage_bytes(self._params()),

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._state import (READABLE_VERSIONS, STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state,
                      load_inverse, resolve_factorization, snapshot)
-from .config import INVERSES
+from .config import INVERSES, check_factorization
 from .curvature.capture import capture
 from .curvature.layers import find_layers
 from .curvature.losses import check_output, get_loss
@@ -70,10 +70,7 @@ class KFACPreconditioner:
         factor_dtype: Optional[torch.dtype] = None,
         factorization: str = "auto",
     ):
-        if factorization not in ("auto", "eigh", "cholesky"):
-            raise ValueError(f"unknown factorization {factorization!r}; choose one of auto, eigh, cholesky")
-        if factorization == "cholesky" and inverse == "block_tridiagonal":
-            raise ValueError("the block-tridiagonal inverse needs eigendecompositions: use factorization='auto' or 'eigh'")
+        check_factorization(factorization, inverse)
         if fisher not in FISHERS:
             raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHERS)}")
         if inverse not in INVERSES:

@@ -13,13 +13,16 @@ import torch
 PiSpec = Union[str, float]
 
 
-def pi_trace(A: torch.Tensor, G: torch.Tensor) -> float:
-    """Trace-norm π of Sec 6.3. Falls back to 1 when either factor has zero trace."""
-    ta = float(torch.diagonal(A).sum()) / A.shape[0]
-    tg = float(torch.diagonal(G).sum()) / G.shape[0]
+def _pi_from_traces(ta: float, tg: float) -> float:
+    """π = sqrt(ta / tg) from the factors' average eigenvalues; 1 when either is not positive."""
     if not (ta > 0 and tg > 0) or not math.isfinite(ta / tg):
         return 1.0
     return math.sqrt(ta / tg)
+
+
+def pi_trace(A: torch.Tensor, G: torch.Tensor) -> float:
+    """Trace-norm π of Sec 6.3. Falls back to 1 when either factor has zero trace."""
+    return _pi_from_traces(float(torch.diagonal(A).sum()) / A.shape[0], float(torch.diagonal(G).sum()) / G.shape[0])
 
 
 def resolve_pi(pi: PiSpec, A: torch.Tensor, G: torch.Tensor) -> float:
@@ -41,13 +44,9 @@ def resolve_pis(pi: PiSpec, factors) -> list[float]:
     if pi != "trace":
         raise ValueError(f"pi must be 'trace' or a positive float, got {pi!r}")
     traces = torch.stack([torch.stack([torch.diagonal(f.A).sum().double() / f.A.shape[0],
-                                       torch.diagonal(f.G).sum().double() / f.G.shape[0]]).to(factors[0].A.device)
+                                       torch.diagonal(f.G).sum().double() / f.G.shape[0]])
                           for f in factors]).tolist()
-    out = []
-    for ta, tg in traces:
-        ok = ta > 0 and tg > 0 and math.isfinite(ta / tg)
-        out.append(math.sqrt(ta / tg) if ok else 1.0)
-    return out
+    return [_pi_from_traces(ta, tg) for ta, tg in traces]
 
 
 def check_damping(damping: float) -> float:

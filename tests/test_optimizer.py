@@ -175,7 +175,8 @@ def test_lambda_rises_when_the_model_overpredicts():
     model = nn.Sequential(nn.Linear(3, 12), _Sin(), nn.Linear(12, 2)).double()
     x, y = torch.randn(64, 3, dtype=D), torch.randn(64, 2, dtype=D)
     opt = KFAC(model, loss="squared_error", lambda_init=1e-8, lambda_min=1e-8, gamma_init=1e-4,
-               adapt_gamma=False, momentum=False, T1=1, tau2=1 / 32, generator=torch.Generator().manual_seed(0))
+               adapt_gamma=False, momentum=False, T1=1, tau2=1 / 32, tau2_min_rows=0, reject_steps=False,
+               generator=torch.Generator().manual_seed(0))
     s = opt.step(x, y)
     assert s["rho"] < 0.25
     assert opt.lambda_ == pytest.approx(1e-8 / opt.config.omega1)

@@ -178,7 +178,7 @@ def test_checkpoint_is_versioned_and_weights_only_loadable():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    assert state["version"] == 2
+    assert state["version"] == 3
     opt2 = KFAC(model, loss="softmax_cross_entropy", inverse="block_tridiagonal")
     opt2.load_state_dict(state)
     state["version"] = 99
@@ -193,6 +193,15 @@ def test_checkpoint_is_versioned_and_weights_only_loadable():
     opt3 = KFAC(model, loss="softmax_cross_entropy")
     opt3.load_state_dict(old)
     assert opt3.inverse.eig is not None and not opt3.step(x, y)["rejected"]
+    # version 2 (before step rejection): resumes without rejection, as it was trained
+    old = opt.state_dict()
+    old["version"] = 2
+    for key in ("reject_steps", "rho_min"):
+        del old["config"][key]
+    del old["nu"]
+    opt4 = KFAC(model, loss="softmax_cross_entropy", inverse="block_tridiagonal")
+    opt4.load_state_dict(old)
+    assert opt4.config.reject_steps is False and opt4.nu == 2.0
 
 
 # ---------------------------------------------------------------- mixed precision

@@ -12,8 +12,8 @@ from .curvature import _dispatch
 from .curvature._eigen import FactorEig
 from .curvature.layers import LinearLayer
 
-STATE_VERSION = 2  # 2: a Cholesky-built inverse is stored without eigenbases
-READABLE_VERSIONS = (1, 2)
+STATE_VERSION = 3  # 2: a Cholesky-built inverse is stored without eigenbases; 3: step rejection (ν)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class RunningFactors:

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+RHO_LOW_BOUND = 0.25  # rho_min < 1/4, the LM rule's lower threshold (Sec 6.5)
 INVERSES = ("block_diagonal", "block_tridiagonal")
 FACTORIZATIONS = ("auto", "eigh", "cholesky")
 
@@ -34,17 +35,34 @@ class KFACConfig:
             ``KFACConfig.paper()`` restores 150.
         weight_decay: η, the ℓ2 coefficient added to the objective (h + η/2‖θ‖²).
         momentum: joint α, µ re-scaling with the previous update δ₀ (Sec 7).
+        mu_max: bound on |µ| in the joint (α, µ) solve (Sec 7): the constrained minimiser of M
+            (µ clipped, α re-solved). Default 1, the heavy-ball stability range (Polyak 1964):
+            on small batches the 2×2 solve returned µ from −11 to +29 and such steps blew up
+            (README "Robust adaptation"). ``math.inf`` is the paper's unconstrained solve.
         rescale: re-scale Δ by the exact-Fisher quadratic model (Sec 6.4); off means δ = −Δ·1.
-        T1: λ update period (Sec 6.5); ω₁ = (19/20)^T1.
+        T1: λ update period (Sec 6.5); ω₁ = (19/20)^T1. Default 1 (the paper: 5): with
+            ``reject_steps`` ρ is measured every iteration anyway, so the rule uses every ρ at
+            the same per-iteration rate (19/20).
         T2: γ update period (Sec 6.6); must be a multiple of T3; ω₂ = sqrt(19/20)^T2.
         T3: inverse refresh period (Sec 8); also refreshed at k ≤ 3.
         tau1: fraction of the batch for the factor statistics (Sec 8).
         tau2: fraction of the batch for the exact-Fisher quadratic forms (Sec 8).
+        tau2_min_rows: S₂ has at least this many rows (or the whole batch). The quadratic
+            model's curvature ΔᵀFΔ is estimated from S₂; on a few rows it misses most of the
+            curvature the step meets and α, µ come out far too large (measured in
+            benchmarks/suite.py; README "Robust adaptation"). The paper has no minimum (0).
         ema_max: ε = min(1 − 1/k, ema_max) for the factor running averages (Sec 5).
         gamma_init: initial γ; None means sqrt(λ + η) (Algorithm 2).
         adapt_lambda, adapt_gamma: turn the λ / γ rules off (for ablations).
         lambda_min, lambda_max, gamma_min, gamma_max: clamps keeping the rules finite.
-        max_rejections: consecutive rejected steps (non-finite loss/update) before raising.
+        max_rejections: consecutive rejected steps (non-finite loss/update, or ρ below
+            ``rho_min``) before raising :class:`~kfac_fast.optimizer.StepRejected`.
+        reject_steps: measure ρ every iteration (one forward pass on the batch) and reject a
+            step with ρ < ``rho_min``: θ and the running statistics stay as before the step,
+            δ₀ (momentum) is dropped and λ grows by Nielsen's rule (see :mod:`kfac_fast.rules`).
+            Not in the paper (``paper()`` turns it off); kfac-jax has an optional rejection.
+        rho_min: the acceptance threshold on ρ (≥ 0: a step that raised the objective is never
+            kept).
     """
 
     inverse: str = "block_diagonal"
@@ -52,12 +70,14 @@ class KFACConfig:
     lambda_init: float = 1.0
     weight_decay: float = 1e-5
     momentum: bool = True
+    mu_max: float = 1.0
     rescale: bool = True
-    T1: int = 5
+    T1: int = 1
     T2: int = 20
     T3: int = 20
     tau1: float = 1.0 / 8
     tau2: float = 1.0 / 4
+    tau2_min_rows: int = 256
     ema_max: float = 0.95
     gamma_init: Optional[float] = None
     adapt_lambda: bool = True
@@ -67,6 +87,8 @@ class KFACConfig:
     gamma_min: float = 1e-8
     gamma_max: float = 1e8
     max_rejections: int = 10
+    reject_steps: bool = True
+    rho_min: float = 0.0
 
     def __post_init__(self):
         if self.inverse not in INVERSES:
@@ -78,6 +100,8 @@ class KFACConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {v}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.tau2_min_rows, int) or self.tau2_min_rows < 0:
+            raise ValueError(f"tau2_min_rows must be a non-negative integer, got {self.tau2_min_rows!r}")
         for name in ("T1", "T2", "T3", "max_rejections"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -91,6 +115,10 @@ class KFACConfig:
                 raise ValueError(f"{name} must lie in (0, 1], got {v}")
         if not (0 <= self.ema_max < 1):
             raise ValueError(f"ema_max must lie in [0, 1), got {self.ema_max}")
+        if not (self.mu_max > 0):
+            raise ValueError(f"mu_max must be > 0 (math.inf for the paper's unconstrained solve), got {self.mu_max}")
+        if not (0 <= self.rho_min < RHO_LOW_BOUND):
+            raise ValueError(f"rho_min must lie in [0, 1/4), got {self.rho_min}")
         if self.gamma_init is not None and not (self.gamma_init > 0 and math.isfinite(self.gamma_init)):
             raise ValueError(f"gamma_init must be a positive finite number, got {self.gamma_init}")
 
@@ -105,7 +133,8 @@ class KFACConfig:
     @classmethod
     def paper(cls, **overrides) -> "KFACConfig":
         """The paper's settings for its autoencoder experiments (Sec 6.5, 6.6, 8, 13)."""
-        base = dict(lambda_init=150.0, weight_decay=1e-5, T1=5, T2=20, T3=20, tau1=1 / 8, tau2=1 / 4, ema_max=0.95)
+        base = dict(lambda_init=150.0, weight_decay=1e-5, T1=5, T2=20, T3=20, tau1=1 / 8, tau2=1 / 4, ema_max=0.95,
+                    reject_steps=False, tau2_min_rows=0, mu_max=math.inf, lambda_min=1e-8, gamma_min=1e-8)
         base.update(overrides)
         return cls(**base)
 

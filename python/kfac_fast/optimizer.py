@@ -30,15 +30,9 @@ from .curvature.capture import capture
 from .curvature.layers import find_layers
 from .curvature.losses import check_output, get_loss
 from .quadratic import fisher_gram, inner, solve_alpha_mu
+from .rules import NU_INIT, accept, gamma_candidates, levenberg_marquardt, rejection_increase
 
-
-def levenberg_marquardt(lambda_: float, rho: float, omega1: float, *, lo: float = 0.0, hi: float = math.inf) -> float:
-    """Sec 6.5: ρ > 3/4 → λ ← ω₁λ; ρ < 1/4 → λ ← λ/ω₁; otherwise unchanged (clamped to [lo, hi])."""
-    if rho > 0.75:
-        return max(lambda_ * omega1, lo)
-    if rho < 0.25:
-        return min(lambda_ / omega1, hi)
-    return lambda_
+__all__ = ["KFAC", "StepRejected", "levenberg_marquardt"]
 
 
 def _first_non_finite(layers, acts, gs) -> Optional[str]:
@@ -79,7 +73,8 @@ def _storage_bytes(tensors) -> int:
 
 
 class StepRejected(RuntimeError):
-    """Raised after ``max_rejections`` consecutive rejected steps (non-finite loss or update)."""
+    """Raised after ``max_rejections`` consecutive rejected steps (non-finite loss or update, or
+    ρ below ``rho_min``)."""
 
 
 class KFAC:
@@ -154,6 +149,7 @@ class KFAC:
         self.delta0: Optional[list[torch.Tensor]] = None
         self.rejections = 0
         self.total_rejections = 0
+        self.nu = NU_INIT  # Nielsen's growth factor for λ after consecutive rejections (rules.py)
         self.profile = profile
         self._phases: dict[str, float] = {}
         self.inverse_fallbacks = 0
@@ -209,8 +205,8 @@ class KFAC:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.config.inverse == "block_tridiagonal")
 
-    def _subset(self, m: int, frac: float) -> torch.Tensor:
-        size = int(round(frac * m))
+    def _subset(self, m: int, frac: float, min_rows: int = 0) -> torch.Tensor:
+        size = min(m, max(int(round(frac * m)), min_rows))
         return torch.randperm(m, generator=self.generator, device=self.device)[:size]
 
     def _objective(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -242,21 +238,48 @@ class KFAC:
         # autocast region; in-place updates do not invalidate them, so drop the cache.
         torch.clear_autocast_cache()
 
-    def _reject(self, what: str, stats: dict, saved: Optional[list[list[torch.Tensor]]] = None) -> dict:
-        if saved is not None:
-            with torch.no_grad():
-                for layer, ps in zip(self.layers, saved):
-                    for p, s in zip(layer.params(), ps):
-                        p.copy_(s)
-            torch.clear_autocast_cache()
-        self.lambda_ = min(self.lambda_ / self.config.omega1, self.config.lambda_max)
+    def _restore(self, saved: list[list[torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for layer, ps in zip(self.layers, saved):
+                for p, s in zip(layer.params(), ps):
+                    p.copy_(s)
+        torch.clear_autocast_cache()
+
+    def _raise_damping(self) -> None:
+        """After a rejected step: λ (or γ without re-scaling) by Nielsen's rule (rules.py)."""
+        cfg = self.config
+        if cfg.rescale:
+            self.lambda_, self.nu = rejection_increase(self.lambda_, self.nu, omega1=cfg.omega1, hi=cfg.lambda_max)
+        else:
+            g2, self.nu = rejection_increase(self.gamma ** 2, self.nu, omega1=cfg.omega1, hi=cfg.gamma_max ** 2)
+            self.gamma = math.sqrt(g2)
+
+    def _adapt(self, rho: float) -> None:
+        """The Levenberg-Marquardt rule of Sec 6.5 on λ; without re-scaling there is no exact-Fisher
+        model for λ to damp, so the same rule adapts γ² (ρ then compares with K-FAC's own model)."""
+        cfg = self.config
+        if cfg.rescale:
+            self.lambda_ = levenberg_marquardt(self.lambda_, rho, cfg.omega1, lo=cfg.lambda_min, hi=cfg.lambda_max)
+        else:
+            g2 = levenberg_marquardt(self.gamma ** 2, rho, cfg.omega1, lo=cfg.gamma_min ** 2, hi=cfg.gamma_max ** 2)
+            self.gamma = math.sqrt(g2)
+
+    def _count_rejection(self, what: str, stats: dict) -> dict:
+        self._raise_damping()
         self.rejections += 1
         self.total_rejections += 1
-        stats.update(rejected=True, reason=what, lambda_=self.lambda_)
+        stats.update(rejected=True, reason=what, lambda_=self.lambda_, gamma=self.gamma)
         if self.rejections >= self.config.max_rejections:
             raise StepRejected(f"{self.rejections} consecutive K-FAC steps rejected; last cause: {what}. "
                                "Check the data and the model for overflow, lower the learning problem's scale, or "
                                "raise lambda_init")
+        return stats
+
+    def _reject(self, what: str, stats: dict, saved: Optional[list[list[torch.Tensor]]] = None) -> dict:
+        """A step that produced non-finite numbers: θ, statistics and k stay as they were."""
+        if saved is not None:
+            self._restore(saved)
+        self._count_rejection(what, stats)
         warnings.warn(f"K-FAC step {self.k} rejected ({what}); λ raised to {self.lambda_:.3g}", RuntimeWarning)
         return stats
 
@@ -266,8 +289,10 @@ class KFAC:
 
         Returns:
             dict with ``loss`` (batch mean data loss at θ_k), ``objective`` (h incl. η/2‖θ‖²),
-            ``lambda_``, ``gamma``, ``alpha``, ``mu``, ``M`` (M(δ) − M(0)), ``rho`` (on λ-update
-            iterations, else None), ``refreshed``, ``rejected``, ``k``.
+            ``lambda_``, ``gamma``, ``alpha``, ``mu``, ``M`` (M(δ) − M(0)), ``rho`` (every iteration
+            with ``reject_steps``, else on λ-update iterations; None where not measured),
+            ``refreshed``, ``rejected`` (with ``reason``), ``k``. A step rejected by ρ leaves θ
+            as it was, keeps the new statistics (they were measured at θ) and drops δ₀.
         """
         cfg = self.config
         self._check_batch(inputs, targets)
@@ -333,9 +358,10 @@ class KFAC:
         # 4-6. inverse refresh, γ candidates, proposal, re-scaling / momentum
         refresh = (k % cfg.T3 == 0) or k <= 3 or self.inverse is None
         candidates = [self.gamma]
-        if cfg.adapt_gamma and k % cfg.T2 == 0:
-            w2 = cfg.omega2
-            candidates += [max(self.gamma * w2, cfg.gamma_min), min(self.gamma / w2, cfg.gamma_max)]
+        # greedy γ (Sec 6.6) compares candidates by the exact-Fisher M; without re-scaling the only
+        # model is K-FAC's own, whose predicted decrease always favours the smallest γ: off.
+        if cfg.adapt_gamma and cfg.rescale and k % cfg.T2 == 0:
+            candidates = gamma_candidates(self.gamma, cfg.omega2, lo=cfg.gamma_min, hi=cfg.gamma_max)
         with self._phase("5 inverse refresh"):
             if refresh:
                 base = self._refresh(candidates[0])
@@ -344,14 +370,17 @@ class KFAC:
                 base = self.inverse
                 if abs(base.damping - self.gamma) > 0:
                     base = base.with_damping(self.gamma)
-        idx2 = self._subset(m, cfg.tau2)
+        idx2 = self._subset(m, cfg.tau2, cfg.tau2_min_rows)
         x2 = inputs.index_select(0, idx2)
         use_mom = cfg.momentum and self.delta0 is not None
         best = None
         lam_eta = self.lambda_ + eta
         for gamma in candidates:
             with self._phase("5 inverse refresh"):
-                inv = base if gamma == base.damping else base.with_damping(gamma)
+                try:
+                    inv = base if gamma == base.damping else base.with_damping(gamma)
+                except ValueError:  # e.g. the tridiagonal Σ not positive definite at this γ: skip it
+                    continue
             with self._phase("6 precondition"):
                 Delta = [-u for u in inv.apply(V)]
             dirs = [Delta] + ([self.delta0] if use_mom else [])
@@ -368,13 +397,16 @@ class KFAC:
                     # Γ, the Euclidean products and ∇hᵀd reach the host in one transfer (one sync)
                     host = torch.cat([gram.reshape(-1), dots.reshape(-1), b]).cpu()
                 gram, dots, b = host[: n * n].view(n, n), host[n * n: 2 * n * n].view(n, n), host[2 * n * n:]
-                sol = solve_alpha_mu(gram, dots, b, lam_eta)
+                sol = solve_alpha_mu(gram, dots, b, lam_eta, mu_max=cfg.mu_max)
                 alpha, mu, M = sol.alpha, sol.mu, sol.M
                 coef = torch.tensor([alpha, mu][:n], dtype=torch.float64)
                 norm2 = float(coef @ dots @ coef)  # ‖αΔ + µδ₀‖², from the same numbers
             else:
-                alpha, mu, M = 1.0, 0.0, float("nan")
-                norm2 = float(inner(Delta, Delta))
+                # no exact-Fisher model: δ = Δ and M is K-FAC's own prediction, ½∇hᵀΔ (exact for
+                # the damped approximate model, as Δ minimises it)
+                alpha, mu = 1.0, 0.0
+                norm2, bD = torch.stack([inner(Delta, Delta), inner(V, Delta)]).tolist()
+                M = 0.5 * bD
             if best is None or (math.isfinite(M) and M < best[0]):
                 best = (M, gamma, inv, Delta, alpha, mu, norm2)
         M, gamma, inv, Delta, alpha, mu, norm2 = best
@@ -386,25 +418,37 @@ class KFAC:
             bad = next((l.name for l, d in zip(self.layers, delta) if not bool(torch.isfinite(d).all())), "?")
             return self._reject(f"non-finite update δ in layer {bad}", stats)
 
-        # 7-8. θ ← θ + δ, λ by Levenberg-Marquardt every T1
-        lm_step = cfg.adapt_lambda and cfg.rescale and k % cfg.T1 == 0
+        # 7-8. θ ← θ + δ; ρ every iteration with reject_steps (else every T1); λ by LM every T1
+        lm_due = cfg.adapt_lambda and k % cfg.T1 == 0
+        measure = (cfg.reject_steps or lm_due) and math.isfinite(M) and M < 0
         # θ is saved only where the ρ forward may reject the step
-        theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if lm_step else None
+        theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if measure else None
         self._add(delta)
-        if lm_step:
+        self.gamma = gamma  # before the rules: without re-scaling the LM rule adapts γ itself
+        rejected = None
+        if measure:
             with self._phase("8 rho forward"):
                 h_new = self._objective(inputs, targets)
-            if not math.isfinite(h_new):
-                return self._reject("non-finite loss after the update", stats, saved=theta)
-            rho = (h_new - h) / M if M < 0 else float("-inf")
-            self.lambda_ = levenberg_marquardt(self.lambda_, rho, cfg.omega1, lo=cfg.lambda_min, hi=cfg.lambda_max)
+            rho = (h_new - h) / M if math.isfinite(h_new) else float("nan")
             stats["rho"] = rho
+            if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):
+                rejected = f"ρ = {rho:.3g} < {cfg.rho_min:g} (objective {h:.6g} -> {h_new:.6g})"
+            elif not math.isfinite(h_new):
+                return self._reject("non-finite loss after the update", stats, saved=theta)
+            elif lm_due:
+                self._adapt(rho)
+        # the statistics, the inverse and γ were computed at θ_k, which a rejected step keeps
         self.factors.commit()
         self.inverse = inv
-        self.gamma = gamma
-        self.delta0 = [d.detach() for d in delta]
         self.k += 1
-        self.rejections = 0
+        if rejected is not None:
+            self._restore(theta)
+            self.delta0 = None  # momentum restarts from the kept θ (Sec 7's δ₀ led to the bad step)
+            self._count_rejection(rejected, stats)
+        else:
+            self.delta0 = [d.detach() for d in delta]
+            self.rejections = 0
+            self.nu = NU_INIT
         stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M,
                      inverse_fallbacks=self.inverse_fallbacks)
         if self.profile:
@@ -473,6 +517,7 @@ class KFAC:
             "generator": self.generator.get_state(),
             "rejections": self.rejections,
             "total_rejections": self.total_rejections,
+            "nu": self.nu,
             "inverse_fallbacks": self.inverse_fallbacks,
         }
 
@@ -489,7 +534,10 @@ class KFAC:
             if (l.g_dim, l.a_dim) != tuple(shp):
                 raise ValueError(f"state_dict is from a different model: layer {l.name} has shape {tuple(shp)} "
                                  f"there, ({l.g_dim}, {l.a_dim}) here")
-        self.config = KFACConfig(**state["config"])
+        cfg = dict(state["config"])
+        if state["version"] < 3:  # written before step rejection existed: resume as it ran
+            cfg.setdefault("reject_steps", False)
+        self.config = KFACConfig(**cfg)
         self.layers = layers
         self._ordered = state["ordered"]
         self.factors = None
@@ -505,4 +553,5 @@ class KFAC:
         self.generator.set_state(state["generator"])
         self.rejections = int(state["rejections"])
         self.total_rejections = int(state["total_rejections"])
+        self.nu = float(state.get("nu", NU_INIT))
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))

@@ -127,14 +127,18 @@ class QuadraticSolution:
     M: float  # M(δ) − M(0) = ½ ∇hᵀδ at the optimum
 
 
-def solve_alpha_mu(gram: torch.Tensor, dots: torch.Tensor, grads_dot: torch.Tensor, damping: float) -> QuadraticSolution:
-    """α, µ minimising M(αΔ + µδ₀).
+def solve_alpha_mu(gram: torch.Tensor, dots: torch.Tensor, grads_dot: torch.Tensor, damping: float, *,
+                   mu_max: float = math.inf) -> QuadraticSolution:
+    """α, µ minimising M(αΔ + µδ₀) subject to |µ| ≤ ``mu_max``.
 
     Args:
         gram: (k, k) exact-Fisher quadratic forms of [Δ, δ₀] (k = 1 without momentum).
         dots: (k, k) Euclidean inner products of the same vectors.
         grads_dot: (k,) ∇hᵀΔ, ∇hᵀδ₀.
         damping: λ + η.
+        mu_max: bound on |µ| (the paper has none: ``math.inf``). With Q = Γ + (λ+η)D positive
+            definite, min over α of M is a convex quadratic in µ, so the constrained optimum
+            clips µ to [−mu_max, mu_max] and re-solves α: α = −(b₀ + Q₀₁µ)/Q₀₀.
     """
     Q = gram + damping * dots
     b = grads_dot
@@ -143,8 +147,15 @@ def solve_alpha_mu(gram: torch.Tensor, dots: torch.Tensor, grads_dot: torch.Tens
         det = float(Q[0, 0] * Q[1, 1] - Q[0, 1] * Q[1, 0])
         if det > 1e-12 * float(Q[0, 0] * Q[1, 1]) and math.isfinite(det):
             sol = -torch.linalg.solve(Q, b)
-            M = 0.5 * float(b @ sol)
-            return QuadraticSolution(alpha=float(sol[0]), mu=float(sol[1]), M=M)
+            alpha, mu = float(sol[0]), float(sol[1])
+            if abs(mu) <= mu_max:
+                return QuadraticSolution(alpha=alpha, mu=mu, M=0.5 * float(b @ sol))
+            mu = math.copysign(mu_max, mu)
+            q00, q01, q11 = float(Q[0, 0]), float(Q[0, 1]), float(Q[1, 1])
+            b0, b1 = float(b[0]), float(b[1])
+            alpha = -(b0 + q01 * mu) / q00
+            M = 0.5 * (q00 * alpha * alpha + 2 * q01 * alpha * mu + q11 * mu * mu) + b0 * alpha + b1 * mu
+            return QuadraticSolution(alpha=alpha, mu=mu, M=M)
         # Δ ∥ δ₀ (or δ₀ = 0): fall back to α alone
         Q, b = Q[:1, :1], b[:1]
     q = float(Q[0, 0])

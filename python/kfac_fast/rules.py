@@ -1,0 +1,47 @@
+"""The adaptation rules of Algorithm 2: λ (Sec 6.5), γ (Sec 6.6) and step acceptance.
+
+Pure functions of host scalars; the optimizer owns the state they update.
+
+- :func:`levenberg_marquardt`: the paper's rule (Sec 6.5, after Moré 1978).
+- :func:`rejection_increase`: what happens to λ when a step is rejected. The paper has no
+  rejection; its rule would raise λ by only 1/ω₁ per T1 iterations, so recovering from a tiny λ
+  after a bad step takes hundreds of iterations. We use Nielsen's rule for rejected
+  Levenberg-Marquardt steps (H. B. Nielsen 1999; Madsen, Nielsen & Tingleff 2004, "Methods for
+  non-linear least squares problems", eq. 3.16): λ ← νλ, ν ← 2ν on each consecutive rejection,
+  ν ← 2 again after an accepted step, so λ grows geometrically faster the longer the model
+  keeps being wrong.
+- :func:`gamma_candidates`: the greedy γ rule's three candidates (Sec 6.6).
+"""
+from __future__ import annotations
+
+import math
+
+RHO_HIGH = 0.75  # Sec 6.5: ρ > 3/4 → λ ← ω₁λ
+RHO_LOW = 0.25  # Sec 6.5: ρ < 1/4 → λ ← λ/ω₁
+NU_INIT = 2.0  # Nielsen: the first rejection doubles λ
+
+
+def levenberg_marquardt(lambda_: float, rho: float, omega1: float, *, lo: float = 0.0, hi: float = math.inf) -> float:
+    """Sec 6.5: ρ > 3/4 → λ ← ω₁λ; ρ < 1/4 → λ ← λ/ω₁; otherwise unchanged (clamped to [lo, hi])."""
+    if rho > RHO_HIGH:
+        return min(max(lambda_ * omega1, lo), hi)
+    if rho < RHO_LOW:
+        return max(min(lambda_ / omega1, hi), lo)
+    return min(max(lambda_, lo), hi)
+
+
+def rejection_increase(lambda_: float, nu: float, *, omega1: float, hi: float = math.inf) -> tuple[float, float]:
+    """λ and ν after a rejected step (Nielsen's rule): λ ← max(ν, 1/ω₁)·λ, ν ← 2ν (λ ≤ hi)."""
+    return min(lambda_ * max(nu, 1.0 / omega1), hi), 2.0 * nu
+
+
+def gamma_candidates(gamma: float, omega2: float, *, lo: float, hi: float) -> list[float]:
+    """Sec 6.6: [γ, ω₂γ, γ/ω₂] clamped to [lo, hi] (the current value first)."""
+    return [gamma, max(gamma * omega2, lo), min(gamma / omega2, hi)]
+
+
+def accept(rho: float, *, rho_min: float) -> bool:
+    """The trust-region acceptance test (Nocedal & Wright, Algorithm 4.1, with η = ``rho_min`` ≥ 0):
+    accept when ρ ≥ rho_min. As M(δ) − M(0) < 0, ρ ≥ 0 means the objective did not rise.
+    A non-finite ρ is never accepted."""
+    return math.isfinite(rho) and rho >= rho_min

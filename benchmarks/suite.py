@@ -269,6 +269,17 @@ def plot_problem(name: str, runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def main(argv=None) -> list[dict]:
     from _common import machine_info, print_table, RESULTS_DIR
 
@@ -288,7 +299,7 @@ def main(argv=None) -> list[dict]:
     config = {}
     for kv in filter(None, args.config.split(",")):
         k, v = kv.split("=")
-        config[k] = v.lower() == "true" if v.lower() in ("true", "false") else (int(v) if v.isdigit() else float(v))
+        config[k] = _parse_value(v)
     if args.paper:
         config = dict(KFACConfig.paper().to_dict(), lambda_init=KFACConfig().lambda_init, **config)
     jobs = [(n, inv, bool(int(mo)), int(s), args.iters, config, args.budget) for n in names

@@ -229,3 +229,51 @@ def test_suite_problem_blows_up_with_the_papers_rules():
     out = suite.run_one(suite.PROBLEMS["cancer_full_batch"], inverse="block_diagonal", momentum=True, seed=0,
                         iters=400, config=paper)
     assert out["summary"]["worst_step_ratio"] > 2.0
+
+
+# ---------------------------------------------------------------- ρ on the next batch
+def test_next_batch_rho_checks_the_previous_step_and_undoes_it(monkeypatch):
+    """rho_batch="next": step k's ρ is measured on batch k+1 at θ_k (saved) and θ_k + δ_k; a bad
+    verdict restores θ_k exactly and does nothing else in that call."""
+    model, x, y = _problem()
+    g = torch.Generator().manual_seed(1)
+    x2, y2 = torch.randn(48, 5, generator=g, dtype=D), torch.randint(0, 3, (48,), generator=g)
+    opt = KFAC(model, loss="softmax_cross_entropy", rho_batch="next", weight_decay=0.05,
+               generator=torch.Generator().manual_seed(0))
+    s1 = opt.step(x, y)
+    assert s1["rho"] is None and opt._pending is not None  # checked on the next call
+    theta1 = _params(model)
+    pend = opt._pending
+    theta0 = [t.clone() for ps in pend["theta"] for t in ps]
+    # ρ on (x2, y2), computed independently
+    def h(params):
+        with torch.no_grad():
+            out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], params)),
+                                             (x2,))
+            return float(nn.functional.cross_entropy(out, y2)) + 0.025 * sum(float(p.pow(2).sum()) for p in params)
+    want = (h(theta1) - h(theta0)) / pend["M"]
+    # a checkpoint taken now carries the pending check
+    state = opt.state_dict()
+    s2 = opt.step(x2, y2)
+    assert s2["rho"] == pytest.approx(want, rel=1e-9)
+    # the same from the checkpoint
+    model_b, _, _ = _problem()
+    with torch.no_grad():
+        for p, t in zip(model_b.parameters(), theta1):
+            p.copy_(t)
+    opt_b = KFAC(model_b, loss="softmax_cross_entropy", rho_batch="next", weight_decay=0.05)
+    opt_b.load_state_dict(state)
+    assert opt_b.step(x2, y2)["rho"] == pytest.approx(want, rel=1e-9)
+    # a rising objective on the next batch undoes the previous step
+    real = KFAC._objective
+    for _ in range(5):  # a provisional step (the check of the previous one may reject once)
+        theta2 = _params(model)
+        opt.step(x, y)
+        if opt._pending is not None:
+            break
+    assert opt._pending is not None
+    theta2 = [t.clone() for ps in opt._pending["theta"] for t in ps]
+    monkeypatch.setattr(KFAC, "_objective", lambda self, i, t, params=None: real(self, i, t, params) - 1.0)
+    s = opt.step(x2, y2)
+    assert s["rejected"] and "previous step" in s["reason"] and opt.delta0 is None
+    assert all(torch.equal(a, b) for a, b in zip(theta2, model.parameters()))

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 RHO_LOW_BOUND = 0.25  # rho_min < 1/4, the LM rule's lower threshold (Sec 6.5)
+RHO_BATCHES = ("same", "next")
 INVERSES = ("block_diagonal", "block_tridiagonal")
 FACTORIZATIONS = ("auto", "eigh", "cholesky")
 
@@ -61,6 +62,11 @@ class KFACConfig:
             step with ρ < ``rho_min``: θ and the running statistics stay as before the step,
             δ₀ (momentum) is dropped and λ grows by Nielsen's rule (see :mod:`kfac_fast.rules`).
             Not in the paper (``paper()`` turns it off); kfac-jax has an optional rejection.
+        rho_batch: where ρ is measured. ``"same"`` (the paper, Sec 6.5): on the mini-batch the
+            step was fitted to, one extra forward pass right after the step. ``"next"``: on the
+            next call's batch, which the step was not fitted to (an unbiased sample of the
+            full-data change): one forward pass at the saved θ_k; a rejected step is undone
+            at the start of the next call, so the latest step is provisional until then.
         rho_min: the acceptance threshold on ρ (≥ 0: a step that raised the objective is never
             kept).
     """
@@ -89,6 +95,7 @@ class KFACConfig:
     max_rejections: int = 10
     reject_steps: bool = True
     rho_min: float = 0.0
+    rho_batch: str = "same"
 
     def __post_init__(self):
         if self.inverse not in INVERSES:
@@ -115,6 +122,8 @@ class KFACConfig:
                 raise ValueError(f"{name} must lie in (0, 1], got {v}")
         if not (0 <= self.ema_max < 1):
             raise ValueError(f"ema_max must lie in [0, 1), got {self.ema_max}")
+        if self.rho_batch not in RHO_BATCHES:
+            raise ValueError(f"unknown rho_batch {self.rho_batch!r}; choose one of {', '.join(RHO_BATCHES)}")
         if not (self.mu_max > 0):
             raise ValueError(f"mu_max must be > 0 (math.inf for the paper's unconstrained solve), got {self.mu_max}")
         if not (0 <= self.rho_min < RHO_LOW_BOUND):
@@ -134,7 +143,7 @@ class KFACConfig:
     def paper(cls, **overrides) -> "KFACConfig":
         """The paper's settings for its autoencoder experiments (Sec 6.5, 6.6, 8, 13)."""
         base = dict(lambda_init=150.0, weight_decay=1e-5, T1=5, T2=20, T3=20, tau1=1 / 8, tau2=1 / 4, ema_max=0.95,
-                    reject_steps=False, tau2_min_rows=0, mu_max=math.inf, lambda_min=1e-8, gamma_min=1e-8)
+                    reject_steps=False, tau2_min_rows=0, mu_max=math.inf, rho_batch="same", lambda_min=1e-8, gamma_min=1e-8)
         base.update(overrides)
         return cls(**base)
 

@@ -150,6 +150,8 @@ class KFAC:
         self.rejections = 0
         self.total_rejections = 0
         self.nu = NU_INIT  # Nielsen's growth factor for λ after consecutive rejections (rules.py)
+        # rho_batch="next": the last step, to be checked on the next batch (θ_k, M(δ_k), ½η‖θ_k‖²)
+        self._pending: Optional[dict] = None
         self.profile = profile
         self._phases: dict[str, float] = {}
         self.inverse_fallbacks = 0
@@ -209,20 +211,32 @@ class KFAC:
         size = min(m, max(int(round(frac * m)), min_rows))
         return torch.randperm(m, generator=self.generator, device=self.device)[:size]
 
-    def _objective(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    def _objective(self, inputs: torch.Tensor, targets: torch.Tensor,
+                   params: Optional[list[list[torch.Tensor]]] = None) -> float:
+        """h = batch mean loss + ½η‖θ‖² at the model's θ, or at ``params`` (per-layer lists like
+        :meth:`_params`) through ``torch.func.functional_call`` without touching the model."""
         with torch.no_grad():
-            z = self.model(inputs)
+            if params is None:
+                z = self.model(inputs)
+            else:
+                flat = [t for ps in params for t in ps]
+                names = self._param_names()
+                z = torch.func.functional_call(self.model, dict(zip(names, flat)), (inputs,), strict=False)
             h = self.loss.total(z, targets) / z.shape[0]
-            h_val, l2 = torch.stack([h.detach().double(), self._l2()]).tolist()  # one host sync
+            h_val, l2 = torch.stack([h.detach().double(), self._l2(None if params is None else flat)]).tolist()
         return h_val + l2
 
-    def _l2(self) -> torch.Tensor:
+    def _param_names(self) -> list[str]:
+        ids = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        return [ids[id(p)] for p in self._params()]
+
+    def _l2(self, params: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """½η‖θ‖² as a 0-d float64 tensor on the device (no host sync, no float64 copy of θ)."""
         eta = self.config.weight_decay
         if eta == 0:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         sq = []
-        for p in self._params():
+        for p in (self._params() if params is None else params):
             q = p.detach().reshape(-1)
             if q.dtype not in (torch.float32, torch.float64):
                 q = q.float()
@@ -323,6 +337,9 @@ class KFAC:
             h_val, l2_val = torch.stack([h_data.detach().double(), self._l2()]).tolist()
         stats["loss"] = h_val
         if not math.isfinite(h_val):
+            if self._pending is not None:  # the previous, unchecked step led here: undo it
+                saved, self._pending, self.delta0 = self._pending["theta"], None, None
+                return self._reject("non-finite loss after the previous step (undone)", stats, saved=saved)
             return self._reject("non-finite loss", stats)
         eta = cfg.weight_decay
         V, pos = [], 0
@@ -337,6 +354,10 @@ class KFAC:
             pos += n
         h = h_val + l2_val
         stats["objective"] = h
+        if self._pending is not None:
+            verdict = self._check_pending(inputs, targets, h, stats)
+            if verdict is not None:
+                return verdict
 
         # 2-3. statistics on S1 with targets sampled from the model, running averages
         idx1 = self._subset(m, cfg.tau1)
@@ -420,9 +441,11 @@ class KFAC:
 
         # 7-8. θ ← θ + δ; ρ every iteration with reject_steps (else every T1); λ by LM every T1
         lm_due = cfg.adapt_lambda and k % cfg.T1 == 0
-        measure = (cfg.reject_steps or lm_due) and math.isfinite(M) and M < 0
-        # θ is saved only where the ρ forward may reject the step
-        theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if measure else None
+        wants_rho = (cfg.reject_steps or lm_due) and math.isfinite(M) and M < 0
+        held_out = wants_rho and cfg.rho_batch == "next"
+        measure = wants_rho and not held_out
+        # θ is saved only where the ρ forward (now or on the next batch) may reject the step
+        theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if wants_rho else None
         self._add(delta)
         self.gamma = gamma  # before the rules: without re-scaling the LM rule adapts γ itself
         rejected = None
@@ -447,13 +470,38 @@ class KFAC:
             self._count_rejection(rejected, stats)
         else:
             self.delta0 = [d.detach() for d in delta]
-            self.rejections = 0
-            self.nu = NU_INIT
+            if held_out:
+                self._pending = {"theta": theta, "M": M, "l2": l2_val, "lm_due": lm_due}
+            else:
+                self.rejections = 0
+                self.nu = NU_INIT
         stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M,
                      inverse_fallbacks=self.inverse_fallbacks)
         if self.profile:
             stats["phases"] = dict(self._phases)
         return stats
+
+    def _check_pending(self, inputs: torch.Tensor, targets: torch.Tensor, h_new: float, stats: dict):
+        """rho_batch="next": ρ of the previous step δ_k on this batch, a sample the step was not
+        fitted to: (h_B(θ_k + δ_k) − h_B(θ_k)) / M(δ_k). h_B(θ_k + δ_k) is this step's objective;
+        h_B(θ_k) costs one forward pass with the saved θ_k (``torch.func.functional_call``).
+        Returns the stats of a rejection (θ ← θ_k, nothing else done this call) or None."""
+        cfg, pend = self.config, self._pending
+        self._pending = None
+        with self._phase("8 rho forward"):
+            h_old = self._objective(inputs, targets, params=pend["theta"])
+        rho = (h_new - h_old) / pend["M"] if math.isfinite(h_old) else float("nan")
+        stats["rho"] = rho
+        if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):
+            self._restore(pend["theta"])
+            self.delta0 = None
+            return self._count_rejection(f"the previous step: held-out ρ = {rho:.3g} < {cfg.rho_min:g} "
+                                         f"(objective on this batch {h_old:.6g} -> {h_new:.6g}); θ restored", stats)
+        self.rejections = 0
+        self.nu = NU_INIT
+        if pend["lm_due"]:
+            self._adapt(rho)
+        return None
 
     def _refresh(self, gamma: float):
         """New approximate inverse from the pending factors (Sec 4 + 6.3), with fallbacks.
@@ -518,6 +566,9 @@ class KFAC:
             "rejections": self.rejections,
             "total_rejections": self.total_rejections,
             "nu": self.nu,
+            "pending": None if self._pending is None else {
+                "theta": [[t.clone() for t in ps] for ps in self._pending["theta"]],
+                "M": self._pending["M"], "l2": self._pending["l2"], "lm_due": self._pending["lm_due"]},
             "inverse_fallbacks": self.inverse_fallbacks,
         }
 
@@ -554,4 +605,8 @@ class KFAC:
         self.rejections = int(state["rejections"])
         self.total_rejections = int(state["total_rejections"])
         self.nu = float(state.get("nu", NU_INIT))
+        pend = state.get("pending")
+        self._pending = None if pend is None else {
+            "theta": [[t.to(self.device) for t in ps] for ps in pend["theta"]], "M": float(pend["M"]),
+            "l2": float(pend["l2"]), "lm_due": bool(pend["lm_due"])}
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))

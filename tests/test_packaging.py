@@ -165,7 +165,10 @@ def test_repaired_wheel_has_no_problems(wheel, tmp_path):
 def test_auditwheel_report_matches_the_tag(wheel):
     report = WHEELHOUSE / "auditwheel_show.txt"
     if not report.exists():
-        pytest.fail(f"{report} missing (scripts/build_wheels.sh writes it)")
+        msg = f"{report} missing (scripts/build_wheels.sh writes it; cibuildwheel does not)"
+        if REQUIRED:
+            pytest.fail(msg)
+        pytest.skip(msg)
     plat = wheel.name[:-len(".whl")].split("-")[-1].split(".")[0]
     text = " ".join(report.read_text().split())
     assert f'consistent with the following platform tag: "{plat}"' in text, text

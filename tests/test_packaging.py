@@ -2,8 +2,8 @@
 
 Checks, for the repaired wheel: a manylinux tag (file name and WHEEL), nothing grafted by
 auditwheel (no ``kfac_fast.libs/``), the ``readelf -d`` NEEDED entries of ``_C*.so`` (only
-glibc/libstdc++/libgcc; never libtorch, libc10, libcudart, libcuda), glibc symbol versions no
-newer than the tag promises, the build record, and the ``Requires-Dist`` bound on torch (present,
+glibc/libstdc++/libgcc; never libtorch, libc10, libcudart, libcuda), no RPATH/RUNPATH into a build
+machine's folders, glibc symbol versions no newer than the tag promises, the build record, and the ``Requires-Dist`` bound on torch (present,
 justified by the APIs the code uses, satisfied by the installed torch). For the sdist: sources
 present, build outputs absent.
 
@@ -64,6 +64,14 @@ def needed_problems(needed: list[str]) -> list[str]:
     problems = [f"links {n}" for n in needed if BANNED_NEEDED.search(n)]
     problems += [f"needs {n}, outside glibc/libstdc++/libgcc" for n in needed
                  if n not in ALLOWED_NEEDED and not BANNED_NEEDED.search(n)]
+    return problems
+
+
+def runpath_problems(dynamic_section: str) -> list[str]:
+    """RPATH/RUNPATH entries other than $ORIGIN-relative ones (a build machine's folders)."""
+    problems = []
+    for kind, paths in re.findall(r"\((RPATH|RUNPATH)\)\s+Library (?:rpath|runpath): \[([^\]]*)\]", dynamic_section):
+        problems += [f"{kind} {p}" for p in paths.split(":") if p and not p.startswith("$ORIGIN")]
     return problems
 
 
@@ -129,6 +137,7 @@ def all_problems(whl: Path, tmp: Path) -> list[str]:
         problems += [f"auditwheel grafted {n}" for n in z.namelist() if n.startswith("kfac_fast.libs/")]
     so = extract_so(whl, tmp)
     problems += needed_problems(needed_of(so))
+    problems += runpath_problems(readelf(["-d", "-W"], so))
     plat = whl.name[:-len(".whl")].split("-")[-1].split(".")[0]
     problems += glibc_problems(glibc_versions_of(so), plat)
     problems += torch_requirement_problems(requires_dist(wheel_text(whl, "METADATA")))
@@ -218,6 +227,9 @@ def test_checkers_reject_bad_inputs():
     for lib in ("libcudart.so.13", "libcuda.so.1", "libtorch_cpu.so", "libc10.so", "libgomp.so.1"):
         assert needed_problems(["libc.so.6", lib]), lib
     assert not needed_problems(["libstdc++.so.6", "libm.so.6", "libgcc_s.so.1", "libc.so.6"])
+    assert runpath_problems(" 0x1d (RUNPATH)  Library runpath: [/usr/local/cuda/lib64:$ORIGIN/../kfac_fast.libs]") == [
+        "RUNPATH /usr/local/cuda/lib64"]
+    assert not runpath_problems(" 0x1d (RUNPATH)  Library runpath: [$ORIGIN/../kfac_fast.libs]")
     assert glibc_problems({(2, 17), (2, 34)}, "manylinux_2_28_x86_64") == [
         "references GLIBC_2.34 > tag manylinux_2_28_x86_64"]
     assert not glibc_problems({(2, 17), (2, 34)}, "manylinux_2_34_x86_64")

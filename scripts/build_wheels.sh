@@ -34,6 +34,21 @@ WHEEL=$(ls "$OUT"/kfac_fast-*-manylinux_*.whl 2>/dev/null) \
   || { echo "auditwheel repair produced no manylinux wheel (policy $PLAT)"; exit 1; }
 cp "$SDIST" "$OUT"/
 
+# unzip_member WHEEL SUFFIX DEST: the one member whose name ends in SUFFIX, to DEST (- = stdout).
+unzip_member() {
+  "$PY" - "$@" <<'PYEOF'
+import shutil, sys, zipfile
+whl, suffix, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    (name,) = [n for n in z.namelist() if n.endswith(suffix)]
+    with z.open(name) as src:
+        if dest == "-":
+            sys.stdout.write(src.read().decode().strip())
+        else:
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+PYEOF
+}
 nvcc_ver=$( (${CUDACXX:-nvcc} --version 2>/dev/null || true) | sed -n 's/.*release \([0-9.]*\).*/\1/p')
 {
   echo "# auditwheel show $(basename "$WHEEL")"
@@ -41,10 +56,10 @@ nvcc_ver=$( (${CUDACXX:-nvcc} --version 2>/dev/null || true) | sed -n 's/.*relea
   echo "# OS: $(. /etc/os-release && echo "$PRETTY_NAME"), $(uname -m); $(ldd --version | head -1)"
   echo "# compilers: $(${CXX:-c++} --version | head -1); nvcc ${nvcc_ver:-none}; $(cmake --version | head -1)"
   echo "# python $("$PY" -c 'import platform; print(platform.python_version())'); $("$PY" -m auditwheel --version 2>&1 | head -1 | cut -d" " -f1,2)"
-  echo "# build_info: $(unzip -p "$WHEEL" 'kfac_fast-*.dist-info/kfac_fast_build.json')"
+  echo "# build_info: $(unzip_member "$WHEEL" '.dist-info/kfac_fast_build.json' -)"
   so_dir=$(mktemp -d)
-  unzip -q "$WHEEL" 'kfac_fast/_C*.so' -d "$so_dir"
-  echo "# NEEDED of _C: $(readelf -d "$so_dir"/kfac_fast/_C*.so | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  unzip_member "$WHEEL" '.so' "$so_dir/_C.so"
+  echo "# NEEDED of _C: $(readelf -d "$so_dir/_C.so" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
   rm -rf "$so_dir"
   echo
   "$PY" -m auditwheel show "$WHEEL" 2>&1 | grep -v '^INFO:'

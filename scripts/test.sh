@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole test job (README's second command; CI runs exactly this):
-#   1. install CPU torch, build tools and the test extras
-#   2. build the wheel (CPU + CUDA sm_80/sm_90 when nvcc exists) and install it
+#   1. install CPU torch, build and release tools (requirements-wheel.txt) and the test extras
+#   2. scripts/build_wheels.sh: the sdist, the wheel built from it (CPU + CUDA sm_80/sm_90 when
+#      nvcc exists), repaired by auditwheel into a manylinux wheel in wheelhouse/; install it
 #   3. run the test suite with TRITON_INTERPRET=1 against the installed wheel
-#   4. packaging smoke test: the wheel in a fresh venv beside CPU torch, no libtorch link
-#   5. the KFAC_FAST_CUDA=OFF build passes the native tests
+#   4. packaging test: the repaired wheel in a fresh venv beside CPU torch (its Requires-Dist
+#      resolved by pip), native + Triton-interpreter smoke tests, tests/test_packaging.py
+#   5. the sdist built from scratch with nvcc hidden (CPU-only _C) passes the native tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -14,15 +16,14 @@ export TORCHINDUCTOR_CACHE_DIR="$ROOT/.cache/inductor"
 
 step() { echo; echo "=== $* ($(date +%T))"; }
 
-step "install torch (CPU) and build tools"
+step "install torch (CPU), build and release tools"
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -r requirements-build.txt
+$PY -m pip install -q -r requirements-wheel.txt
 
-step "build the wheel (KFAC_FAST_CUDA=${KFAC_FAST_CUDA:-AUTO})"
-rm -rf dist
-$PY -m pip wheel -q --no-build-isolation --no-deps -w dist .
-WHEEL=$(ls dist/kfac_fast-*.whl)
-echo "built $WHEEL"
+step "release build: sdist, wheel from the sdist, auditwheel repair (KFAC_FAST_CUDA=${KFAC_FAST_CUDA:-AUTO})"
+PYTHON="$PY" bash scripts/build_wheels.sh
+WHEEL=$(ls "$ROOT"/wheelhouse/kfac_fast-*-manylinux_*.whl)
+SDIST=$(ls "$ROOT"/wheelhouse/kfac_fast-*.tar.gz)
 $PY -m pip install -q --force-reinstall --no-deps "$WHEEL"
 $PY -m pip install -q "$WHEEL[test,demo]"
 
@@ -34,20 +35,37 @@ MARKS=()
 [ -n "${PYTEST_MARKERS:-}" ] && MARKS=(-m "$PYTEST_MARKERS")
 TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" ${MARKS[@]+"${MARKS[@]}"} "$ROOT/tests" ${PYTEST_ARGS:-}
 
-step "packaging smoke test: fresh venv + CPU torch + the wheel"
+step "packaging test: fresh venv + CPU torch + the repaired wheel"
+EXPECT=auto
+if [ "${KFAC_FAST_CUDA:-AUTO}" = OFF ]; then EXPECT=no
+elif command -v "${CUDACXX:-nvcc}" >/dev/null 2>&1; then EXPECT=yes; fi
 VENV="$ROOT/build/smoke-venv"
 rm -rf "$VENV"
 $PY -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q --no-deps "$WHEEL"
-"$VENV/bin/python" -m pip install -q numpy
-(cd /tmp && "$VENV/bin/python" "$ROOT/scripts/smoke_test.py" --expect-cuda auto)
+# With its dependencies: pip must find the installed CPU torch inside the wheel's Requires-Dist bound.
+"$VENV/bin/python" -m pip install -q "$WHEEL[test]"
+"$VENV/bin/python" -m pip check
+(cd /tmp && "$VENV/bin/python" "$ROOT/scripts/smoke_test.py" --expect-cuda "$EXPECT" --triton)
+KFAC_FAST_REQUIRE_WHEEL=1 KFAC_FAST_WHEELHOUSE="$ROOT/wheelhouse" "$VENV/bin/python" -m pytest -q \
+  -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests/test_packaging.py"
 
-step "KFAC_FAST_CUDA=OFF build: native tests"
-rm -rf dist-off
-KFAC_FAST_CUDA=OFF $PY -m pip wheel -q --no-build-isolation --no-deps -w dist-off .
-"$VENV/bin/python" -m pip install -q --force-reinstall --no-deps dist-off/kfac_fast-*.whl
-"$VENV/bin/python" -m pip install -q pytest hypothesis scipy
+step "sdist without nvcc: CPU-only build from scratch, native tests"
+# A machine without nvcc: drop every PATH entry holding one, and the variables CMake reads.
+PY_EXE=$($PY -c 'import sys; print(sys.executable)')
+NO_NVCC_PATH=
+IFS=: read -ra _dirs <<<"$PATH"
+for d in "${_dirs[@]}"; do [ -x "$d/nvcc" ] || NO_NVCC_PATH=${NO_NVCC_PATH:+$NO_NVCC_PATH:}$d; done
+if PATH="$NO_NVCC_PATH" command -v nvcc >/dev/null || ! PATH="$NO_NVCC_PATH" command -v c++ >/dev/null; then
+  echo "cannot hide nvcc from PATH without hiding the C++ compiler"; exit 1
+fi
+rm -rf dist-cpu && mkdir dist-cpu
+env -u CUDACXX -u CUDA_PATH -u CUDA_HOME -u CUDAHOSTCXX PATH="$NO_NVCC_PATH" KFAC_FAST_CUDA=AUTO \
+  "$PY_EXE" -m pip wheel -v --no-build-isolation --no-deps -w dist-cpu "$SDIST" >dist-cpu/build.log 2>&1 \
+  || { tail -50 dist-cpu/build.log; exit 1; }
+grep -q "kfac_fast: nvcc not found, building the CPU-only module" dist-cpu/build.log \
+  || { echo "CMake did not take the no-nvcc path:"; grep -i cuda dist-cpu/build.log; exit 1; }
+"$VENV/bin/python" -m pip install -q --force-reinstall --no-deps dist-cpu/kfac_fast-*.whl
 (cd /tmp && "$VENV/bin/python" "$ROOT/scripts/smoke_test.py" --expect-cuda no)
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" -m native "$ROOT/tests"
 

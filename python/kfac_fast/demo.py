@@ -61,7 +61,8 @@ def _progress(total: float, desc: str):
         return None
 
 
-def _train(method: str, step_fn, model, X, *, budget, batch_size, gen, eval_every: float) -> Run:
+def _train(method: str, step_fn, model, X, *, budget, batch_size, gen, eval_every: float,
+           max_iters: int | None = None) -> Run:
     run = Run(method)
     clock = Clock()
     bar = _progress(budget, f"{method:>24s}")
@@ -69,7 +70,7 @@ def _train(method: str, step_fn, model, X, *, budget, batch_size, gen, eval_ever
     run.times.append(0.0), run.iters.append(0), run.errors.append(err)
     next_eval, it, n = eval_every, 0, X.shape[0]
     perm, pos = torch.randperm(n, generator=gen), 0
-    while clock.elapsed < budget:
+    while clock.elapsed < budget and (max_iters is None or it < max_iters):
         if pos + batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + batch_size]
@@ -81,7 +82,7 @@ def _train(method: str, step_fn, model, X, *, budget, batch_size, gen, eval_ever
         it += 1
         if note:
             run.note = note
-        if clock.elapsed >= next_eval or clock.elapsed >= budget:
+        if clock.elapsed >= next_eval or clock.elapsed >= budget or it == max_iters:
             err = reconstruction_error(model, X)
             run.times.append(clock.elapsed), run.iters.append(it), run.errors.append(err)
             next_eval = clock.elapsed + eval_every
@@ -100,8 +101,10 @@ def _train(method: str, step_fn, model, X, *, budget, batch_size, gen, eval_ever
 def run_kfac(X, args, *, inverse: str, momentum: bool = True) -> Run:
     gen = torch.Generator().manual_seed(args.seed)
     model = deep_autoencoder(args.encoder, generator=torch.Generator().manual_seed(args.seed)).to(X.device)
-    cfg = (KFACConfig.paper if args.preset == "paper" else KFACConfig)(
-        inverse=inverse, momentum=momentum, **({"lambda_init": args.lambda_init} if args.lambda_init else {}))
+    make = {"default": KFACConfig, "paper": KFACConfig.paper,
+            # the paper's rules with λ₀ = 1: this package's defaults before issue 12
+            "paper-rules": lambda **kw: KFACConfig.paper(**dict({"lambda_init": 1.0}, **kw))}[args.preset]
+    cfg = make(inverse=inverse, momentum=momentum, **({"lambda_init": args.lambda_init} if args.lambda_init else {}))
     opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", config=cfg, backend=args.backend,
                          generator=torch.Generator(device=X.device).manual_seed(args.seed))
 
@@ -110,7 +113,7 @@ def run_kfac(X, args, *, inverse: str, momentum: bool = True) -> Run:
 
     name = f"K-FAC {'tridiag' if inverse == 'block_tridiagonal' else 'blkdiag'}{'' if momentum else ' no-mom'}"
     return _train(name, step, model, X, budget=args.budget, batch_size=args.batch_size, gen=gen,
-                  eval_every=args.eval_every)
+                  eval_every=args.eval_every, max_iters=args.max_iters)
 
 
 def sutskever_momentum(t: int, mu_max: float) -> float:
@@ -134,7 +137,7 @@ def _run_first_order(X, args, name: str, make_opt, before_step=None) -> Run:
         opt.step()
 
     return _train(name, step, model, X, budget=args.budget, batch_size=args.batch_size, gen=gen,
-                  eval_every=args.eval_every)
+                  eval_every=args.eval_every, max_iters=args.max_iters)
 
 
 def run_sgd(X, args) -> Run:
@@ -191,8 +194,10 @@ def main(argv=None) -> list[Run]:
     p.add_argument("--inverse", default="block_diagonal",
                    choices=["block_diagonal", "block_tridiagonal", "both"])
     p.add_argument("--methods", default="kfac,sgd,adam", help="comma list of kfac, kfac-nomom, sgd, adam")
-    p.add_argument("--preset", default="default", choices=["default", "paper"],
-                   help="'paper': λ₀ = 150 and the paper's other settings")
+    p.add_argument("--max-iters", type=int, default=None, help="stop each method after this many iterations")
+    p.add_argument("--preset", default="default", choices=["default", "paper", "paper-rules"],
+                   help="'paper': λ₀ = 150 and the paper's other settings; 'paper-rules': the same with λ₀ = 1 "
+                        "(the defaults before step rejection)")
     p.add_argument("--lambda-init", type=float, default=None)
     p.add_argument("--sgd-lr", type=float, default=0.01)
     p.add_argument("--sgd-mu-max", type=float, default=0.99)

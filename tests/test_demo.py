@@ -16,6 +16,33 @@ def test_demo_runs_and_writes_outputs(tmp_path):
         assert r.iters[-1] >= 1 and len(r.errors) >= 2
     assert os.path.getsize(tmp_path / "demo_error.png") > 1000
     assert (tmp_path / "demo_curves.csv").read_text().startswith("method,seconds,iterations,train_error")
+    _check_csv_metadata(tmp_path / "demo_curves.csv", runs)
+
+
+def _check_csv_metadata(path, runs):
+    """The data columns come first (readers keep working); then when, where and how it ran."""
+    import csv
+    import datetime
+
+    import torch
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+        f.seek(0)
+        header = next(csv.reader(f))
+    assert header == ["method", "seconds", "iterations", "train_error", "date", "cpu", "torch", "threads", "device"]
+    assert len(rows) == sum(len(r.times) for r in runs)
+    assert [r["method"] for r in rows] == [r.method for r in runs for _ in r.times]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for row in rows:
+        float(row["seconds"]), int(row["iterations"]), float(row["train_error"])
+        date = datetime.datetime.fromisoformat(row["date"])
+        assert date.tzinfo is not None and abs((now - date).total_seconds()) < 600
+        assert row["cpu"] and row["cpu"] != "unknown"
+        assert row["torch"] == torch.__version__
+        assert row["threads"] == str(torch.get_num_threads())
+        assert row["device"] == "cpu"
+    assert len({(r["date"], r["cpu"], r["torch"], r["threads"], r["device"]) for r in rows}) == 1  # one run
 
 
 def test_data_and_model():

@@ -5,8 +5,6 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 import kfac_fast
@@ -256,43 +254,74 @@ def test_preconditioner_leaves_non_finite_grads_for_the_scaler():
 
 
 # ---------------------------------------------------------------- fuzzing
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
-    m=st.integers(1, 12),
-    damping=st.floats(1e-6, 10.0),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    loss=st.sampled_from(["softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error"]),
-    bias=st.booleans(),
-    seed=st.integers(0, 1000),
-)
+# A fixed grid (drawn once from a seeded RNG, so every run checks the same 28 cases): random
+# widths, batch sizes, losses, bias and seeds, each crossed with every (dtype, damping) pair.
+# Every backend is compared with a float64 reference computed from the SAME factors and
+# directions, with a bound relative to the output norm that does not depend on the damping.
+# Forward error of a damped solve grows like eps·cond, so float32 is only asked for dampings
+# where that is small (γ ≥ 1e-2, measured worst ≈ 5e-6 relative); float64 down to γ = 1e-6
+# (measured worst ≈ 2e-7, the native Jacobi eigensolver on the tridiagonal inverse).
+_FUZZ_TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
+_FUZZ_DAMPINGS = {torch.float64: (1e-6, 1e-3, 1.0, 10.0), torch.float32: (1e-2, 1.0, 10.0)}
+
+
+def _fuzz_cases():
+    import random
+
+    rnd = random.Random(20150601)
+    cases = []
+    for _ in range(4):
+        for dtype, dampings in _FUZZ_DAMPINGS.items():
+            for damping in dampings:
+                widths = [rnd.randint(1, 6) for _ in range(rnd.randint(2, 4))]
+                cases.append(pytest.param(
+                    widths, rnd.randint(1, 12), damping, dtype,
+                    rnd.choice(["softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error"]),
+                    rnd.random() < 0.5, rnd.randint(0, 1000),
+                    id=f"{'-'.join(map(str, widths))}-{str(dtype)[6:]}-{damping:g}-{len(cases)}"))
+    return cases
+
+
+def _as_float64(fac):
+    from kfac_fast.curvature import KroneckerFactors
+
+    def c(t):
+        return None if t is None else t.double()
+
+    return [KroneckerFactors(A=c(f.A), G=c(f.G), A_next=c(f.A_next), G_next=c(f.G_next), name=f.name,
+                             homogeneous=f.homogeneous) for f in fac]
+
+
+@pytest.mark.parametrize("widths,m,damping,dtype,loss,bias,seed", _fuzz_cases())
 def test_fuzz_inverses_are_finite_and_backends_agree(widths, m, damping, dtype, loss, bias, seed):
     model = mlp(widths, nn.Tanh, bias=bias, seed=seed, dtype=dtype)
     x = torch.randn(m, widths[0], dtype=dtype, generator=torch.Generator().manual_seed(seed))
     fac = kronecker_factors(model, x, loss, fisher="mc", tridiagonal=True, generator=torch.Generator().manual_seed(seed))
     V = [torch.randn(f.G.shape[0], f.A.shape[0], dtype=dtype) for f in fac]
+    fac64, V64 = _as_float64(fac), [v.double() for v in V]
     status = kfac_fast.available_backends()
     # Triton kernels take float32/16-bit tensors (float64 is refused with a clear TypeError)
     backends = [b for b in ("torch", "native", "triton") if status[b].available
                 and not (b == "triton" and dtype == torch.float64)]
     for cls in (BlockDiagonal, BlockTridiagonal):
-        outs = {}
+        try:
+            ref = torch.cat([r.reshape(-1) for r in cls(fac64, damping=damping, backend="torch").apply(V64)])
+        except ValueError as exc:  # only the documented "not positive definite" refusal is allowed
+            assert "positive definite" in str(exc) and cls is BlockTridiagonal
+            ref = None
         for b in backends:
             try:
-                outs[b] = cls(fac, damping=damping, backend=b).apply(V)
-            except ValueError as exc:  # only the documented "not positive definite" refusal is allowed
+                out = cls(fac, damping=damping, backend=b).apply(V)
+            except ValueError as exc:
                 assert "positive definite" in str(exc) and cls is BlockTridiagonal
                 continue
-            for u in outs[b]:
-                assert bool(torch.isfinite(u).all())
-        ref = outs.get("torch")
-        if ref is None:
-            continue
-        for b, out in outs.items():
-            for u, r in zip(out, ref):
-                scale = float(r.abs().max()) + 1e-30
-                tol = 1e-3 if dtype == torch.float32 else 1e-8
-                assert float((u - r).abs().max()) <= tol * max(scale, 1.0) * (1 + 1 / damping), (b, cls.__name__)
+            for u in out:
+                assert u.dtype == dtype and bool(torch.isfinite(u).all())
+            if ref is None:
+                continue
+            got = torch.cat([u.double().reshape(-1) for u in out])
+            err = float((got - ref).norm() / ref.norm())
+            assert err <= _FUZZ_TOL[dtype], (b, cls.__name__, err)
 
 
 # ---------------------------------------------------------------- soak

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -187,6 +189,33 @@ def _plot(runs: list[Run], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: str) -> dict:
+    """Where and when the curves were measured: appended to every CSV row (after the data columns)."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": f"{_cpu_model()} ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": f"{device} ({name})" if dev.type == "cuda" else str(dev),
+    }
+
+
+CSV_COLUMNS = ["method", "seconds", "iterations", "train_error"]
+
+
 def main(argv=None) -> list[Run]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=90.0, help="training seconds per method (default 90)")
@@ -212,6 +241,7 @@ def main(argv=None) -> list[Run]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)  # the start of the run, with the threads it uses
     X, source = load_mnist()
     X = X.to(args.device)
     if args.encoder:
@@ -243,10 +273,10 @@ def main(argv=None) -> list[Run]:
     csv_path = os.path.join(args.out, "demo_curves.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "seconds", "iterations", "train_error"])
+        w.writerow(CSV_COLUMNS + list(machine))
         for r in runs:
             for t, i, e in zip(r.times, r.iters, r.errors):
-                w.writerow([r.method, f"{t:.3f}", i, f"{e:.4f}"])
+                w.writerow([r.method, f"{t:.3f}", i, f"{e:.4f}"] + list(machine.values()))
     png = os.path.join(args.out, "demo_error.png")
     _plot(runs, png, f"MNIST deep autoencoder ({source}), batch {args.batch_size}")
     print(f"\nwrote {png} and {csv_path}")

@@ -77,7 +77,7 @@ def test_optimizer_keeps_lambda_at_lambda_max():
     x, y = torch.randn(64, 3, dtype=D), torch.randn(64, 2, dtype=D)
     lam_max = 1e-6
     opt = KFAC(model, loss="squared_error", lambda_init=lam_max, lambda_min=1e-9, lambda_max=lam_max,
-               gamma_init=1e-4, adapt_gamma=False, momentum=False, T1=1, tau2=1 / 32,
+               gamma_init=1e-4, adapt_gamma=False, momentum=False, T1=1, tau2=1 / 32, tau2_min_rows=0,
                generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a rejected step may warn

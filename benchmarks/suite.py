@@ -243,14 +243,14 @@ def plot_problem(name: str, runs: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("objective", "full-data objective", True), ("lambda_", "λ", True), ("gamma", "γ", True),
-            ("alpha", "α", False), ("mu", "µ", False), ("rho", "ρ (every T1)", False)]
+            ("alpha", "α", "symlog"), ("mu", "µ", False), ("rho", "ρ (where measured)", False)]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for r in runs:
         s = r["summary"]
         label = f"{s['inverse'][6:9]} mom={s['momentum']} s{s['seed']}"
         for ax, (key, title, log) in zip(axes.flat, keys):
             pts = [(row["k"], row[key]) for row in r["trace"] if row.get(key) is not None
-                   and math.isfinite(row[key]) and (not log or row[key] > 0)]
+                   and math.isfinite(row[key]) and (log is not True or row[key] > 0)]
             if pts:
                 ax.plot(*zip(*pts), lw=0.8, label=label, marker="." if key == "rho" else None,
                         ls="" if key == "rho" else "-", ms=2)
@@ -258,7 +258,7 @@ def plot_problem(name: str, runs: list[dict], path: str) -> None:
         ax.set_title(title)
         ax.set_xlabel("iteration")
         if log:
-            ax.set_yscale("log")
+            ax.set_yscale("symlog", linthresh=1e-2) if log == "symlog" else ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[1, 2].set_ylim(-2, 3)
     axes[1, 1].set_ylim(-2, 2)
@@ -333,6 +333,7 @@ def main(argv=None) -> list[dict]:
             for r in runs:
                 s = r["summary"]
                 for row in r["trace"]:
+                    row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
                     w.writerow(dict(row, inverse=s["inverse"], momentum=s["momentum"], seed=s["seed"]))
         plot_problem(name, runs, os.path.join(RESULTS_DIR, args.name, f"{name}.png"))
     return outs

@@ -16,12 +16,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._state import (READABLE_VERSIONS, STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state,
-                     load_inverse, resolve_factorization, snapshot)
+from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .curvature.capture import capture
+from .curvature.inverses import build_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.layers import find_layers
 from .curvature.losses import check_output, get_loss
+from .curvature.running import RunningFactors, ema_decay, snapshot
 
 FISHERS = ("mc", "empirical")
 

@@ -160,3 +160,9 @@ def check_factors(factors: Sequence[KroneckerFactors], *, tridiagonal: bool = Fa
                     raise ValueError(f"{label}: {key} must have shape ({rows}, {cols}), got {tuple(M.shape)}")
                 if not bool(torch.isfinite(M).all()):
                     raise ValueError(f"{label}: cross factor {key} contains NaN or inf")
+
+
+def factors_to_dict(f: KroneckerFactors) -> dict:
+    """Detached copies of A, G, A_next, G_next (None where absent), for checkpoints."""
+    return {k: (None if getattr(f, k) is None else getattr(f, k).detach().clone())
+            for k in ("A", "G", "A_next", "G_next")}

@@ -1,19 +1,17 @@
-"""Shared pieces of the optimizer and the preconditioner: running factor estimates (Sec 5)
-and the approximate-inverse refresh (Sec 4.2/4.3 with 6.3), checkpoint helpers."""
+"""Running estimates of the Kronecker factors (paper Sec 5): ε-decayed averages, double-buffered.
+
+The curvature side owns these tensors; the optimizer only asks for an update, a commit and
+a snapshot for the inverse.
+"""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
-from .curvature import BlockDiagonal, BlockTridiagonal, KroneckerFactors
-from .curvature import _dispatch
-from .curvature._eigen import FactorEig
-from .curvature.layers import LinearLayer
-
-STATE_VERSION = 3  # 2: a Cholesky-built inverse is stored without eigenbases; 3: step rejection (ν)
-READABLE_VERSIONS = (1, 2, 3)
+from . import _dispatch
+from .factors import KroneckerFactors, factors_to_dict
+from .layers import LinearLayer
 
 
 class RunningFactors:
@@ -86,7 +84,7 @@ class RunningFactors:
         self.initialized = True
 
     def state(self) -> dict:
-        return {"factors": [_factors_to_dict(f) for f in self.current], "initialized": self.initialized}
+        return {"factors": [factors_to_dict(f) for f in self.current], "initialized": self.initialized}
 
     def load(self, state: dict) -> None:
         for f, d in zip(self.current, state["factors"]):
@@ -104,11 +102,6 @@ class RunningFactors:
         self.initialized = bool(state["initialized"])
 
 
-def _factors_to_dict(f: KroneckerFactors) -> dict:
-    return {k: (None if getattr(f, k) is None else getattr(f, k).detach().clone())
-            for k in ("A", "G", "A_next", "G_next")}
-
-
 def snapshot(factors: Sequence[KroneckerFactors], dtype: Optional[torch.dtype] = None) -> list[KroneckerFactors]:
     """Independent copies, optionally cast (the inverse must not alias the double-buffered factors)."""
     def cp(t):
@@ -118,58 +111,6 @@ def snapshot(factors: Sequence[KroneckerFactors], dtype: Optional[torch.dtype] =
                              name=f.name, homogeneous=f.homogeneous) for f in factors]
 
 
-def build_inverse(kind: str, factors, *, damping: float, backend: str, warm_start=None, eig=None,
-                  pi="trace", factorization: str = "eigh"):
-    if kind == "block_diagonal":
-        return BlockDiagonal(factors, damping=damping, pi=pi, backend=backend, warm_start=warm_start, _eig=eig,
-                             factorization=factorization)
-    return BlockTridiagonal(factors, damping=damping, pi=pi, backend=backend, warm_start=warm_start, _eig=eig)
-
-
-def resolve_factorization(requested: str, kind: str, backend: str) -> str:
-    """``"auto"``: Cholesky for the block-diagonal inverse (several times cheaper than an
-    eigendecomposition per refresh), eigendecompositions where they are needed (the tridiagonal
-    inverse) or asked for (``backend="native"``, the native eigensolver)."""
-    if requested != "auto":
-        return requested
-    return "cholesky" if kind == "block_diagonal" and backend != "native" else "eigh"
-
-
-def inverse_state(inv) -> Optional[dict]:
-    if inv is None:
-        return None
-    return {
-        "damping": inv.damping,
-        "pi": inv.pi_spec,
-        "factors": [_factors_to_dict(f) for f in inv.factors],
-        # a Cholesky-built inverse is rebuilt (deterministically) from these factors on load
-        "eig": None if inv.eig is None else [{"sA": e.sA.clone(), "QA": e.QA.clone(), "sG": e.sG.clone(),
-                                              "QG": e.QG.clone()} for e in inv.eig],
-    }
-
-
-def load_inverse(kind: str, state: Optional[dict], template: Sequence[KroneckerFactors], backend: str):
-    if state is None:
-        return None
-    facs = []
-    for t, d in zip(template, state["factors"]):
-        dev = t.A.device
-        facs.append(KroneckerFactors(A=d["A"].to(dev), G=d["G"].to(dev),
-                                     A_next=None if d["A_next"] is None else d["A_next"].to(dev),
-                                     G_next=None if d["G_next"] is None else d["G_next"].to(dev),
-                                     name=t.name, homogeneous=t.homogeneous))
-    if state["eig"] is None:
-        return build_inverse(kind, facs, damping=state["damping"], backend=backend, pi=state["pi"],
-                             factorization="cholesky")
-    eig = [FactorEig(sA=e["sA"].to(f.A.device), QA=e["QA"].to(f.A.device), sG=e["sG"].to(f.G.device),
-                     QG=e["QG"].to(f.G.device)) for e, f in zip(state["eig"], facs)]
-    return build_inverse(kind, facs, damping=state["damping"], backend=backend, eig=eig, pi=state["pi"])
-
-
 def ema_decay(k: int, ema_max: float) -> float:
     """ε = min(1 − 1/k, ema_max) (Sec 5)."""
     return min(1.0 - 1.0 / k, ema_max)
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from . import _dispatch
+from .. import ops
 from ..linalg import eigh
 from ._eigen import damped_spectrum, factor_eigs, inverse_from_eig
 from .block_diagonal import check_grads
@@ -119,16 +119,16 @@ class BlockTridiagonal:
         L = len(V)
         # Ξ v
         if L > 1:
-            U = _dispatch.sandwich(self.PsiG, V[1:], self.PsiA, alpha=-1.0, V=V[:-1], beta=1.0,
-                                   transpose_R=True, backend=self.backend) + [V[-1]]
+            U = ops.sandwich(self.PsiG, V[1:], self.PsiA, alpha=-1.0, V=V[:-1], beta=1.0,
+                             transpose_R=True, backend=self.backend) + [V[-1]]
         else:
             U = list(V)
         # Λ (Appendix B for each Σ⁻¹_{i|i+1}; plain Kronecker inverse for Σ_ℓ)
-        W = _dispatch.eigen_precondition(
+        W = ops.eigen_precondition(
             U, [s.K2 for s in self.sigma_inv], [s.s2 for s in self.sigma_inv],
             [s.K1 for s in self.sigma_inv], [s.s1 for s in self.sigma_inv], c0=1.0, sigma=-1, backend=self.backend)
         # Ξᵀ
         if L > 1:
-            W = [W[0]] + _dispatch.sandwich(self.PsiG, W[:-1], self.PsiA, alpha=-1.0, V=W[1:], beta=1.0,
-                                            transpose_L=True, backend=self.backend)
+            W = [W[0]] + ops.sandwich(self.PsiG, W[:-1], self.PsiA, alpha=-1.0, V=W[1:], beta=1.0,
+                                      transpose_L=True, backend=self.backend)
         return W

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _dispatch
+from .. import ops
 from .factors import KroneckerFactors, factors_to_dict
 from .layers import LinearLayer
 
@@ -68,16 +68,16 @@ class RunningFactors:
                 p.A_next.copy_(c.A_next)
                 p.G_next.copy_(c.G_next)
         hom = [l.has_bias for l in self.layers]
-        _dispatch.factor_update([p.A for p in pen], list(acts), eps=eps, scale=scale, homogeneous=hom, backend=backend)
-        _dispatch.factor_update([p.G for p in pen], list(gs), eps=eps, scale=scale,
-                                homogeneous=[False] * len(gs), backend=backend)
+        ops.factor_update([p.A for p in pen], list(acts), eps=eps, scale=scale, homogeneous=hom, backend=backend)
+        ops.factor_update([p.G for p in pen], list(gs), eps=eps, scale=scale,
+                          homogeneous=[False] * len(gs), backend=backend)
         if self.tridiagonal and len(pen) > 1:
-            _dispatch.cross_factor_update([p.A_next for p in pen[:-1]], list(acts[:-1]), list(acts[1:]), eps=eps,
-                                          scale=scale, homogeneous_x=hom[:-1], homogeneous_y=hom[1:], backend=backend)
+            ops.cross_factor_update([p.A_next for p in pen[:-1]], list(acts[:-1]), list(acts[1:]), eps=eps,
+                                    scale=scale, homogeneous_x=hom[:-1], homogeneous_y=hom[1:], backend=backend)
             n = len(gs) - 1
-            _dispatch.cross_factor_update([p.G_next for p in pen[:-1]], list(gs[:-1]), list(gs[1:]), eps=eps,
-                                          scale=scale, homogeneous_x=[False] * n, homogeneous_y=[False] * n,
-                                          backend=backend)
+            ops.cross_factor_update([p.G_next for p in pen[:-1]], list(gs[:-1]), list(gs[1:]), eps=eps,
+                                    scale=scale, homogeneous_x=[False] * n, homogeneous_y=[False] * n,
+                                    backend=backend)
 
     def commit(self) -> None:
         self._cur = 1 - self._cur

@@ -403,8 +403,8 @@ class KFAC:
                 z1 = self.model(x1)
             y1 = self.loss.sample(z1, self.generator)
             gs = torch.autograd.grad(self.loss.total(z1, y1), rec.outputs)
-        acts = [rec.flat_input(i) for i in range(len(self.layers))]
-        gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+        acts = [l.a_rows(x) for l, x in zip(self.layers, rec.inputs)]
+        gs = [l.g_rows(g) for l, g in zip(self.layers, gs)]
         bad = _first_non_finite(self.layers, acts, gs)
         if bad is not None:
             self._reject(f"non-finite {bad} in the sampled-target pass", stats)

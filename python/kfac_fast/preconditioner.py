@@ -135,12 +135,12 @@ class KFACPreconditioner:
             order = rec.order
             self.layers = [self.layers[i] for i in order]
             grads = [grads[i] for i in order]
-            acts = [rec.flat_input(i) for i in order]
-            gs = [gs[i].reshape(-1, gs[i].shape[-1]) for i in order]
+            acts = [l.a_rows(rec.inputs[i]) for l, i in zip(self.layers, order)]
+            gs = [l.g_rows(gs[i]) for l, i in zip(self.layers, order)]
             self._ordered = True
         else:
-            acts = [rec.flat_input(i) for i in range(len(self.layers))]
-            gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+            acts = [l.a_rows(x) for l, x in zip(self.layers, rec.inputs)]
+            gs = [l.g_rows(g) for l, g in zip(self.layers, gs)]
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.inverse_kind == "block_tridiagonal")

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .layers import LinearLayer
+from .blocks import CurvatureBlock
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Recording:
 
 
 @contextlib.contextmanager
-def capture(layers: Sequence[LinearLayer], *, need_outputs: bool = True) -> Iterator[Recording]:
+def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> Iterator[Recording]:
     """Hook ``layers`` for one forward pass.
 
     Raises (after the forward): ValueError naming a layer called more than once (weight

@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from .factors import KroneckerFactors, factors_to_dict
-from .layers import LinearLayer
+from .blocks import KRONECKER, CurvatureBlock
 
 
 class RunningFactors:
@@ -21,8 +21,12 @@ class RunningFactors:
     rejected step leaves the committed factors untouched (no lost state).
     """
 
-    def __init__(self, layers: Sequence[LinearLayer], *, dtype: torch.dtype, device, tridiagonal: bool):
+    def __init__(self, layers: Sequence[CurvatureBlock], *, dtype: torch.dtype, device, tridiagonal: bool):
         self.layers = list(layers)
+        for l in self.layers:
+            if l.factor_spec.kind != KRONECKER:
+                raise NotImplementedError(f"layer {l.name}: factor kind {l.factor_spec.kind!r} has no running factors "
+                                          f"or inverse yet; only {KRONECKER!r} blocks are supported")
         self.tridiagonal = tridiagonal
         self.dtype = dtype
         self._sets = [self._alloc(device), self._alloc(device)]
@@ -36,7 +40,7 @@ class RunningFactors:
             f = KroneckerFactors(
                 A=torch.zeros(l.a_dim, l.a_dim, dtype=self.dtype, device=device),
                 G=torch.zeros(l.g_dim, l.g_dim, dtype=self.dtype, device=device),
-                name=l.name, homogeneous=l.has_bias)
+                name=l.name, homogeneous=l.factor_spec.homogeneous)
             if self.tridiagonal and i + 1 < L:
                 nxt = self.layers[i + 1]
                 f.A_next = torch.zeros(l.a_dim, nxt.a_dim, dtype=self.dtype, device=device)
@@ -67,7 +71,7 @@ class RunningFactors:
             if p.A_next is not None:
                 p.A_next.copy_(c.A_next)
                 p.G_next.copy_(c.G_next)
-        hom = [l.has_bias for l in self.layers]
+        hom = [l.factor_spec.homogeneous for l in self.layers]
         ops.factor_update([p.A for p in pen], list(acts), eps=eps, scale=scale, homogeneous=hom, backend=backend)
         ops.factor_update([p.G for p in pen], list(gs), eps=eps, scale=scale,
                           homogeneous=[False] * len(gs), backend=backend)

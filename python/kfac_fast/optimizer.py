@@ -27,8 +27,10 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ._parts import default_factor_dtype, default_generator, model_device
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import KFACConfig
+from .curvature.blocks import factor_rows
 from .curvature.capture import capture
 from .curvature.inverses import build_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.layers import find_layers
@@ -145,17 +147,13 @@ class KFAC:
         self.loss = get_loss(loss)
         self.backend = backend
         self.layers = find_layers(model)
-        p0 = self.layers[0].module.weight
-        self.device = p0.device
-        self.factor_dtype = factor_dtype or (torch.float64 if p0.dtype == torch.float64 else torch.float32)
+        self.device = model_device(self.layers)
+        self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
         self.inverse_dtype = inverse_dtype or self.factor_dtype
         for name, dt in (("factor_dtype", self.factor_dtype), ("inverse_dtype", self.inverse_dtype)):
             if dt not in (torch.float32, torch.float64):
                 raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dt}")
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-        self.generator = generator
+        self.generator = generator if generator is not None else default_generator(self.device)
         cfg = self.config
         self.lambda_ = float(cfg.lambda_init)
         self.gamma = float(cfg.gamma_init) if cfg.gamma_init is not None else math.sqrt(cfg.lambda_init + cfg.weight_decay)
@@ -403,8 +401,7 @@ class KFAC:
                 z1 = self.model(x1)
             y1 = self.loss.sample(z1, self.generator)
             gs = torch.autograd.grad(self.loss.total(z1, y1), rec.outputs)
-        acts = [l.a_rows(x) for l, x in zip(self.layers, rec.inputs)]
-        gs = [l.g_rows(g) for l, g in zip(self.layers, gs)]
+        acts, gs = factor_rows(self.layers, rec.inputs, gs)
         bad = _first_non_finite(self.layers, acts, gs)
         if bad is not None:
             self._reject(f"non-finite {bad} in the sampled-target pass", stats)

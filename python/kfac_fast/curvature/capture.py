@@ -22,10 +22,6 @@ class Recording:
     outputs: list = field(default_factory=list)
     order: list = field(default_factory=list)
 
-    def flat_input(self, i: int) -> torch.Tensor:
-        x = self.inputs[i]
-        return x.reshape(-1, x.shape[-1])
-
 
 @contextlib.contextmanager
 def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> Iterator[Recording]:

@@ -1,5 +1,6 @@
 """Curvature blocks: one file per layer type, a registry from module types to block classes."""
-from .base import DENSE, DIAGONAL, FACTOR_KINDS, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, FactorSpec
+from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, FactorSpec,
+                   factor_rows)
 from .linear import LinearBlock
 from .registry import block_class, find_blocks, register_block, registered_blocks
 
@@ -13,6 +14,7 @@ __all__ = [
     "KRONECKER_DIAG_A",
     "LinearBlock",
     "block_class",
+    "factor_rows",
     "find_blocks",
     "register_block",
     "registered_blocks",

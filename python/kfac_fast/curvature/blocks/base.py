@@ -45,6 +45,14 @@ class FactorSpec:
     homogeneous: bool
 
 
+def factor_rows(blocks: Sequence["CurvatureBlock"], inputs: Sequence[torch.Tensor],
+                derivatives: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block, the A rows from its captured input and the G rows from its output derivative
+    (lists over blocks: the running factors update all of them in one grouped launch)."""
+    return ([b.a_rows(x) for b, x in zip(blocks, inputs)],
+            [b.g_rows(g) for b, g in zip(blocks, derivatives)])
+
+
 class CurvatureBlock(abc.ABC):
     """One layer as K-FAC sees it. Subclasses set ``factor_kind`` and implement the abstract
     methods; :func:`kfac_fast.register_block` makes K-FAC use them for a module type."""

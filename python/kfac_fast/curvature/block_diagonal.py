@@ -18,6 +18,7 @@ import torch
 from .. import ops
 from ._eigen import FactorEig, damped_spectrum, factor_eigs, inverse_from_eig
 from .damping import PiSpec, check_damping, resolve_pis
+from ._inverse_state import inverse_parts, inverse_state
 from .factors import KroneckerFactors, check_factors
 
 FACTORIZATIONS = ("eigh", "cholesky")
@@ -150,6 +151,19 @@ class BlockDiagonal:
                 self.Ainv.append(inverse_from_eig(e.QA, dA))
                 self.Ginv.append(inverse_from_eig(e.QG, dG))
         self._pad_inverses()
+
+    def state_dict(self) -> dict:
+        """For checkpoints: γ, π, the factors and the eigenbases (None when Cholesky-built)."""
+        return inverse_state(self)
+
+    @classmethod
+    def from_state(cls, state: dict, template: Sequence[KroneckerFactors], *, backend: str) -> "BlockDiagonal":
+        """The inverse :meth:`state_dict` describes, on the devices of ``template``; a Cholesky-built
+        one is rebuilt from its factors (deterministic)."""
+        facs, eig = inverse_parts(state, template)
+        if eig is None:
+            return cls(facs, damping=state["damping"], pi=state["pi"], backend=backend, factorization="cholesky")
+        return cls(facs, damping=state["damping"], pi=state["pi"], backend=backend, _eig=eig, factorization="eigh")
 
     def with_damping(self, damping: float) -> "BlockDiagonal":
         """Same factors, another γ: cheap with ``"eigh"`` (no new eigendecomposition); with

@@ -20,6 +20,7 @@ import torch
 from .. import ops
 from ..linalg import eigh
 from ._eigen import damped_spectrum, factor_eigs, inverse_from_eig
+from ._inverse_state import inverse_parts, inverse_state
 from .block_diagonal import check_grads
 from .damping import PiSpec, check_damping, resolve_pis
 from .factors import KroneckerFactors, check_factors
@@ -56,6 +57,17 @@ class BlockTridiagonal:
     @property
     def shapes(self) -> list[tuple[int, int]]:
         return [(f.G.shape[0], f.A.shape[0]) for f in self.factors]
+
+    def state_dict(self) -> dict:
+        """For checkpoints: γ, π, the factors (with the cross factors) and the eigenbases."""
+        return inverse_state(self)
+
+    @classmethod
+    def from_state(cls, state: dict, template: Sequence, *, backend: str) -> "BlockTridiagonal":
+        """The inverse :meth:`state_dict` describes, on the devices of ``template`` (eigenbases
+        recomputed if the state has none)."""
+        facs, eig = inverse_parts(state, template)
+        return cls(facs, damping=state["damping"], pi=state["pi"], backend=backend, _eig=eig)
 
     def with_damping(self, damping: float) -> "BlockTridiagonal":
         """Same factors, another γ (reuses the factors' eigendecompositions)."""

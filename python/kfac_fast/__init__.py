@@ -6,6 +6,7 @@ Public surface:
                                             block-tridiagonal inverses, Appendix B
     linalg                               -- the eigendecomposition engine
     KFAC, KFACPreconditioner             -- optimizers (Algorithm 2; gradient preconditioner)
+    register_block                       -- K-FAC for another module type (curvature.blocks)
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ _LAZY = {
     "ops": ".ops",
     "KFAC": ".optimizer",
     "KFACPreconditioner": ".preconditioner",
+    "register_block": ".curvature.blocks",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
         mod = importlib.import_module(_LAZY[name], __name__)
-        value = getattr(mod, name) if name[0].isupper() else mod
+        value = mod if mod.__name__.rsplit(".", 1)[-1] == name else getattr(mod, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'kfac_fast' has no attribute {name!r}")
@@ -57,4 +59,5 @@ __all__ = [
     "ops",
     "KFAC",
     "KFACPreconditioner",
+    "register_block",
 ]

@@ -5,9 +5,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from .curvature.inverses import INVERSE_KINDS
+
 RHO_LOW_BOUND = 0.25  # rho_min < 1/4, the LM rule's lower threshold (Sec 6.5)
 RHO_BATCHES = ("same", "next")
-INVERSES = ("block_diagonal", "block_tridiagonal")
+INVERSES = tuple(INVERSE_KINDS)
 FACTORIZATIONS = ("auto", "eigh", "cholesky")
 
 

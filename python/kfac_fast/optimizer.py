@@ -10,6 +10,10 @@ Per iteration k (``KFAC.step``):
   7. λ by the Levenberg-Marquardt rule every T1 (one extra forward for ρ)             Sec 6.5
   8. θ ← θ + δ
 
+``step`` runs these as phase methods: ``_gradient`` (1), ``_statistics`` (2-3), ``_refresh_if_due``
+(4), ``_proposals`` (5, with ``_rescale`` (6) per γ candidate), ``_commit`` (7-8). The ``profile``
+phases follow the task list of Sec 8 instead.
+
 The curvature blocks own their factors and inverses; kernels know nothing of this class.
 """
 from __future__ import annotations
@@ -18,17 +22,20 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from ._state import (READABLE_VERSIONS, STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state,
-                     load_inverse, resolve_factorization, snapshot)
+from ._parts import default_factor_dtype, default_generator, model_device
+from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import KFACConfig
+from .curvature.blocks import factor_rows
 from .curvature.capture import capture
+from .curvature.inverses import build_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.layers import find_layers
 from .curvature.losses import check_output, get_loss
+from .curvature.running import RunningFactors, ema_decay, snapshot
 from .quadratic import fisher_gram, inner, solve_alpha_mu
 from .rules import NU_INIT, accept, gamma_candidates, levenberg_marquardt, rejection_increase
 
@@ -70,6 +77,18 @@ def _storage_bytes(tensors) -> int:
             seen.add(st.data_ptr())
             total += st.nbytes()
     return total
+
+
+class _Proposal(NamedTuple):
+    """One γ candidate's outcome (Sec 6.6): M(δ) − M(0), γ, its inverse, Δ, α, µ and ‖δ‖²."""
+
+    M: float
+    gamma: float
+    inv: Any
+    Delta: list
+    alpha: float
+    mu: float
+    norm2: float
 
 
 class StepRejected(RuntimeError):
@@ -128,17 +147,13 @@ class KFAC:
         self.loss = get_loss(loss)
         self.backend = backend
         self.layers = find_layers(model)
-        p0 = self.layers[0].module.weight
-        self.device = p0.device
-        self.factor_dtype = factor_dtype or (torch.float64 if p0.dtype == torch.float64 else torch.float32)
+        self.device = model_device(self.layers)
+        self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
         self.inverse_dtype = inverse_dtype or self.factor_dtype
         for name, dt in (("factor_dtype", self.factor_dtype), ("inverse_dtype", self.inverse_dtype)):
             if dt not in (torch.float32, torch.float64):
                 raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dt}")
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-        self.generator = generator
+        self.generator = generator if generator is not None else default_generator(self.device)
         cfg = self.config
         self.lambda_ = float(cfg.lambda_init)
         self.gamma = float(cfg.gamma_init) if cfg.gamma_init is not None else math.sqrt(cfg.lambda_init + cfg.weight_decay)
@@ -308,16 +323,32 @@ class KFAC:
             ``refreshed``, ``rejected`` (with ``reason``), ``k``. A step rejected by ρ leaves θ
             as it was, keeps the new statistics (they were measured at θ) and drops δ₀.
         """
-        cfg = self.config
         self._check_batch(inputs, targets)
         self._ensure_state()
-        k = self.k
-        m = inputs.shape[0]
-        params = self._params()
-        stats: dict = {"k": k, "rho": None, "rejected": False, "refreshed": False}
-
+        stats: dict = {"k": self.k, "rho": None, "rejected": False, "refreshed": False}
         self._phases = {}
-        # 1. h and ∇h on S'
+        # each phase returns None where the step ended early (a rejection already written to stats)
+        grad = self._gradient(inputs, targets, stats)
+        if grad is None:
+            return stats
+        V, h, l2_val = grad
+        if self._pending is not None:
+            verdict = self._check_pending(inputs, targets, h, stats)
+            if verdict is not None:
+                return verdict
+        if not self._statistics(inputs, stats):
+            return stats
+        base = self._refresh_if_due(stats)
+        best = self._proposals(inputs, base, V)
+        return self._commit(inputs, targets, h, l2_val, best, stats)
+
+    def _gradient(self, inputs: torch.Tensor, targets: torch.Tensor, stats: dict):
+        """Step 1: h and ∇h on S' (with the ℓ2 term η, Sec 9) as per-layer blocks V_i.
+
+        Orders the layers by the first forward pass. Returns (V, h, ½η‖θ‖²), or None after
+        rejecting a non-finite loss.
+        """
+        params = self._params()
         with self._phase("1-2 gradient"), torch.enable_grad():
             if not self._ordered:
                 with capture(self.layers, need_outputs=False) as rec:
@@ -339,9 +370,11 @@ class KFAC:
         if not math.isfinite(h_val):
             if self._pending is not None:  # the previous, unchecked step led here: undo it
                 saved, self._pending, self.delta0 = self._pending["theta"], None, None
-                return self._reject("non-finite loss after the previous step (undone)", stats, saved=saved)
-            return self._reject("non-finite loss", stats)
-        eta = cfg.weight_decay
+                self._reject("non-finite loss after the previous step (undone)", stats, saved=saved)
+                return None
+            self._reject("non-finite loss", stats)
+            return None
+        eta = self.config.weight_decay
         V, pos = [], 0
         for layer in self.layers:
             n = len(layer.params())
@@ -354,48 +387,58 @@ class KFAC:
             pos += n
         h = h_val + l2_val
         stats["objective"] = h
-        if self._pending is not None:
-            verdict = self._check_pending(inputs, targets, h, stats)
-            if verdict is not None:
-                return verdict
+        return V, h, l2_val
 
-        # 2-3. statistics on S1 with targets sampled from the model, running averages
-        idx1 = self._subset(m, cfg.tau1)
+    def _statistics(self, inputs: torch.Tensor, stats: dict) -> bool:
+        """Steps 2-3: a backward pass on S₁ with targets sampled from the model (Sec 5), then the
+        running Ā, G (and cross factors) with ε = min(1 − 1/k, ema_max) into the pending buffers.
+        Returns False after rejecting non-finite statistics."""
+        cfg = self.config
+        idx1 = self._subset(inputs.shape[0], cfg.tau1)
         x1 = inputs.index_select(0, idx1)
         with self._phase("3 sampled backward"), torch.enable_grad():
             with capture(self.layers) as rec:
                 z1 = self.model(x1)
             y1 = self.loss.sample(z1, self.generator)
             gs = torch.autograd.grad(self.loss.total(z1, y1), rec.outputs)
-        acts = [rec.flat_input(i) for i in range(len(self.layers))]
-        gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+        acts, gs = factor_rows(self.layers, rec.inputs, gs)
         bad = _first_non_finite(self.layers, acts, gs)
         if bad is not None:
-            return self._reject(f"non-finite {bad} in the sampled-target pass", stats)
-        eps = ema_decay(k, cfg.ema_max)
+            self._reject(f"non-finite {bad} in the sampled-target pass", stats)
+            return False
+        eps = ema_decay(self.k, cfg.ema_max)
         with self._phase("4 factor update"):
             self.factors.update(acts, gs, eps=eps, backend=self.backend)
+        return True
 
-        # 4-6. inverse refresh, γ candidates, proposal, re-scaling / momentum
+    def _refresh_if_due(self, stats: dict):
+        """Step 4: a new inverse at the current γ when k ≡ 0 (mod T3) or k ≤ 3 (Sec 8), else the
+        last one (at the current γ). Returns the inverse the γ candidates start from."""
+        cfg, k = self.config, self.k
         refresh = (k % cfg.T3 == 0) or k <= 3 or self.inverse is None
-        candidates = [self.gamma]
-        # greedy γ (Sec 6.6) compares candidates by the exact-Fisher M; without re-scaling the only
-        # model is K-FAC's own, whose predicted decrease always favours the smallest γ: off.
-        if cfg.adapt_gamma and cfg.rescale and k % cfg.T2 == 0:
-            candidates = gamma_candidates(self.gamma, cfg.omega2, lo=cfg.gamma_min, hi=cfg.gamma_max)
         with self._phase("5 inverse refresh"):
             if refresh:
-                base = self._refresh(candidates[0])
+                base = self._refresh(self.gamma)
                 stats["refreshed"] = base is not self.inverse
             else:
                 base = self.inverse
                 if abs(base.damping - self.gamma) > 0:
                     base = base.with_damping(self.gamma)
-        idx2 = self._subset(m, cfg.tau2, cfg.tau2_min_rows)
+        return base
+
+    def _proposals(self, inputs: torch.Tensor, base, V: list[torch.Tensor]) -> "_Proposal":
+        """Steps 5-6 per γ candidate (Sec 6.6: every T2 iterations γ, ω₂γ, γ/ω₂): the proposal
+        Δ = −F̆⁻¹∇h (or F̂⁻¹∇h) and its re-scaling; returns the candidate with the lowest M."""
+        cfg = self.config
+        candidates = [self.gamma]
+        # greedy γ (Sec 6.6) compares candidates by the exact-Fisher M; without re-scaling the only
+        # model is K-FAC's own, whose predicted decrease always favours the smallest γ: off.
+        if cfg.adapt_gamma and cfg.rescale and self.k % cfg.T2 == 0:
+            candidates = gamma_candidates(self.gamma, cfg.omega2, lo=cfg.gamma_min, hi=cfg.gamma_max)
+        idx2 = self._subset(inputs.shape[0], cfg.tau2, cfg.tau2_min_rows)
         x2 = inputs.index_select(0, idx2)
         use_mom = cfg.momentum and self.delta0 is not None
         best = None
-        lam_eta = self.lambda_ + eta
         for gamma in candidates:
             with self._phase("5 inverse refresh"):
                 try:
@@ -404,32 +447,48 @@ class KFAC:
                     continue
             with self._phase("6 precondition"):
                 Delta = [-u for u in inv.apply(V)]
-            dirs = [Delta] + ([self.delta0] if use_mom else [])
-            n = len(dirs)
-            if cfg.rescale:
-                with self._phase("7 fisher quadratic"):
-                    gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
-                    dots = [[None] * n for _ in range(n)]
-                    for a in range(n):
-                        for c in range(a, n):
-                            dots[a][c] = dots[c][a] = inner(dirs[a], dirs[c])
-                    dots = torch.stack([torch.stack(row) for row in dots])
-                    b = torch.stack([inner(V, d) for d in dirs])
-                    # Γ, the Euclidean products and ∇hᵀd reach the host in one transfer (one sync)
-                    host = torch.cat([gram.reshape(-1), dots.reshape(-1), b]).cpu()
-                gram, dots, b = host[: n * n].view(n, n), host[n * n: 2 * n * n].view(n, n), host[2 * n * n:]
-                sol = solve_alpha_mu(gram, dots, b, lam_eta, mu_max=cfg.mu_max)
-                alpha, mu, M = sol.alpha, sol.mu, sol.M
-                coef = torch.tensor([alpha, mu][:n], dtype=torch.float64)
-                norm2 = float(coef @ dots @ coef)  # ‖αΔ + µδ₀‖², from the same numbers
-            else:
-                # no exact-Fisher model: δ = Δ and M is K-FAC's own prediction, ½∇hᵀΔ (exact for
-                # the damped approximate model, as Δ minimises it)
-                alpha, mu = 1.0, 0.0
-                norm2, bD = torch.stack([inner(Delta, Delta), inner(V, Delta)]).tolist()
-                M = 0.5 * bD
+            alpha, mu, M, norm2 = self._rescale(V, Delta, x2, use_mom)
             if best is None or (math.isfinite(M) and M < best[0]):
-                best = (M, gamma, inv, Delta, alpha, mu, norm2)
+                best = _Proposal(M, gamma, inv, Delta, alpha, mu, norm2)
+        return best
+
+    def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: torch.Tensor,
+                 use_mom: bool) -> tuple[float, float, float, float]:
+        """Step 6: α (and µ with momentum, Sec 7) minimising the exact-Fisher model M on S₂
+        (Sec 6.4, Appendix C). Returns (α, µ, M(δ) − M(0), ‖δ‖²) with δ = αΔ + µδ₀."""
+        cfg = self.config
+        dirs = [Delta] + ([self.delta0] if use_mom else [])
+        n = len(dirs)
+        if cfg.rescale:
+            with self._phase("7 fisher quadratic"):
+                gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
+                dots = [[None] * n for _ in range(n)]
+                for a in range(n):
+                    for c in range(a, n):
+                        dots[a][c] = dots[c][a] = inner(dirs[a], dirs[c])
+                dots = torch.stack([torch.stack(row) for row in dots])
+                b = torch.stack([inner(V, d) for d in dirs])
+                # Γ, the Euclidean products and ∇hᵀd reach the host in one transfer (one sync)
+                host = torch.cat([gram.reshape(-1), dots.reshape(-1), b]).cpu()
+            gram, dots, b = host[: n * n].view(n, n), host[n * n: 2 * n * n].view(n, n), host[2 * n * n:]
+            sol = solve_alpha_mu(gram, dots, b, self.lambda_ + cfg.weight_decay, mu_max=cfg.mu_max)
+            alpha, mu, M = sol.alpha, sol.mu, sol.M
+            coef = torch.tensor([alpha, mu][:n], dtype=torch.float64)
+            norm2 = float(coef @ dots @ coef)  # ‖αΔ + µδ₀‖², from the same numbers
+        else:
+            # no exact-Fisher model: δ = Δ and M is K-FAC's own prediction, ½∇hᵀΔ (exact for
+            # the damped approximate model, as Δ minimises it)
+            alpha, mu = 1.0, 0.0
+            norm2, bD = torch.stack([inner(Delta, Delta), inner(V, Delta)]).tolist()
+            M = 0.5 * bD
+        return alpha, mu, M, norm2
+
+    def _commit(self, inputs: torch.Tensor, targets: torch.Tensor, h: float, l2_val: float,
+                best: "_Proposal", stats: dict) -> dict:
+        """Steps 7-8: θ ← θ + δ; ρ every iteration with reject_steps (else every T1,
+        Sec 6.5) decides whether the step stays; the factors, the inverse and γ are committed
+        either way (they were computed at θ_k, which a rejected step keeps)."""
+        cfg, k = self.config, self.k
         M, gamma, inv, Delta, alpha, mu, norm2 = best
         delta = [alpha * d for d in Delta]
         if mu != 0.0:

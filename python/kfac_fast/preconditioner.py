@@ -16,12 +16,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._state import (READABLE_VERSIONS, STATE_VERSION, RunningFactors, build_inverse, ema_decay, inverse_state,
-                     load_inverse, resolve_factorization, snapshot)
+from ._parts import default_factor_dtype, default_generator, model_device
+from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
+from .curvature.blocks import factor_rows
 from .curvature.capture import capture
+from .curvature.inverses import build_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.layers import find_layers
 from .curvature.losses import check_output, get_loss
+from .curvature.running import RunningFactors, ema_decay, snapshot
 
 FISHERS = ("mc", "empirical")
 
@@ -92,13 +95,9 @@ class KFACPreconditioner:
         self.backend = backend
         self.factorization = resolve_factorization(factorization, inverse, backend)
         self.layers = find_layers(model)
-        p0 = self.layers[0].module.weight
-        self.device = p0.device
-        self.factor_dtype = factor_dtype or (torch.float64 if p0.dtype == torch.float64 else torch.float32)
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-        self.generator = generator
+        self.device = model_device(self.layers)
+        self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
+        self.generator = generator if generator is not None else default_generator(self.device)
         self.k = 1
         self._ordered = False
         self.factors: Optional[RunningFactors] = None
@@ -134,12 +133,10 @@ class KFACPreconditioner:
             order = rec.order
             self.layers = [self.layers[i] for i in order]
             grads = [grads[i] for i in order]
-            acts = [rec.flat_input(i) for i in order]
-            gs = [gs[i].reshape(-1, gs[i].shape[-1]) for i in order]
+            acts, gs = factor_rows(self.layers, [rec.inputs[i] for i in order], [gs[i] for i in order])
             self._ordered = True
         else:
-            acts = [rec.flat_input(i) for i in range(len(self.layers))]
-            gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+            acts, gs = factor_rows(self.layers, rec.inputs, gs)
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.inverse_kind == "block_tridiagonal")

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 
 from ._sequential_jvp import sequential_jvp, sequential_plan
-from .curvature.layers import LinearLayer
+from .curvature.blocks import CurvatureBlock
 from .curvature.losses import PredictiveDistribution
 
 
-def linearized_forward(model: nn.Module, layers: Sequence[LinearLayer], inputs: torch.Tensor,
+def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs: torch.Tensor,
                        direction: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, J·v) for a parameter direction v given as per-layer (d_out, d_in+h) blocks.
 
@@ -31,7 +31,7 @@ def linearized_forward(model: nn.Module, layers: Sequence[LinearLayer], inputs: 
     return z, jv
 
 
-def linearized_forward_many(model: nn.Module, layers: Sequence[LinearLayer], inputs: torch.Tensor,
+def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], inputs: torch.Tensor,
                             directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(z, [J·v_1, …, J·v_n]) from ONE linearized forward pass.
 
@@ -54,26 +54,19 @@ def linearized_forward_many(model: nn.Module, layers: Sequence[LinearLayer], inp
             return fast
     handles = []
 
-    def make_hook(layer: LinearLayer, Dw: torch.Tensor, Db: Optional[torch.Tensor]):
+    def make_hook(layer: CurvatureBlock, D: list[torch.Tensor]):
         def hook(module, args, out):
             x = fwAD.unpack_dual(args[0]).primal
             o = fwAD.unpack_dual(out)
             dt = o.primal.dtype
-            xs = x.to(dt).reshape(n, -1, x.shape[-1])  # (n, rows, d_in): copy j is direction j
-            if Db is not None:
-                extra = torch.baddbmm(Db.to(dt).unsqueeze(1), xs, Dw.to(dt).transpose(1, 2))
-            else:
-                extra = torch.bmm(xs, Dw.to(dt).transpose(1, 2))
-            extra = extra.reshape(o.primal.shape)
+            extra = layer.tangent(x, D, dt).reshape(o.primal.shape)
             tangent = extra if o.tangent is None else o.tangent.to(dt) + extra
             return fwAD.make_dual(o.primal, tangent)
 
         return hook
 
     for li, layer in enumerate(layers):
-        Dw = torch.stack([d[li][:, : layer.d_in] for d in directions])  # (n, d_out, d_in)
-        Db = torch.stack([d[li][:, layer.d_in] for d in directions]) if layer.has_bias else None
-        handles.append(layer.module.register_forward_hook(make_hook(layer, Dw, Db)))
+        handles.append(layer.module.register_forward_hook(make_hook(layer, [d[li] for d in directions])))
     rows = inputs.shape[0]
     stacked = inputs if n == 1 else inputs.repeat(n, *([1] * (inputs.dim() - 1)))
     try:
@@ -91,7 +84,7 @@ def linearized_forward_many(model: nn.Module, layers: Sequence[LinearLayer], inp
 
 def fisher_gram(
     model: nn.Module,
-    layers: Sequence[LinearLayer],
+    layers: Sequence[CurvatureBlock],
     inputs: torch.Tensor,
     loss: PredictiveDistribution,
     directions: Sequence[Sequence[torch.Tensor]],

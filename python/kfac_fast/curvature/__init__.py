@@ -3,6 +3,7 @@ block-diagonal / block-tridiagonal approximate inverses. Plain PyTorch here is t
 ``torch`` backend and the reference for every kernel."""
 from .block_diagonal import BlockDiagonal
 from .block_tridiagonal import BlockTridiagonal
+from .blocks import CurvatureBlock, LinearBlock, find_blocks, register_block
 from .damping import pi_trace
 from .factors import KroneckerFactors, kronecker_factors
 from .kron_sum import KronSumInverse, kron_sum_inverse, kron_sum_inverse_identity
@@ -12,15 +13,19 @@ from .losses import LOSSES, PredictiveDistribution, get_loss
 __all__ = [
     "BlockDiagonal",
     "BlockTridiagonal",
+    "CurvatureBlock",
     "KroneckerFactors",
     "KronSumInverse",
     "LOSSES",
+    "LinearBlock",
     "LinearLayer",
     "PredictiveDistribution",
+    "find_blocks",
     "find_layers",
     "get_loss",
     "kron_sum_inverse",
     "kron_sum_inverse_identity",
     "kronecker_factors",
     "pi_trace",
+    "register_block",
 ]

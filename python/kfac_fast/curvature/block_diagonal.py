@@ -15,9 +15,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _dispatch
+from .. import ops
 from ._eigen import FactorEig, damped_spectrum, factor_eigs, inverse_from_eig
 from .damping import PiSpec, check_damping, resolve_pis
+from ._inverse_state import inverse_parts, inverse_state
 from .factors import KroneckerFactors, check_factors
 
 FACTORIZATIONS = ("eigh", "cholesky")
@@ -151,6 +152,19 @@ class BlockDiagonal:
                 self.Ginv.append(inverse_from_eig(e.QG, dG))
         self._pad_inverses()
 
+    def state_dict(self) -> dict:
+        """For checkpoints: γ, π, the factors and the eigenbases (None when Cholesky-built)."""
+        return inverse_state(self)
+
+    @classmethod
+    def from_state(cls, state: dict, template: Sequence[KroneckerFactors], *, backend: str) -> "BlockDiagonal":
+        """The inverse :meth:`state_dict` describes, on the devices of ``template``; a Cholesky-built
+        one is rebuilt from its factors (deterministic)."""
+        facs, eig = inverse_parts(state, template)
+        if eig is None:
+            return cls(facs, damping=state["damping"], pi=state["pi"], backend=backend, factorization="cholesky")
+        return cls(facs, damping=state["damping"], pi=state["pi"], backend=backend, _eig=eig, factorization="eigh")
+
     def with_damping(self, damping: float) -> "BlockDiagonal":
         """Same factors, another γ: cheap with ``"eigh"`` (no new eigendecomposition); with
         ``"cholesky"`` new factorisations."""
@@ -162,16 +176,16 @@ class BlockDiagonal:
         check_grads(grads, self.shapes)
         grads = [g.to(self.factors[i].A.dtype) for i, g in enumerate(grads)]
         if self.exact_damping:
-            return _dispatch.eigen_precondition(
+            return ops.eigen_precondition(
                 grads, [k.K2 for k in self.kron_sum], [k.s2 for k in self.kron_sum],
                 [k.K1 for k in self.kron_sum], [k.s1 for k in self.kron_sum],
                 c0=[k.c0 for k in self.kron_sum], sigma=1, backend=self.backend)
         if self._Apad is not None:
             padded = [torch.nn.functional.pad(g, (0, a.shape[0] - g.shape[1], 0, gi.shape[0] - g.shape[0]))
                       for g, a, gi in zip(grads, self._Apad, self._Gpad)]
-            U = _dispatch.sandwich(self._Gpad, padded, self._Apad, backend=self.backend)
+            U = ops.sandwich(self._Gpad, padded, self._Apad, backend=self.backend)
             return [u[: g.shape[0], : g.shape[1]] for u, g in zip(U, grads)]
-        return _dispatch.sandwich(self.Ginv, grads, self.Ainv, backend=self.backend)
+        return ops.sandwich(self.Ginv, grads, self.Ainv, backend=self.backend)
 
     def apply_per_example(
         self, X: Sequence[torch.Tensor], Gm: Sequence[torch.Tensor], *, scale: float, rank_m: Optional[bool] = None
@@ -198,11 +212,11 @@ class BlockDiagonal:
             if x.shape[1] + int(f.homogeneous) != f.A.shape[0] or g.shape[1] != f.G.shape[0]:
                 raise ValueError(f"layer {i}: per-example shapes {tuple(x.shape)}, {tuple(g.shape)} do not match "
                                  f"factors A {tuple(f.A.shape)}, G {tuple(f.G.shape)}")
-            use = rank_m if rank_m is not None else _dispatch.rank_m_is_cheaper(x.shape[0], f.G.shape[0], f.A.shape[0])
+            use = rank_m if rank_m is not None else ops.rank_m_is_cheaper(x.shape[0], f.G.shape[0], f.A.shape[0])
             (low if use else direct).append(i)
         dt = self.factors[0].A.dtype
         if low:
-            res = _dispatch.rank_m_precondition(
+            res = ops.rank_m_precondition(
                 [X[i].to(dt) for i in low], [Gm[i].to(dt) for i in low], [self.Ainv[i] for i in low],
                 [self.Ginv[i] for i in low], homogeneous=[self.factors[i].homogeneous for i in low],
                 scale=scale, backend=self.backend)
@@ -215,8 +229,8 @@ class BlockDiagonal:
                 if self.factors[i].homogeneous:
                     x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
                 V.append(scale * (Gm[i].to(dt).t() @ x))
-            res = _dispatch.sandwich([self.Ginv[i] for i in direct], V, [self.Ainv[i] for i in direct],
-                                     backend=self.backend)
+            res = ops.sandwich([self.Ginv[i] for i in direct], V, [self.Ainv[i] for i in direct],
+                               backend=self.backend)
             for i, u in zip(direct, res):
                 out[i] = u
         return out  # type: ignore[return-value]

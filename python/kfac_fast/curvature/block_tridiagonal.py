@@ -17,9 +17,10 @@ from typing import Sequence
 
 import torch
 
-from . import _dispatch
+from .. import ops
 from ..linalg import eigh
 from ._eigen import damped_spectrum, factor_eigs, inverse_from_eig
+from ._inverse_state import inverse_parts, inverse_state
 from .block_diagonal import check_grads
 from .damping import PiSpec, check_damping, resolve_pis
 from .factors import KroneckerFactors, check_factors
@@ -56,6 +57,17 @@ class BlockTridiagonal:
     @property
     def shapes(self) -> list[tuple[int, int]]:
         return [(f.G.shape[0], f.A.shape[0]) for f in self.factors]
+
+    def state_dict(self) -> dict:
+        """For checkpoints: γ, π, the factors (with the cross factors) and the eigenbases."""
+        return inverse_state(self)
+
+    @classmethod
+    def from_state(cls, state: dict, template: Sequence, *, backend: str) -> "BlockTridiagonal":
+        """The inverse :meth:`state_dict` describes, on the devices of ``template`` (eigenbases
+        recomputed if the state has none)."""
+        facs, eig = inverse_parts(state, template)
+        return cls(facs, damping=state["damping"], pi=state["pi"], backend=backend, _eig=eig)
 
     def with_damping(self, damping: float) -> "BlockTridiagonal":
         """Same factors, another γ (reuses the factors' eigendecompositions)."""
@@ -119,16 +131,16 @@ class BlockTridiagonal:
         L = len(V)
         # Ξ v
         if L > 1:
-            U = _dispatch.sandwich(self.PsiG, V[1:], self.PsiA, alpha=-1.0, V=V[:-1], beta=1.0,
-                                   transpose_R=True, backend=self.backend) + [V[-1]]
+            U = ops.sandwich(self.PsiG, V[1:], self.PsiA, alpha=-1.0, V=V[:-1], beta=1.0,
+                             transpose_R=True, backend=self.backend) + [V[-1]]
         else:
             U = list(V)
         # Λ (Appendix B for each Σ⁻¹_{i|i+1}; plain Kronecker inverse for Σ_ℓ)
-        W = _dispatch.eigen_precondition(
+        W = ops.eigen_precondition(
             U, [s.K2 for s in self.sigma_inv], [s.s2 for s in self.sigma_inv],
             [s.K1 for s in self.sigma_inv], [s.s1 for s in self.sigma_inv], c0=1.0, sigma=-1, backend=self.backend)
         # Ξᵀ
         if L > 1:
-            W = [W[0]] + _dispatch.sandwich(self.PsiG, W[:-1], self.PsiA, alpha=-1.0, V=W[1:], beta=1.0,
-                                            transpose_L=True, backend=self.backend)
+            W = [W[0]] + ops.sandwich(self.PsiG, W[:-1], self.PsiA, alpha=-1.0, V=W[1:], beta=1.0,
+                                      transpose_L=True, backend=self.backend)
         return W

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .layers import LinearLayer
+from .blocks import CurvatureBlock
 
 
 @dataclass
@@ -22,13 +22,9 @@ class Recording:
     outputs: list = field(default_factory=list)
     order: list = field(default_factory=list)
 
-    def flat_input(self, i: int) -> torch.Tensor:
-        x = self.inputs[i]
-        return x.reshape(-1, x.shape[-1])
-
 
 @contextlib.contextmanager
-def capture(layers: Sequence[LinearLayer], *, need_outputs: bool = True) -> Iterator[Recording]:
+def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> Iterator[Recording]:
     """Hook ``layers`` for one forward pass.
 
     Raises (after the forward): ValueError naming a layer called more than once (weight

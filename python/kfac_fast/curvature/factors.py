@@ -122,14 +122,14 @@ def kronecker_factors(
             rec, z, dist, fisher=fisher, targets=targets, mc_samples=mc_samples, generator=generator
         )
     order = rec.order
-    m = rec.flat_input(order[0]).shape[0]
-    abar = [homogeneous_input(rec.flat_input(i), layers[i].has_bias) for i in order]
+    abar = [homogeneous_input(layers[i].a_rows(rec.inputs[i]), layers[i].factor_spec.homogeneous) for i in order]
+    m = abar[0].shape[0]
     gs = [[d[i] for i in order] for d in draws]
     result = []
     for pos, i in enumerate(order):
         A = abar[pos].t() @ abar[pos] / m
         G = sum(g[pos].t() @ g[pos] for g in gs) / m
-        f = KroneckerFactors(A=A, G=G, name=layers[i].name, homogeneous=layers[i].has_bias)
+        f = KroneckerFactors(A=A, G=G, name=layers[i].name, homogeneous=layers[i].factor_spec.homogeneous)
         if tridiagonal and pos + 1 < len(order):
             f.A_next = abar[pos].t() @ abar[pos + 1] / m
             f.G_next = sum(g[pos].t() @ g[pos + 1] for g in gs) / m
@@ -160,3 +160,9 @@ def check_factors(factors: Sequence[KroneckerFactors], *, tridiagonal: bool = Fa
                     raise ValueError(f"{label}: {key} must have shape ({rows}, {cols}), got {tuple(M.shape)}")
                 if not bool(torch.isfinite(M).all()):
                     raise ValueError(f"{label}: cross factor {key} contains NaN or inf")
+
+
+def factors_to_dict(f: KroneckerFactors) -> dict:
+    """Detached copies of A, G, A_next, G_next (None where absent), for checkpoints."""
+    return {k: (None if getattr(f, k) is None else getattr(f, k).detach().clone())
+            for k in ("A", "G", "A_next", "G_next")}

@@ -43,7 +43,7 @@ class KronSumInverse:
         if V.shape != (self.K2.shape[0], self.K1.shape[0]):
             raise ValueError(f"V must have shape ({self.K2.shape[0]}, {self.K1.shape[0]}) = (dim B, dim A), "
                              f"got {tuple(V.shape)}")
-        from ._dispatch import eigen_precondition
+        from ..ops import eigen_precondition
 
         return eigen_precondition(
             [V], [self.K2], [self.s2], [self.K1], [self.s1], c0=self.c0, sigma=self.sign, backend=backend

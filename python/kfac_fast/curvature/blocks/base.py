@@ -1,0 +1,127 @@
+"""The curvature-block interface: what K-FAC needs to know about one layer type.
+
+A block wraps one module (today: one layer i of the paper) and says
+  * which parameters it owns and how they map to the paper's matrix W_i (``to_matrix`` /
+    ``from_matrix``; gradients and updates travel between the optimizer and the inverses in
+    this layout);
+  * its factor spec (kind and sizes of Ā and G, Sec 3);
+  * how the inputs captured in the forward pass and the output derivatives g_i = ∂L/∂s_i
+    become factor **rows** (Ā = E[ā āᵀ] from ``a_rows``, G = E[g gᵀ] from ``g_rows``). Rows,
+    not per-block updates, so the factor updates of all blocks stay one grouped launch;
+  * its tangent for the linearized forward pass (Appendix C).
+
+One subclass per layer type lives beside this file; :mod:`.registry` maps module types to them.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+
+# Factor kinds (Sec 3; kfac-jax names the same families): a Kronecker product Ā ⊗ G of dense
+# factors; the same with a diagonal Ā; a diagonal; one small dense block.
+KRONECKER = "kronecker"
+KRONECKER_DIAG_A = "kronecker_diag_a"
+DIAGONAL = "diagonal"
+DENSE = "dense"
+FACTOR_KINDS = (KRONECKER, KRONECKER_DIAG_A, DIAGONAL, DENSE)
+
+
+@dataclass(frozen=True)
+class FactorSpec:
+    """Kind and sizes of a block's factors.
+
+    ``a_dim``: size of Ā (with the homogeneous coordinate when ``homogeneous``); ``g_dim``: size
+    of G; ``homogeneous``: the A rows get a trailing 1 (ā = [a; 1], Sec 2.1) when the factor is
+    formed (the kernels append it, so ``a_rows`` returns the rows without it).
+    """
+
+    kind: str
+    a_dim: int
+    g_dim: int
+    homogeneous: bool
+
+
+def factor_rows(blocks: Sequence["CurvatureBlock"], inputs: Sequence[torch.Tensor],
+                derivatives: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block, the A rows from its captured input and the G rows from its output derivative
+    (lists over blocks: the running factors update all of them in one grouped launch)."""
+    return ([b.a_rows(x) for b, x in zip(blocks, inputs)],
+            [b.g_rows(g) for b, g in zip(blocks, derivatives)])
+
+
+class CurvatureBlock(abc.ABC):
+    """One layer as K-FAC sees it. Subclasses set ``factor_kind`` and implement the abstract
+    methods; :func:`kfac_fast.register_block` makes K-FAC use them for a module type."""
+
+    factor_kind: ClassVar[str] = KRONECKER
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, module={self.module!r})"
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether K-FAC tracks this module (False: it is skipped, e.g. its weight is frozen)."""
+        return True
+
+    # ---------------------------------------------------------------- parameters
+    @abc.abstractmethod
+    def params(self) -> list[nn.Parameter]:
+        """The parameters this block owns, in the order ``to_matrix`` takes them."""
+
+    @abc.abstractmethod
+    def to_matrix(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Parameter-shaped tensors (one per ``params()`` entry, in order) -> the block matrix
+        of shape (g_dim, a_dim) (W_i of Sec 2.1)."""
+
+    @abc.abstractmethod
+    def from_matrix(self, M: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of ``to_matrix``: (g_dim, a_dim) -> tensors shaped like ``params()``."""
+
+    def grad_matrix(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params()]
+        if any(g is None for g in grads):
+            raise RuntimeError(f"layer {self.name} has no .grad; call loss.backward() before preconditioning")
+        return self.to_matrix(*grads)
+
+    def param_matrix(self) -> torch.Tensor:
+        return self.to_matrix(*self.params())
+
+    # ---------------------------------------------------------------- factors
+    @property
+    @abc.abstractmethod
+    def factor_spec(self) -> FactorSpec:
+        """Kind and sizes of Ā and G."""
+
+    @property
+    def a_dim(self) -> int:
+        return self.factor_spec.a_dim
+
+    @property
+    def g_dim(self) -> int:
+        return self.factor_spec.g_dim
+
+    @abc.abstractmethod
+    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's captured input -> rows (m, a_dim − homogeneous) whose mean outer product is Ā."""
+
+    @abc.abstractmethod
+    def g_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """∂L/∂(module output) -> rows (m, g_dim) whose mean outer product is G."""
+
+    # ---------------------------------------------------------------- linearized forward
+    @abc.abstractmethod
+    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The output tangent that parameter directions add (Appendix C: dW·ā).
+
+        ``x``: the module's input for n stacked copies of the batch (copy j along the batch
+        dimension carries direction j); ``directions``: the n (g_dim, a_dim) matrices. Returns a
+        tensor with the output's elements in the output's order, in ``dtype``.
+        """

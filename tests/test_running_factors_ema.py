@@ -13,7 +13,7 @@ from torch import nn
 
 import kfac_fast
 from kfac_fast import KFAC
-from kfac_fast._state import RunningFactors, ema_decay
+from kfac_fast.curvature.running import RunningFactors, ema_decay
 from kfac_fast.curvature import find_layers
 from kfac_fast.curvature.losses import SquaredError
 

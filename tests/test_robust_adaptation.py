@@ -277,3 +277,45 @@ def test_next_batch_rho_checks_the_previous_step_and_undoes_it(monkeypatch):
     s = opt.step(x2, y2)
     assert s["rejected"] and "previous step" in s["reason"] and opt.delta0 is None
     assert all(torch.equal(a, b) for a, b in zip(theta2, model.parameters()))
+
+
+# ---------------------------------------------------------------- ρ on a row subset
+def test_rho_on_rho_rows_rows_is_the_subset_change_over_M(monkeypatch):
+    """rho_rows < m: the ρ forward sees rho_rows rows; ρ = (h_S(θ+δ) − h_S(θ)) / M with h_S the
+    mean loss on those rows plus ½η‖θ‖², computed here independently."""
+    model, x, y = _problem(m=40)
+    eta = 0.05
+    seen = []
+    real = KFAC._objective
+
+    def spy(self, inputs, targets, params=None):
+        seen.append((inputs.clone(), targets.clone()))
+        return real(self, inputs, targets, params)
+
+    monkeypatch.setattr(KFAC, "_objective", spy)
+    opt = KFAC(model, loss="softmax_cross_entropy", rho_rows=12, weight_decay=eta,
+               generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        theta = _params(model)
+        seen.clear()
+        stats = opt.step(x, y)
+        assert len(seen) == 1 and seen[0][0].shape[0] == 12
+        xs, ys = seen[0]
+        after = theta if stats["rejected"] else _params(model)
+        if not stats["rejected"]:
+            # the subset's rows are rows of the batch
+            assert all(any(torch.equal(r, b) for b in x) for r in xs)
+
+        def h(params):
+            with torch.no_grad():
+                names = [n for n, _ in model.named_parameters()]
+                out = torch.func.functional_call(model, dict(zip(names, params)), (xs,))
+                return float(nn.functional.cross_entropy(out, ys)) + 0.5 * eta * sum(float(p.pow(2).sum())
+                                                                                    for p in params)
+        if not stats["rejected"]:
+            assert stats["rho"] == pytest.approx((h(after) - h(theta)) / stats["M"], rel=1e-8)
+    # a batch no larger than rho_rows is measured whole
+    seen.clear()
+    opt2 = KFAC(model, loss="softmax_cross_entropy", rho_rows=40)
+    opt2.step(x, y)
+    assert seen[0][0].shape[0] == 40

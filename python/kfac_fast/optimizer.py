@@ -331,7 +331,7 @@ class KFAC:
         grad = self._gradient(inputs, targets, stats)
         if grad is None:
             return stats
-        V, h, l2_val = grad
+        V, h, l2_val, rho_rows = grad
         if self._pending is not None:
             verdict = self._check_pending(inputs, targets, h, stats)
             if verdict is not None:
@@ -340,13 +340,14 @@ class KFAC:
             return stats
         base = self._refresh_if_due(stats)
         best = self._proposals(inputs, base, V)
-        return self._commit(inputs, targets, h, l2_val, best, stats)
+        return self._commit(inputs, targets, h, l2_val, best, stats, rho_rows)
 
     def _gradient(self, inputs: torch.Tensor, targets: torch.Tensor, stats: dict):
         """Step 1: h and ∇h on S' (with the ℓ2 term η, Sec 9) as per-layer blocks V_i.
 
-        Orders the layers by the first forward pass. Returns (V, h, ½η‖θ‖²), or None after
-        rejecting a non-finite loss.
+        Orders the layers by the first forward pass. Returns (V, h, ½η‖θ‖², ρ rows), or None
+        after rejecting a non-finite loss. ρ rows is None (ρ on the whole batch) or (indices of
+        ``rho_rows`` rows, h on them at θ_k): their loss at θ_k comes from this pass for free.
         """
         params = self._params()
         with self._phase("1-2 gradient"), torch.enable_grad():
@@ -364,8 +365,15 @@ class KFAC:
             self.loss.check_targets(z, targets)
             h_data = self.loss.total(z, targets) / z.shape[0]
             grads = torch.autograd.grad(h_data, params)
-            # h and ½η‖θ‖² reach the host together: the step's first sync (the finite-loss decision)
-            h_val, l2_val = torch.stack([h_data.detach().double(), self._l2()]).tolist()
+            m, r = z.shape[0], self.config.rho_rows
+            idx_r = self._subset(m, 0.0, r) if 0 < r < m and self.config.rho_batch == "same" else None
+            parts = [h_data.detach().double(), self._l2()]
+            if idx_r is not None:
+                zr = z.detach().index_select(0, idx_r)
+                parts.append((self.loss.total(zr, targets.index_select(0, idx_r)) / zr.shape[0]).double())
+            # h, ½η‖θ‖² (and h on the ρ rows) reach the host together: the step's first sync
+            vals = torch.stack(parts).tolist()
+            h_val, l2_val = vals[0], vals[1]
         stats["loss"] = h_val
         if not math.isfinite(h_val):
             if self._pending is not None:  # the previous, unchecked step led here: undo it
@@ -387,7 +395,8 @@ class KFAC:
             pos += n
         h = h_val + l2_val
         stats["objective"] = h
-        return V, h, l2_val
+        rho_rows = None if idx_r is None else (idx_r, vals[2] + l2_val)
+        return V, h, l2_val, rho_rows
 
     def _statistics(self, inputs: torch.Tensor, stats: dict) -> bool:
         """Steps 2-3: a backward pass on S₁ with targets sampled from the model (Sec 5), then the
@@ -484,7 +493,7 @@ class KFAC:
         return alpha, mu, M, norm2
 
     def _commit(self, inputs: torch.Tensor, targets: torch.Tensor, h: float, l2_val: float,
-                best: "_Proposal", stats: dict) -> dict:
+                best: "_Proposal", stats: dict, rho_rows=None) -> dict:
         """Steps 7-8: θ ← θ + δ; ρ every iteration with reject_steps (else every T1,
         Sec 6.5) decides whether the step stays; the factors, the inverse and γ are committed
         either way (they were computed at θ_k, which a rejected step keeps)."""
@@ -510,7 +519,11 @@ class KFAC:
         rejected = None
         if measure:
             with self._phase("8 rho forward"):
-                h_new = self._objective(inputs, targets)
+                if rho_rows is None:
+                    h_new = self._objective(inputs, targets)
+                else:  # ρ on a random subset of rho_rows rows (an unbiased estimate of the batch's)
+                    idx_r, h = rho_rows
+                    h_new = self._objective(inputs.index_select(0, idx_r), targets.index_select(0, idx_r))
             rho = (h_new - h) / M if math.isfinite(h_new) else float("nan")
             stats["rho"] = rho
             if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):

@@ -165,7 +165,7 @@ class KFAC:
         self.rejections = 0
         self.total_rejections = 0
         self.nu = NU_INIT  # Nielsen's growth factor for λ after consecutive rejections (rules.py)
-        # rho_batch="next": the last step, to be checked on the next batch (θ_k, M(δ_k), ½η‖θ_k‖²)
+        # rho_batch="next": the last step, to be checked on the next batch (θ_k, M(δ_k), whether the LM rule is due)
         self._pending: Optional[dict] = None
         self.profile = profile
         self._phases: dict[str, float] = {}
@@ -331,7 +331,7 @@ class KFAC:
         grad = self._gradient(inputs, targets, stats)
         if grad is None:
             return stats
-        V, h, l2_val, rho_rows = grad
+        V, h, rho_rows = grad
         if self._pending is not None:
             verdict = self._check_pending(inputs, targets, h, stats)
             if verdict is not None:
@@ -340,12 +340,12 @@ class KFAC:
             return stats
         base = self._refresh_if_due(stats)
         best = self._proposals(inputs, base, V)
-        return self._commit(inputs, targets, h, l2_val, best, stats, rho_rows)
+        return self._commit(inputs, targets, h, best, stats, rho_rows)
 
     def _gradient(self, inputs: torch.Tensor, targets: torch.Tensor, stats: dict):
         """Step 1: h and ∇h on S' (with the ℓ2 term η, Sec 9) as per-layer blocks V_i.
 
-        Orders the layers by the first forward pass. Returns (V, h, ½η‖θ‖², ρ rows), or None
+        Orders the layers by the first forward pass. Returns (V, h, ρ rows), or None
         after rejecting a non-finite loss. ρ rows is None (ρ on the whole batch) or (indices of
         ``rho_rows`` rows, h on them at θ_k): their loss at θ_k comes from this pass for free.
         """
@@ -396,7 +396,7 @@ class KFAC:
         h = h_val + l2_val
         stats["objective"] = h
         rho_rows = None if idx_r is None else (idx_r, vals[2] + l2_val)
-        return V, h, l2_val, rho_rows
+        return V, h, rho_rows
 
     def _statistics(self, inputs: torch.Tensor, stats: dict) -> bool:
         """Steps 2-3: a backward pass on S₁ with targets sampled from the model (Sec 5), then the
@@ -492,7 +492,7 @@ class KFAC:
             M = 0.5 * bD
         return alpha, mu, M, norm2
 
-    def _commit(self, inputs: torch.Tensor, targets: torch.Tensor, h: float, l2_val: float,
+    def _commit(self, inputs: torch.Tensor, targets: torch.Tensor, h: float,
                 best: "_Proposal", stats: dict, rho_rows=None) -> dict:
         """Steps 7-8: θ ← θ + δ; ρ every iteration with reject_steps (else every T1,
         Sec 6.5) decides whether the step stays; the factors, the inverse and γ are committed
@@ -543,7 +543,7 @@ class KFAC:
         else:
             self.delta0 = [d.detach() for d in delta]
             if held_out:
-                self._pending = {"theta": theta, "M": M, "l2": l2_val, "lm_due": lm_due}
+                self._pending = {"theta": theta, "M": M, "lm_due": lm_due}
             else:
                 self.rejections = 0
                 self.nu = NU_INIT
@@ -640,7 +640,7 @@ class KFAC:
             "nu": self.nu,
             "pending": None if self._pending is None else {
                 "theta": [[t.clone() for t in ps] for ps in self._pending["theta"]],
-                "M": self._pending["M"], "l2": self._pending["l2"], "lm_due": self._pending["lm_due"]},
+                "M": self._pending["M"], "lm_due": self._pending["lm_due"]},
             "inverse_fallbacks": self.inverse_fallbacks,
         }
 
@@ -680,5 +680,5 @@ class KFAC:
         pend = state.get("pending")
         self._pending = None if pend is None else {
             "theta": [[t.to(self.device) for t in ps] for ps in pend["theta"]], "M": float(pend["M"]),
-            "l2": float(pend["l2"]), "lm_due": bool(pend["lm_due"])}
+            "lm_due": bool(pend["lm_due"])}
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))

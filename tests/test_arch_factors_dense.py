@@ -274,6 +274,19 @@ def test_ref_tokenwise_equals_flattened_and_embedding_A():
     assert abs(float(A.sum()) - 1) < 1e-14 and float(A[5]) == 0.0
 
 
+def test_ref_layernorm_2x2_by_hand():
+    # y = w ⊙ x̂ + b: u_c = (x̂_c δ_c, δ_c) with δ = ∂ℓ/∂y, so E[u uᵀ] = E[δ_c²] [[x̂², x̂], [x̂, 1]]
+    # and E[δ_c²] = (Σ_t J_tᵀ F_R J_t)_cc, J = ∂z/∂y (output probe, no parameter Jacobians)
+    model, x, path, _, C = _norm_case("layernorm")
+    a, _, z = dn.capture_io(model, x, path)
+    xh = (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    FR, mask, N = dn.loss_terms(z, CE)
+    J = dn.output_rows_jacobian(model, x, path)[:, :, :, 0, :]  # (T, k, m, C)
+    Ed2 = torch.einsum("tknc,tkl,tlnc->nc", J, FR, J)
+    M = torch.stack([torch.stack([xh ** 2, xh], -1), torch.stack([xh, torch.ones_like(xh)], -1)], -2)
+    close((Ed2[..., None, None] * M).sum(0) / N, dn.norm_fisher_2x2(model, x, CE, "1.weight", "1.bias"))
+
+
 # ============================================================================= conv (KFC)
 
 @pytest.mark.parametrize("bias", [True, False])

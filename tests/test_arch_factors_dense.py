@@ -634,10 +634,10 @@ def test_unsupported_choices():
     model = _loose_model()
     x = torch.randn(4, 3, dtype=D)
     bf = block_factors_api()
-    skipped = bf(model, x, CE, unsupported="skip")
+    skipped = bf(model, x, CE, fisher="exact", unsupported="skip")
     assert len(skipped) == 2 and all(hasattr(r, "A") for r in skipped)
     with pytest.raises(ValueError) as err:
-        bf(model, x, CE, unsupported="error")
+        bf(model, x, CE, fisher="exact", unsupported="error")
     msg = str(err.value)
     assert "2" in msg and all(c in msg for c in ("diagonal", "skip", "error")), msg
 

@@ -807,3 +807,30 @@ def test_tuple_and_dict_batches_equal_tensor_batch():
     for a, b in zip(kt, kd):
         close(a.A, b.A)
         close(a.G, b.G)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_preconditioner_step_with_tuple_and_dict_batches(fisher):
+    # KFACPreconditioner.step(batch, targets) with a tuple/dict batch gives the .grad of the
+    # tensor batch; tau1 < 1 so the τ₁ subset must index dim 0 of every tensor the same way
+    import copy
+
+    from kfac_fast import KFACPreconditioner
+    u, v = torch.randn(8, 3, dtype=D), torch.randn(8, 2, dtype=D)
+    y = torch.tensor([0, 2, 1, 1, 0, 2, 2, 1])
+    inner = TwoIn().to(D)
+    out = []
+    for kind in ("tensor", "tuple", "dict"):
+        base = copy.deepcopy(inner)
+        model = {"tensor": CatIn(base), "tuple": base, "dict": DictIn(base)}[kind]
+        batch = {"tensor": torch.cat([u, v], 1), "tuple": (u, v), "dict": {"u": u, "v": v}}[kind]
+        pre = KFACPreconditioner(model, loss=CE, damping=0.1, fisher=fisher, tau1=0.5,
+                                 generator=torch.Generator().manual_seed(3))
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(dn.call(model, batch), y).backward()
+            pre.step(batch, y)
+        out.append([p.grad.clone() for p in base.parameters()])
+    for g_t, g_u, g_d in zip(*out):
+        close(g_u, g_t)
+        close(g_d, g_t)

@@ -226,6 +226,15 @@ def test_ref_exact_diagonal_is_the_expectation_over_sampled_targets():
     J = dn.param_jacobians(model, x, ["2.mix"])["2.mix"].reshape(3, 3, -1)
     grads = torch.einsum("tkp,stk->sp", J, resid)
     close((probs[:, None] * grads ** 2).sum(0) / 3, dn.exact_fisher_diagonal(model, x, CE, "2.mix"))
+    # several terms per example (tokens; one ignored): u_n = Σ_t ∇ℓ_{n,t}, still no cross terms
+    xs = torch.randn(2, 3, 3, dtype=D, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([[0, -100, 2], [1, 1, 0]])
+    with torch.no_grad():
+        z = model(xs)
+    probs, resid = dn.enumerate_label_draws(z, CE, y)
+    J = dn.param_jacobians(model, xs, ["2.mix"])["2.mix"].reshape(6, 3, -1)
+    u = torch.einsum("nrkp,snrk->snp", J.reshape(2, 3, 3, -1), resid.reshape(-1, 2, 3, 3))  # per example
+    close(torch.einsum("s,snp->p", probs, u ** 2) / 5, dn.exact_fisher_diagonal(model, xs, CE, "2.mix", targets=y))
 
 
 def test_ref_kronecker_is_exact_for_one_example_one_location():
@@ -301,9 +310,9 @@ def test_ref_layernorm_2x2_by_hand():
 
 # ============================================================================= conv (KFC)
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("stride,padding,dilation", CONV_CFGS)
-@pytest.mark.parametrize("loss", [CE, SQ])
+@pytest.mark.parametrize("stride,padding,dilation,bias,loss",
+                         [(*c, b, CE) for c in CONV_CFGS for b in (True, False)]
+                         + [(*CONV_CFGS[2], True, SQ), (*CONV_CFGS[1], False, SQ)])
 def test_conv_factors_expand(stride, padding, dilation, bias, loss):
     model = conv_net(stride, padding, dilation, bias)
     x = conv_data()
@@ -531,8 +540,7 @@ def _norm_case(kind):
 NORMS = ["batchnorm2d_eval", "layernorm", "layernorm_2d_shape", "layernorm_no_bias", "rmsnorm", "groupnorm"]
 
 
-@pytest.mark.parametrize("kind", NORMS)
-@pytest.mark.parametrize("loss", [CE, SQ])
+@pytest.mark.parametrize("kind,loss", [(k, CE) for k in NORMS] + [("layernorm", SQ), ("groupnorm", SQ)])
 def test_norm_block_is_the_per_channel_2x2_fisher(kind, loss):
     model, x, path, has_b, C = _norm_case(kind)
     recs = block_factors_api()(model, x, loss, fisher="exact")
@@ -622,17 +630,27 @@ def test_loose_parameter_exact_diagonal(loss):
     assert len(kron_records(recs)) == 2
 
 
+def test_loose_parameter_exact_diagonal_on_sequences():
+    # per-token loss: F = diag of (1/N) Σ_n E[u_n u_nᵀ], u_n = Σ_t ∇ℓ_{n,t}, = Σ_t diag(J_tᵀ F_R J_t)/N
+    # (checked by enumeration in test_ref_exact_diagonal_is_the_expectation_over_sampled_targets)
+    model = _loose_model()
+    x = torch.randn(2, 3, 3, dtype=D, generator=torch.Generator().manual_seed(3))
+    rec = _loose_record(block_factors_api()(model, x, CE, fisher="exact"))
+    close(rec.F.reshape(-1), dn.exact_fisher_diagonal(model, x, CE, "2.mix"))
+
+
 def test_loose_parameter_mc_diagonal_is_unbiased():
     # Every joint draw of the 3 examples' classes is enumerated (3^3 = 27) to get the exact mean
     # (which is the exact diagonal: test_ref_exact_diagonal_...) and the exact per-draw standard
     # deviation σ of the estimator (1/N)(∇ Σ ℓ)². The mean of S independent draws has standard
     # deviation σ/√S; a 6σ/√S band per entry fails a correct implementation with probability
-    # < 2e-9 per entry (Gaussian tail; S = 300 draws make the CLT adequate, and Chebyshev still
-    # bounds it by 1/36), while a wrong scale (sum instead of mean over draws, 1/N missing: a
-    # factor 3 here) moves the estimate by ≥ 2 means ≈ 2·√300/(σ/mean ≲ 2) ≳ 17 standard errors.
+    # < 2e-9 per entry (Gaussian tail; X takes 27 bounded values, so S = 150 draws make the CLT
+    # adequate; the generator is seeded, so the outcome is deterministic), while a wrong scale
+    # (sum instead of mean over draws, 1/N missing: a factor 3 here) moves the estimate by ≥ 2
+    # means = 2·√150/(σ/mean ≤ 1.52 here) ≈ 16 standard errors.
     model = _loose_model()
     x = torch.randn(3, 3, dtype=D, generator=torch.Generator().manual_seed(2))
-    S = 300
+    S = 150
     recs = block_factors_api()(model, x, CE, fisher="mc", mc_samples=S,
                                generator=torch.Generator().manual_seed(123))
     est = _loose_record(recs).F.reshape(-1)
@@ -701,6 +719,19 @@ def test_block_diagonal_apply_on_arch_blocks(gamma, case):
             assert float((vec(u) - expected).norm()) <= 1e-8 * float(expected.norm()), (label, gamma)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.1])
+def test_block_inverse_embedding_diagonal_A(gamma):
+    # the implementation's inverse over every block kind (kfac_fast.curvature.block_inverse):
+    # (G + (γ/π)I)⁻¹ V diag(1/(A + πγ)) is the dense solve with diag(A)
+    from kfac_fast.curvature.block_inverse import BlockInverse
+    fac = dict(_inverse_cases())["embedding"]
+    g = torch.Generator().manual_seed(9)
+    V = [torch.randn(f.G.shape[0], f.A.shape[0], generator=g, dtype=D) for f in fac]
+    for f, v, u in zip(fac, V, BlockInverse(fac, damping=gamma).apply(V)):
+        expected = _dense_solve(f.A, f.G, v, gamma)
+        assert float((vec(u) - expected).norm()) <= 1e-8 * float(expected.norm())
+
+
 def test_small_blocks_inverse():
     # API.md: BlockDiagonal applies (F_c + γ² I)⁻¹ per small dense block (norm / diagonal records)
     from kfac_fast.curvature import BlockDiagonal
@@ -765,6 +796,24 @@ def test_ignored_positions_in_small_blocks():
     x = torch.randn(3, 4, 3, dtype=D)
     y, _ = _ignored_targets()
     recs = block_factors_api()(model, x, CE, fisher="exact", targets=y)
+    close(by_name(small_records(recs), "1").F, dn.norm_fisher_2x2(model, x, CE, "1.weight", "1.bias", targets=y))
+    close(_loose_record(recs).F.reshape(-1), dn.exact_fisher_diagonal(model, x, CE, "2.mix", targets=y))
+
+
+def test_ignored_examples_in_small_blocks():
+    # (m, k) outputs with whole examples ignored (one term per example, so no question of
+    # products between terms): norm and loose-parameter blocks over the kept examples, N = kept
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), ScaleShift(5), nn.Linear(5, 4)).to(D)
+    x = torch.randn(6, 3, dtype=D)
+    y = torch.tensor([0, -100, 3, 1, -100, 2])
+    recs = block_factors_api()(model, x, CE, fisher="exact", targets=y)
+    keep = y != -100
+    dropped = block_factors_api()(model, x[keep], CE, fisher="exact", targets=y[keep])
+    for a, b in zip(recs, dropped):
+        for key in ("G", "F"):
+            if hasattr(a, key):
+                close(getattr(a, key), getattr(b, key), msg=f"{a.name}.{key}")
     close(by_name(small_records(recs), "1").F, dn.norm_fisher_2x2(model, x, CE, "1.weight", "1.bias", targets=y))
     close(_loose_record(recs).F.reshape(-1), dn.exact_fisher_diagonal(model, x, CE, "2.mix", targets=y))
 

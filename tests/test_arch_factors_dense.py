@@ -705,14 +705,21 @@ def _inverse_cases():
 @pytest.mark.parametrize("case", ["conv", "seq-expand", "seq-reduce", "embedding"])
 @pytest.mark.parametrize("gamma", [0.0, 0.1])
 def test_block_diagonal_apply_on_arch_blocks(gamma, case):
-    from kfac_fast.curvature import BlockDiagonal
+    # API.md: BlockDiagonal takes the dense Kronecker records; BlockInverse every kind (a 1-D,
+    # diagonal A included)
+    from kfac_fast.curvature import BlockDiagonal, BlockInverse
     g = torch.Generator().manual_seed(9)
     for label, fac in [c for c in _inverse_cases() if c[0] == case]:
         for f in fac:  # the undamped solves need invertible factors
             Ad = torch.diag(f.A) if f.A.dim() == 1 else f.A
             assert float(torch.linalg.eigvalsh(Ad).min()) > 1e-8 and float(torch.linalg.eigvalsh(f.G).min()) > 1e-8, label
         V = [torch.randn(f.G.shape[0], f.A.shape[0], generator=g, dtype=D) for f in fac]
-        U = BlockDiagonal(fac, damping=gamma).apply(V)
+        if case == "embedding":
+            U = BlockInverse(fac, damping=gamma).apply(V)
+        else:
+            U = BlockDiagonal(fac, damping=gamma).apply(V)
+            for a, b in zip(U, BlockInverse(fac, damping=gamma).apply(V)):
+                close(a, b, rtol=1e-12, atol=1e-14)
         for f, v, u in zip(fac, V, U):
             assert tuple(u.shape) == tuple(v.shape)
             expected = _dense_solve(f.A, f.G, v, gamma)
@@ -733,16 +740,22 @@ def test_block_inverse_embedding_diagonal_A(gamma):
 
 
 def test_small_blocks_inverse():
-    # API.md: BlockDiagonal applies (F_c + γ² I)⁻¹ per small dense block (norm / diagonal records)
-    from kfac_fast.curvature import BlockDiagonal
+    # API.md: BlockInverse damps a small dense block as the Kronecker product F ⊗ [1] it is
+    # (factored Tikhonov, Sec 6.3): (F_c + πγI)⁻¹/(1 + γ/π), π = sqrt(mean diagonal of the record's F)
+    from kfac_fast.curvature import BlockInverse
     model, x, path, _, C = _norm_case("layernorm")
     recs = block_factors_api()(model, x, CE, fisher="exact")
     rec = by_name(small_records(recs), path)
     V = torch.randn(C, 2, dtype=D)
     gamma = 0.3
-    U = BlockDiagonal([rec], damping=gamma).apply([V])[0]
-    expected = torch.linalg.solve(rec.F + gamma ** 2 * torch.eye(2, dtype=D), V.unsqueeze(-1)).squeeze(-1)
-    close(U, expected, rtol=1e-8, atol=1e-10)
+    U = BlockInverse([rec], damping=gamma).apply([V])[0]
+    pi = math.sqrt(float(torch.diagonal(rec.F, dim1=-2, dim2=-1).mean()))
+    expected = torch.linalg.solve(rec.F + pi * gamma * torch.eye(2, dtype=D), V.unsqueeze(-1)).squeeze(-1)
+    close(U, expected / (1 + gamma / pi), rtol=1e-8, atol=1e-10)
+    # the dense (2C × 2C) form of the same damping: (F ⊗ [1] + damping) block by block
+    dense = torch.block_diag(*[torch.kron(rec.F[c] + pi * gamma * torch.eye(2, dtype=D),
+                                          torch.tensor([[1 + gamma / pi]], dtype=D)) for c in range(C)])
+    close(U.reshape(-1), torch.linalg.solve(dense, V.reshape(-1)), rtol=1e-8, atol=1e-10)
 
 
 # ============================================================================= ignore_index

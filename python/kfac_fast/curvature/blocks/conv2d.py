@@ -118,15 +118,3 @@ class Conv2dBlock(CurvatureBlock):
         if self.kfac_approx == "reduce":
             return g.sum((2, 3))
         return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-
-    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """conv(x_j, dW_j) + db_j for copy j of the stacked input."""
-        m = self.module
-        n = len(directions)
-        xs = x.to(dtype).reshape(n, -1, *x.shape[1:])
-        out = []
-        for j, D in enumerate(directions):
-            parts = self.from_matrix(D.to(dtype))
-            out.append(F.conv2d(xs[j], parts[0], parts[1] if self.has_bias else None, stride=m.stride,
-                                padding=self._padding(), dilation=m.dilation))
-        return torch.cat(out)

@@ -126,16 +126,18 @@ def conv_factor_update_ref(factors: Sequence[torch.Tensor], inputs: Sequence[tor
 def _chunks(x: torch.Tensor, k: Pair, st: Pair, p: Pair, d: Pair, D: int, elem: int, budget: int):
     """Yield (x piece, unfold padding) whose unfolds, taken together, are the patches of x:
     runs of whole examples while their patch matrix fits ``budget`` bytes, else bands of
-    output rows of one example (the band's input rows, zero-padded at the image edges)."""
-    m, _, H, W = x.shape
+    output rows of one example (the band's input rows, zero-padded at the image edges).
+    The piece itself counts too (unfold may copy its input: a strided 1x1 conv's input is
+    larger than its patches)."""
+    m, C, H, W = x.shape
     Ho, Wo = _out_size(H, k[0], st[0], p[0], d[0]), _out_size(W, k[1], st[1], p[1], d[1])
-    per_example = Ho * Wo * D * elem
+    per_example = max(Ho * Wo * D, C * H * W) * elem
     if per_example <= budget:
         b = max(1, budget // per_example)
         for n0 in range(0, m, b):
             yield x[n0:n0 + b], p
         return
-    rows = max(1, budget // (Wo * D * elem))
+    rows = max(1, budget // (max(Wo * D, st[0] * C * W) * elem))
     for n0 in range(m):
         for o0 in range(0, Ho, rows):
             o1 = min(Ho, o0 + rows)
@@ -164,12 +166,14 @@ def _conv_factor_update_chunked(factors, inputs, geo, eps, scale, homogeneous, c
         count = 0
         for piece, pad in _chunks(x, k, st, p, d, D, F.element_size(), chunk_bytes):
             P = tnf.unfold(piece.to(F.dtype), k, dilation=d, padding=pad, stride=st)  # (b, D, r)
-            Pm = P.transpose(0, 1).reshape(D, -1)
+            # (D, b·r): a view for one example (bands), a copy for a run of examples
+            Pm = P[0] if P.shape[0] == 1 else P.transpose(0, 1).reshape(D, -1)
             del P
             S.addmm_(Pm, Pm.T, alpha=s)
             if h:
                 colsum += Pm.sum(dim=1)
                 count += Pm.shape[1]
+            del Pm  # free this chunk before the next one is unfolded
         if h:
             F[:D, D].add_(colsum, alpha=s)
             F[D, :D].add_(colsum, alpha=s)

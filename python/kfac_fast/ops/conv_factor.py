@@ -513,7 +513,7 @@ def conv_factor_update(factors: Sequence[torch.Tensor], inputs: Sequence[torch.T
             otherwise), "torch" (chunked unfold) or "triton" (implicit im2col; CUDA, or CPU
             tensors with ``TRITON_INTERPRET=1``). "native" maps to torch.
         chunk_bytes: torch backend only: the patch-matrix bytes of one chunk (default
-            :data:`CHUNK_BYTES`, 4 MiB); the extra memory is about three chunks.
+            :data:`CHUNK_BYTES`, 4 MiB); the extra memory is about two chunks.
 
     Raises:
         ValueError on shape/device/geometry mismatch; TypeError on a dtype the Triton kernel

@@ -213,7 +213,7 @@ def block_factors(
                     if f.G_next is not None:
                         j, linked = next((jj, lk) for ii, jj, lk in running.links if ii == i)
                         gj = stats.g[j].to(dtype)
-                        if linked and gj.shape[0] == g.shape[0] and stats.a[i].shape[0] == stats.a[j].shape[0]:
+                        if linked and gj.shape[0] == g.shape[0] and running._a_count(i, stats) == running._a_count(j, stats):
                             f.G_next.add_(g.t() @ gj, alpha=1.0 / N)
     if fisher == "exact":  # diagonal blocks: the exact per-example diagonal, not the summed square
         with torch.enable_grad():

@@ -330,3 +330,30 @@ def test_every_backend_agrees_with_torch_on_every_block_kind(task, backend):
                 torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=f"{f.name} {key}")
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("T,expect_s2,expect_rho", [(6, 43, 43), (64, 4, 4)])
+def test_row_minimums_count_loss_terms(monkeypatch, T, expect_s2, expect_rho):
+    """tau2_min_rows and rho_rows count loss terms: a sequence of T tokens is T terms, so S₂ and the
+    ρ subset need ceil(256 / T) sequences (or the tau2 share of the batch, if larger)."""
+    import kfac_fast.optimizer as optmod
+
+    seen = {}
+    real_gram, real_obj = optmod.fisher_gram, KFAC._objective
+
+    def spy_gram(model, layers, inputs, loss, dirs, **kw):
+        seen["s2"] = inputs.shape[0]
+        return real_gram(model, layers, inputs, loss, dirs, **kw)
+
+    def spy_obj(self, inputs, targets, params=None):
+        seen["rho"] = inputs.shape[0]
+        return real_obj(self, inputs, targets, params)
+
+    monkeypatch.setattr(optmod, "fisher_gram", spy_gram)
+    monkeypatch.setattr(KFAC, "_objective", spy_obj)
+    model, ids, tgt = lm_problem(m=64, T=T, vocab=11)
+    if T == 64:
+        model = TinyLM(vocab=11, T=64).double()
+    opt = KFAC(model, loss="softmax_cross_entropy", tau2=1 / 32, generator=torch.Generator().manual_seed(0))
+    opt.step(ids, tgt)
+    assert seen == {"s2": expect_s2, "rho": expect_rho}

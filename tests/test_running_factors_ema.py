@@ -12,6 +12,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 import kfac_fast
+from kfac_fast.curvature.statistics import BatchStatistics
 from kfac_fast import KFAC
 from kfac_fast.curvature.running import RunningFactors, ema_decay
 from kfac_fast.curvature import find_layers
@@ -121,7 +122,8 @@ def test_running_factors_update_with_distinct_inputs(backend):
         gs = [torch.randn(m, l.d_out, dtype=D, generator=g) for l in layers]
         e = eps_ref(k, ema_max)
         before = copy.deepcopy([(f.A.clone(), f.G.clone()) for f in rf.current])
-        rf.update(acts, gs, eps=ema_decay(k, ema_max), backend=backend)
+        rf.update(BatchStatistics(a=acts, g=gs, u=[None] * len(layers), n_terms=m), eps=ema_decay(k, ema_max),
+                  backend=backend)
         # nothing current changes until commit
         for (A0, G0), f in zip(before, rf.current):
             assert torch.equal(A0, f.A) and torch.equal(G0, f.G)

@@ -30,26 +30,17 @@ from torch import nn
 from ._parts import default_factor_dtype, default_generator, model_device
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import KFACConfig
-from .curvature.blocks import factor_rows
+from .batch import batch_size, buffers_kept, call, call_args, select
+from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
 from .curvature.capture import capture
-from .curvature.inverses import build_inverse, inverse_state, load_inverse, resolve_factorization
-from .curvature.layers import find_layers
+from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.losses import check_output, get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
+from .curvature.statistics import first_non_finite, sampled_statistics
 from .quadratic import fisher_gram, inner, solve_alpha_mu
 from .rules import NU_INIT, accept, gamma_candidates, levenberg_marquardt, rejection_increase
 
 __all__ = ["KFAC", "StepRejected", "levenberg_marquardt"]
-
-
-def _first_non_finite(layers, acts, gs) -> Optional[str]:
-    """Name the first non-finite activation/derivative (one host sync for the whole check)."""
-    flags = torch.stack([torch.isfinite(t).all() for t in list(acts) + list(gs)]).tolist()
-    if all(flags):
-        return None
-    L = len(layers)
-    i = flags.index(False)
-    return f"inputs of layer {layers[i].name}" if i < L else f"output derivatives of layer {layers[i - L].name}"
 
 
 def _tensors_in(obj, depth: int = 0) -> list[torch.Tensor]:
@@ -106,10 +97,22 @@ class KFAC:
             stats = opt.step(x, y)   # does the forward/backward passes itself
 
     Args:
-        model: network whose trainable parameters all live in ``nn.Linear`` layers.
-        loss: ``"softmax_cross_entropy"`` (targets: class indices (m,)), ``"sigmoid_cross_entropy"``
-            (targets in [0, 1], (m, k)) or ``"squared_error"`` (targets (m, k)); the objective is
-            the batch mean of the per-example negative log-likelihood plus η/2‖θ‖².
+        model: any network: Linear (on (m, d) or (m, ..., d) inputs), Conv2d and Embedding layers
+            get Kronecker blocks, BatchNorm/LayerNorm/GroupNorm/RMSNorm affine parameters
+            per-channel 2×2 blocks, every other trainable parameter the ``unsupported`` policy.
+            It returns the outputs z (m, ..., k) of one tensor.
+        loss: ``"softmax_cross_entropy"`` (targets: class indices of z's shape without its last
+            dim), ``"sigmoid_cross_entropy"`` (targets in [0, 1] of z's shape) or
+            ``"squared_error"`` (targets of z's shape); the objective is the mean over the loss
+            terms (every position but the last dim; non-ignored ones for softmax) of the
+            negative log-likelihood plus η/2‖θ‖².
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for layers applied at R positions per
+            example (sequences, convolutions; Eschenhagen et al. 2023).
+        unsupported: ``"diagonal"`` (default: a diagonal Fisher block for every trainable
+            parameter no Kronecker/norm block models, so no model is refused), ``"skip"`` (those
+            parameters are not updated: train them with another optimizer) or ``"error"``.
+        ignore_index: softmax targets equal to it are excluded from the objective, the factors,
+            the sampled targets and the quadratic forms (default −100, as ``F.cross_entropy``).
         backend: ``"auto"|"torch"|"triton"|"native"`` for the kernels and eigendecompositions.
         generator: RNG for the subsets S₁, S₂ and the sampled targets (default: seeded from torch's
             global RNG, so ``torch.manual_seed`` makes runs reproducible).
@@ -132,6 +135,9 @@ class KFAC:
         inverse_dtype: Optional[torch.dtype] = None,
         config: Optional[KFACConfig] = None,
         profile: bool = False,
+        kfac_approx: str = "expand",
+        unsupported: str = "diagonal",
+        ignore_index: Optional[int] = -100,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -144,9 +150,11 @@ class KFAC:
         if self.config.momentum and not self.config.rescale:
             raise ValueError("momentum=True needs rescale=True: α and µ come from the exact-Fisher model (Sec 7)")
         self.model = model
-        self.loss = get_loss(loss)
+        self.loss = get_loss(loss, ignore_index=ignore_index)
         self.backend = backend
-        self.layers = find_layers(model)
+        self.kfac_approx = check_kfac_approx(kfac_approx)
+        self.unsupported = check_unsupported(unsupported)
+        self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
         self.device = model_device(self.layers)
         self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
         self.inverse_dtype = inverse_dtype or self.factor_dtype
@@ -196,16 +204,16 @@ class KFAC:
     def _params(self) -> list[nn.Parameter]:
         return [p for l in self.layers for p in l.params()]
 
-    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError("KFAC.step(inputs, targets) takes tensors")
-        if inputs.shape[0] == 0:
+    def _check_batch(self, inputs, targets: torch.Tensor) -> None:
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"KFAC.step(batch, targets): targets must be a tensor, got {type(targets).__name__}")
+        m = batch_size(inputs, self.device)
+        if m == 0:
             raise ValueError("empty batch: inputs has 0 rows")
-        if targets.shape[0] != inputs.shape[0]:
-            raise ValueError(f"inputs has {inputs.shape[0]} rows but targets {targets.shape[0]}")
-        if inputs.device != self.device:
-            raise ValueError(f"inputs are on {inputs.device} but the model is on {self.device}; move them with .to()")
-        m = inputs.shape[0]
+        if targets.dim() == 0 or targets.shape[0] != m:
+            raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
+        if targets.device != self.device:
+            raise ValueError(f"targets are on {targets.device} but the model is on {self.device}; move them with .to()")
         for tau_name in ("tau1", "tau2"):
             tau = getattr(self.config, tau_name)
             if int(round(tau * m)) < 1:
@@ -226,18 +234,20 @@ class KFAC:
         size = min(m, max(int(round(frac * m)), min_rows))
         return torch.randperm(m, generator=self.generator, device=self.device)[:size]
 
-    def _objective(self, inputs: torch.Tensor, targets: torch.Tensor,
+    def _objective(self, inputs, targets: torch.Tensor,
                    params: Optional[list[list[torch.Tensor]]] = None) -> float:
-        """h = batch mean loss + ½η‖θ‖² at the model's θ, or at ``params`` (per-layer lists like
-        :meth:`_params`) through ``torch.func.functional_call`` without touching the model."""
-        with torch.no_grad():
+        """h = mean loss + ½η‖θ‖² at the model's θ, or at ``params`` (per-layer lists like
+        :meth:`_params`) through ``torch.func.functional_call`` without touching the model.
+        Module buffers are left as they were (an extra pass)."""
+        with torch.no_grad(), buffers_kept(self.model):
             if params is None:
-                z = self.model(inputs)
+                z = call(self.model, inputs)
             else:
                 flat = [t for ps in params for t in ps]
                 names = self._param_names()
-                z = torch.func.functional_call(self.model, dict(zip(names, flat)), (inputs,), strict=False)
-            h = self.loss.total(z, targets) / z.shape[0]
+                args, kwargs = call_args(inputs)
+                z = torch.func.functional_call(self.model, dict(zip(names, flat)), args, kwargs, strict=False)
+            h = self.loss.mean(z, targets)
             h_val, l2 = torch.stack([h.detach().double(), self._l2(None if params is None else flat)]).tolist()
         return h_val + l2
 
@@ -313,8 +323,14 @@ class KFAC:
         return stats
 
     # ------------------------------------------------------------------ Algorithm 2
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
-        """One iteration of Algorithm 2 on the mini-batch (inputs (m, ...), targets per the loss).
+    def step(self, inputs, targets: torch.Tensor) -> dict:
+        """One iteration of Algorithm 2 on the mini-batch.
+
+        Args:
+            inputs: the batch: a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or
+                a dict (``model(**inputs)``); dim 0 of every tensor in it indexes the m examples
+                (the subsets S₁, S₂ index it).
+            targets: (m, ...) per the loss (see the class docstring).
 
         Returns:
             dict with ``loss`` (batch mean data loss at θ_k), ``objective`` (h incl. η/2‖θ‖²),
@@ -336,13 +352,13 @@ class KFAC:
             verdict = self._check_pending(inputs, targets, h, stats)
             if verdict is not None:
                 return verdict
-        if not self._statistics(inputs, stats):
+        if not self._statistics(inputs, targets, stats):
             return stats
         base = self._refresh_if_due(stats)
-        best = self._proposals(inputs, base, V)
+        best = self._proposals(inputs, targets, base, V)
         return self._commit(inputs, targets, h, best, stats, rho_rows)
 
-    def _gradient(self, inputs: torch.Tensor, targets: torch.Tensor, stats: dict):
+    def _gradient(self, inputs, targets: torch.Tensor, stats: dict):
         """Step 1: h and ∇h on S' (with the ℓ2 term η, Sec 9) as per-layer blocks V_i.
 
         Orders the layers by the first forward pass. Returns (V, h, ρ rows), or None
@@ -353,24 +369,26 @@ class KFAC:
         with self._phase("1-2 gradient"), torch.enable_grad():
             if not self._ordered:
                 with capture(self.layers, need_outputs=False) as rec:
-                    z = self.model(inputs)
-                self.layers = [self.layers[i] for i in rec.order]
+                    z = call(self.model, inputs)
+                # forward order; blocks without a module (diagonal parameters) last
+                self.layers = [self.layers[i] for i in rec.order] + [l for l in self.layers if not l.captures]
                 params = self._params()
                 self._ordered = True
                 self.factors = None
                 self._ensure_state()
             else:
-                z = self.model(inputs)
+                z = call(self.model, inputs)
             check_output(z, self.loss)
             self.loss.check_targets(z, targets)
-            h_data = self.loss.total(z, targets) / z.shape[0]
-            grads = torch.autograd.grad(h_data, params)
+            h_data = self.loss.mean(z, targets)
+            grads = torch.autograd.grad(h_data, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             m, r = z.shape[0], self.config.rho_rows
             idx_r = self._subset(m, 0.0, r) if 0 < r < m and self.config.rho_batch == "same" else None
             parts = [h_data.detach().double(), self._l2()]
             if idx_r is not None:
                 zr = z.detach().index_select(0, idx_r)
-                parts.append((self.loss.total(zr, targets.index_select(0, idx_r)) / zr.shape[0]).double())
+                parts.append(self.loss.mean(zr, targets.index_select(0, idx_r)).double())
             # h, ½η‖θ‖² (and h on the ρ rows) reach the host together: the step's first sync
             vals = torch.stack(parts).tolist()
             h_val, l2_val = vals[0], vals[1]
@@ -386,9 +404,7 @@ class KFAC:
         V, pos = [], 0
         for layer in self.layers:
             n = len(layer.params())
-            gw = grads[pos]
-            gb = grads[pos + 1] if n == 2 else None
-            Vi = layer.to_matrix(gw, gb).to(self.inverse_dtype)
+            Vi = layer.to_matrix(*grads[pos: pos + n]).to(self.inverse_dtype)
             if eta:
                 Vi = Vi + eta * layer.param_matrix().detach().to(self.inverse_dtype)
             V.append(Vi)
@@ -398,26 +414,23 @@ class KFAC:
         rho_rows = None if idx_r is None else (idx_r, vals[2] + l2_val)
         return V, h, rho_rows
 
-    def _statistics(self, inputs: torch.Tensor, stats: dict) -> bool:
-        """Steps 2-3: a backward pass on S₁ with targets sampled from the model (Sec 5), then the
-        running Ā, G (and cross factors) with ε = min(1 − 1/k, ema_max) into the pending buffers.
-        Returns False after rejecting non-finite statistics."""
+    def _statistics(self, inputs, targets: torch.Tensor, stats: dict) -> bool:
+        """Steps 2-3: a backward pass on S₁ with targets sampled from the model (Sec 5; ignored
+        terms stay ignored), then every block's running statistics with ε = min(1 − 1/k, ema_max)
+        into the pending buffers. Returns False after rejecting non-finite statistics."""
         cfg = self.config
-        idx1 = self._subset(inputs.shape[0], cfg.tau1)
-        x1 = inputs.index_select(0, idx1)
-        with self._phase("3 sampled backward"), torch.enable_grad():
-            with capture(self.layers) as rec:
-                z1 = self.model(x1)
-            y1 = self.loss.sample(z1, self.generator)
-            gs = torch.autograd.grad(self.loss.total(z1, y1), rec.outputs)
-        acts, gs = factor_rows(self.layers, rec.inputs, gs)
-        bad = _first_non_finite(self.layers, acts, gs)
+        idx1 = self._subset(batch_size(inputs), cfg.tau1)
+        x1 = select(inputs, idx1)
+        with self._phase("3 sampled backward"):
+            batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
+                                                targets=targets.index_select(0, idx1), generator=self.generator)
+        bad = first_non_finite(self.layers, batch_stats)
         if bad is not None:
             self._reject(f"non-finite {bad} in the sampled-target pass", stats)
             return False
         eps = ema_decay(self.k, cfg.ema_max)
         with self._phase("4 factor update"):
-            self.factors.update(acts, gs, eps=eps, backend=self.backend)
+            self.factors.update(batch_stats, eps=eps, backend=self.backend)
         return True
 
     def _refresh_if_due(self, stats: dict):
@@ -435,7 +448,7 @@ class KFAC:
                     base = base.with_damping(self.gamma)
         return base
 
-    def _proposals(self, inputs: torch.Tensor, base, V: list[torch.Tensor]) -> "_Proposal":
+    def _proposals(self, inputs, targets: torch.Tensor, base, V: list[torch.Tensor]) -> "_Proposal":
         """Steps 5-6 per γ candidate (Sec 6.6: every T2 iterations γ, ω₂γ, γ/ω₂): the proposal
         Δ = −F̆⁻¹∇h (or F̂⁻¹∇h) and its re-scaling; returns the candidate with the lowest M."""
         cfg = self.config
@@ -444,8 +457,8 @@ class KFAC:
         # model is K-FAC's own, whose predicted decrease always favours the smallest γ: off.
         if cfg.adapt_gamma and cfg.rescale and self.k % cfg.T2 == 0:
             candidates = gamma_candidates(self.gamma, cfg.omega2, lo=cfg.gamma_min, hi=cfg.gamma_max)
-        idx2 = self._subset(inputs.shape[0], cfg.tau2, cfg.tau2_min_rows)
-        x2 = inputs.index_select(0, idx2)
+        idx2 = self._subset(batch_size(inputs), cfg.tau2, cfg.tau2_min_rows)
+        x2 = (select(inputs, idx2), targets.index_select(0, idx2))
         use_mom = cfg.momentum and self.delta0 is not None
         best = None
         for gamma in candidates:
@@ -461,7 +474,7 @@ class KFAC:
                 best = _Proposal(M, gamma, inv, Delta, alpha, mu, norm2)
         return best
 
-    def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: torch.Tensor,
+    def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: tuple,
                  use_mom: bool) -> tuple[float, float, float, float]:
         """Step 6: α (and µ with momentum, Sec 7) minimising the exact-Fisher model M on S₂
         (Sec 6.4, Appendix C). Returns (α, µ, M(δ) − M(0), ‖δ‖²) with δ = αΔ + µδ₀."""
@@ -470,7 +483,7 @@ class KFAC:
         n = len(dirs)
         if cfg.rescale:
             with self._phase("7 fisher quadratic"):
-                gram = fisher_gram(self.model, self.layers, x2, self.loss, dirs)
+                gram = fisher_gram(self.model, self.layers, x2[0], self.loss, dirs, targets=x2[1])
                 dots = [[None] * n for _ in range(n)]
                 for a in range(n):
                     for c in range(a, n):
@@ -492,7 +505,7 @@ class KFAC:
             M = 0.5 * bD
         return alpha, mu, M, norm2
 
-    def _commit(self, inputs: torch.Tensor, targets: torch.Tensor, h: float,
+    def _commit(self, inputs, targets: torch.Tensor, h: float,
                 best: "_Proposal", stats: dict, rho_rows=None) -> dict:
         """Steps 7-8: θ ← θ + δ; ρ every iteration with reject_steps (else every T1,
         Sec 6.5) decides whether the step stays; the factors, the inverse and γ are committed
@@ -523,7 +536,7 @@ class KFAC:
                     h_new = self._objective(inputs, targets)
                 else:  # ρ on a random subset of rho_rows rows (an unbiased estimate of the batch's)
                     idx_r, h = rho_rows
-                    h_new = self._objective(inputs.index_select(0, idx_r), targets.index_select(0, idx_r))
+                    h_new = self._objective(select(inputs, idx_r), targets.index_select(0, idx_r))
             rho = (h_new - h) / M if math.isfinite(h_new) else float("nan")
             stats["rho"] = rho
             if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):
@@ -553,7 +566,7 @@ class KFAC:
             stats["phases"] = dict(self._phases)
         return stats
 
-    def _check_pending(self, inputs: torch.Tensor, targets: torch.Tensor, h_new: float, stats: dict):
+    def _check_pending(self, inputs, targets: torch.Tensor, h_new: float, stats: dict):
         """rho_batch="next": ρ of the previous step δ_k on this batch, a sample the step was not
         fitted to: (h_B(θ_k + δ_k) − h_B(θ_k)) / M(δ_k). h_B(θ_k + δ_k) is this step's objective;
         h_B(θ_k) costs one forward pass with the saved θ_k (``torch.func.functional_call``).
@@ -584,7 +597,7 @@ class KFAC:
         """
         facs = snapshot(self.factors.pending, dtype=self.inverse_dtype)
         try:
-            inv = build_inverse(self.config.inverse, facs, damping=gamma, backend=self.backend,
+            inv = build_block_inverse(self.config.inverse, facs, damping=gamma, backend=self.backend,
                                 warm_start=self.inverse,
                                 factorization=resolve_factorization(self.config.factorization, self.config.inverse,
                                                                     self.backend))

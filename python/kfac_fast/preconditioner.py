@@ -19,18 +19,18 @@ from torch import nn
 from ._parts import default_factor_dtype, default_generator, model_device
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
-from .curvature.blocks import factor_rows
-from .curvature.capture import capture
-from .curvature.inverses import build_inverse, inverse_state, load_inverse, resolve_factorization
-from .curvature.layers import find_layers
-from .curvature.losses import check_output, get_loss
+from .batch import batch_size, select
+from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
+from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
+from .curvature.losses import get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
+from .curvature.statistics import sampled_statistics
 
 FISHERS = ("mc", "empirical")
 
 
 class KFACPreconditioner:
-    """Replace ``.grad`` of every ``nn.Linear`` by the K-FAC direction.
+    """Replace ``.grad`` of every K-FAC block's parameters by the K-FAC direction.
 
     Example::
 
@@ -43,8 +43,14 @@ class KFACPreconditioner:
             sgd.step()
 
     Args:
-        model: network whose trainable parameters all live in ``nn.Linear`` layers.
+        model: any network (blocks as for :class:`kfac_fast.KFAC`).
         loss: predictive distribution the factors use (``"softmax_cross_entropy"``, ...).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (layers applied at R positions per example).
+        unsupported: ``"skip"`` (default: parameters no Kronecker/norm block models keep the
+            ``.grad`` you computed, for your optimizer as it is, as KAISA does), ``"diagonal"``
+            (a diagonal Fisher block each) or ``"error"``.
+        ignore_index: softmax targets equal to it are excluded (default −100); with
+            ``fisher="mc"`` pass the targets to ``step`` so the sampled pass masks them too.
         damping: γ of the factored Tikhonov damping (Sec 6.3), > 0.
         fisher: ``"mc"`` (true Fisher, targets sampled from the model: one extra forward and
             backward on a τ₁ subset, Sec 5) or ``"empirical"`` (uses the given targets).
@@ -72,6 +78,9 @@ class KFACPreconditioner:
         generator: Optional[torch.Generator] = None,
         factor_dtype: Optional[torch.dtype] = None,
         factorization: str = "auto",
+        kfac_approx: str = "expand",
+        unsupported: str = "skip",
+        ignore_index: Optional[int] = -100,
     ):
         check_factorization(factorization, inverse)
         if fisher not in FISHERS:
@@ -87,14 +96,16 @@ class KFACPreconditioner:
         if not 0 <= ema_max < 1:
             raise ValueError(f"ema_max must lie in [0, 1), got {ema_max}")
         self.model = model
-        self.loss = get_loss(loss)
+        self.loss = get_loss(loss, ignore_index=ignore_index)
+        self.kfac_approx = check_kfac_approx(kfac_approx)
+        self.unsupported = check_unsupported(unsupported)
         self.damping = float(damping)
         self.fisher = fisher
         self.inverse_kind = inverse
         self.T3, self.tau1, self.ema_max = T3, tau1, ema_max
         self.backend = backend
         self.factorization = resolve_factorization(factorization, inverse, backend)
-        self.layers = find_layers(model)
+        self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
         self.device = model_device(self.layers)
         self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
         self.generator = generator if generator is not None else default_generator(self.device)
@@ -103,47 +114,49 @@ class KFACPreconditioner:
         self.factors: Optional[RunningFactors] = None
         self.inverse = None
 
-    def step(self, inputs: torch.Tensor, targets: Optional[torch.Tensor] = None) -> None:
+    def step(self, inputs, targets: Optional[torch.Tensor] = None) -> None:
         """Update the factors on (a τ₁ subset of) ``inputs`` and precondition ``.grad`` in place.
 
         Args:
-            inputs: (m, ...) the batch whose gradients are in ``.grad``.
-            targets: needed for ``fisher="empirical"``; ignored for ``"mc"``.
+            inputs: the batch whose gradients are in ``.grad``: a tensor, tuple/list
+                (``model(*inputs)``) or dict (``model(**inputs)``), examples along dim 0.
+            targets: needed for ``fisher="empirical"``; for ``"mc"`` optional (its ignored
+                positions are then excluded from the sampled pass too).
         """
-        if inputs.shape[0] == 0:
+        m = batch_size(inputs, self.device)
+        if m == 0:
             raise ValueError("empty batch: inputs has 0 rows")
         if self.fisher == "empirical" and targets is None:
             raise ValueError("fisher='empirical' needs the targets: step(inputs, targets)")
+        if targets is not None and (targets.dim() == 0 or targets.shape[0] != m):
+            raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
-        m = inputs.shape[0]
         size = max(1, int(round(self.tau1 * m)))
         idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
-        x1 = inputs.index_select(0, idx)
-        with torch.enable_grad():
-            with capture(self.layers) as rec:
-                z = self.model(x1)
-            check_output(z, self.loss)
-            if self.fisher == "mc":
-                y = self.loss.sample(z, self.generator)
-            else:
-                y = targets.index_select(0, idx)
-                self.loss.check_targets(z, y)
-            gs = torch.autograd.grad(self.loss.total(z, y), rec.outputs)
+        x1 = select(inputs, idx)
+        y1 = None if targets is None else targets.index_select(0, idx)
         if not self._ordered:
-            order = rec.order
+            from .curvature.capture import capture
+            from .batch import call
+
+            with torch.no_grad(), capture(self.layers, need_outputs=False) as rec:
+                from .batch import buffers_kept
+
+                with buffers_kept(self.model):
+                    call(self.model, x1)
+            order = list(rec.order) + [i for i, l in enumerate(self.layers) if not l.captures]
             self.layers = [self.layers[i] for i in order]
             grads = [grads[i] for i in order]
-            acts, gs = factor_rows(self.layers, [rec.inputs[i] for i in order], [gs[i] for i in order])
             self._ordered = True
-        else:
-            acts, gs = factor_rows(self.layers, rec.inputs, gs)
+        stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher, targets=y1,
+                                      generator=self.generator)
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.inverse_kind == "block_tridiagonal")
-        self.factors.update(acts, gs, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
+        self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
         self.factors.commit()
         if self.inverse is None or self.k <= 3 or self.k % self.T3 == 0:
-            self.inverse = build_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
+            self.inverse = build_block_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
                                          backend=self.backend, warm_start=self.inverse,
                                          factorization=self.factorization)
         if not all(bool(torch.isfinite(g).all()) for g in grads):

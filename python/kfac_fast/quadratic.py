@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 
 from ._sequential_jvp import sequential_jvp, sequential_plan
+from .batch import batch_size, buffers_kept, call, call_args, repeat
 from .curvature.blocks import CurvatureBlock
-from .curvature.losses import PredictiveDistribution
+from .curvature.losses import PredictiveDistribution, rows
 
 
-def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs: torch.Tensor,
+def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs,
                        direction: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, J·v) for a parameter direction v given as per-layer (d_out, d_in+h) blocks.
+    """(z, J·v) for a parameter direction v given as per-block (g_dim, a_dim) matrices.
 
     Forward-mode AD through the model (Appendix C: "a linearized version of the standard
     forward pass"): each K-FAC layer's output gets the extra tangent dW·ā from a forward hook,
@@ -31,78 +32,118 @@ def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], input
     return z, jv
 
 
-def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], inputs: torch.Tensor,
-                            directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(z, [J·v_1, …, J·v_n]) from ONE linearized forward pass.
+def _mixes_batch(model: nn.Module) -> bool:
+    """Whether a module couples the examples of a batch (BatchNorm in training mode): stacked
+    copies would then mix their tangents through the batch statistics."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
 
-    The n copies of the inputs are stacked along the batch dimension and copy j carries the
-    tangent of direction j (each layer's extra tangent dW_j·ā is one batched GEMM), so the
-    per-operation overhead of forward-mode AD is paid once instead of n times. The model must
-    treat examples independently (true of every model K-FAC supports: no batch statistics).
-    Plain ``nn.Sequential`` networks of Linear layers and elementwise activations take a
-    hand-written path with the same result (:mod:`kfac_fast._sequential_jvp`).
+
+def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, direction) -> tuple:
+    """(z, J·v) with every block parameter a dual tensor (``functional_call``): works for any
+    block kind and any model, one pass per direction."""
+    import torch.autograd.forward_ad as fwAD
+
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    args, kwargs = call_args(inputs)
+    with torch.no_grad(), fwAD.dual_level():
+        params = {}
+        for layer, D in zip(layers, direction):
+            for p, t in zip(layer.params(), layer.from_matrix(D)):
+                params[names[id(p)]] = fwAD.make_dual(p.detach(), t.to(p.dtype).reshape(p.shape))
+        out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+        z, jv = fwAD.unpack_dual(out)
+        if jv is None:
+            jv = torch.zeros_like(z)
+        return z.clone(), jv.clone()
+
+
+def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], inputs,
+                            directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(z, [J·v_1, …, J·v_n]) from ONE linearized forward pass where the model allows it.
+
+    The n copies of the batch are stacked along dim 0 and copy j carries the tangent of
+    direction j (each layer's extra tangent dW_j·ā is one batched product), so the
+    per-operation overhead of forward-mode AD is paid once instead of n times. That needs the
+    examples to be independent: with BatchNorm in training mode, or with diagonal blocks
+    (parameters without a module to hook), it runs one pass per direction with dual parameters
+    instead. Plain ``nn.Sequential`` networks of Linear layers and elementwise activations take
+    a hand-written path with the same result (:mod:`kfac_fast._sequential_jvp`). ``inputs`` is
+    a batch (tensor, tuple or dict); module buffers are left as they were.
     """
     import torch.autograd.forward_ad as fwAD
 
     n = len(directions)
     if n == 0:
         raise ValueError("linearized_forward_many needs at least one direction")
-    plan = sequential_plan(model, layers)
-    if plan is not None:
-        fast = sequential_jvp(plan, layers, inputs, directions)
-        if fast is not None:
-            return fast
-    handles = []
+    if isinstance(inputs, torch.Tensor):
+        plan = sequential_plan(model, layers)
+        if plan is not None:
+            fast = sequential_jvp(plan, layers, inputs, directions)
+            if fast is not None:
+                return fast
+    with buffers_kept(model):
+        if _mixes_batch(model) or not all(l.captures for l in layers):
+            zs = [_dual_forward(model, layers, inputs, d) for d in directions]
+            return zs[0][0], [jv for _, jv in zs]
+        handles = []
 
-    def make_hook(layer: CurvatureBlock, D: list[torch.Tensor]):
-        def hook(module, args, out):
-            x = fwAD.unpack_dual(args[0]).primal
-            o = fwAD.unpack_dual(out)
-            dt = o.primal.dtype
-            extra = layer.tangent(x, D, dt).reshape(o.primal.shape)
-            tangent = extra if o.tangent is None else o.tangent.to(dt) + extra
-            return fwAD.make_dual(o.primal, tangent)
+        def make_hook(layer: CurvatureBlock, D: list[torch.Tensor]):
+            def hook(module, args, out):
+                x = fwAD.unpack_dual(args[0]).primal
+                o = fwAD.unpack_dual(out)
+                dt = o.primal.dtype
+                extra = layer.tangent(x, D, dt).reshape(o.primal.shape)
+                tangent = extra if o.tangent is None else o.tangent.to(dt) + extra
+                return fwAD.make_dual(o.primal, tangent)
 
-        return hook
+            return hook
 
-    for li, layer in enumerate(layers):
-        handles.append(layer.module.register_forward_hook(make_hook(layer, [d[li] for d in directions])))
-    rows = inputs.shape[0]
-    stacked = inputs if n == 1 else inputs.repeat(n, *([1] * (inputs.dim() - 1)))
-    try:
-        with torch.no_grad(), fwAD.dual_level():
-            out = model(stacked)
-            z, jv = fwAD.unpack_dual(out)
-            if jv is None:
-                jv = torch.zeros_like(z)
-            z, jv = z[:rows].clone(), jv.clone()
-    finally:
-        for h in handles:
-            h.remove()
-    return z, list(jv.reshape(n, rows, *jv.shape[1:]).unbind(0))
+        for li, layer in enumerate(layers):
+            handles.append(layer.module.register_forward_hook(make_hook(layer, [d[li] for d in directions])))
+        rows_ = batch_size(inputs)
+        stacked = repeat(inputs, n)
+        try:
+            with torch.no_grad(), fwAD.dual_level():
+                out = call(model, stacked)
+                z, jv = fwAD.unpack_dual(out)
+                if jv is None:
+                    jv = torch.zeros_like(z)
+                z, jv = z[:rows_].clone(), jv.clone()
+        finally:
+            for h in handles:
+                h.remove()
+    return z, list(jv.reshape(n, rows_, *jv.shape[1:]).unbind(0))
 
 
 def fisher_gram(
     model: nn.Module,
     layers: Sequence[CurvatureBlock],
-    inputs: torch.Tensor,
+    inputs,
     loss: PredictiveDistribution,
     directions: Sequence[Sequence[torch.Tensor]],
+    *,
+    targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gram matrix Γ_ab = v_aᵀ F v_b (F = mini-batch exact Fisher of the mean loss on ``inputs``).
 
-    One forward-mode pass for all directions together gives every J v_a; every entry is then (Jv_a)ᵀ F_R (Jv_b),
-    averaged over the rows (Appendix C). Returns a (n, n) float64 tensor on the inputs' device.
+    One forward-mode pass for all directions together gives every J v_a; every entry is then
+    (Jv_a)ᵀ F_R (Jv_b), averaged over the N loss terms (Appendix C): the rows of (m, ..., k)
+    outputs, without the terms ``targets`` marks as ignored. Returns a (n, n) float64 tensor on
+    the inputs' device.
     """
     z, Jv = linearized_forward_many(model, layers, inputs, directions)
-    Jv = [jv.reshape(jv.shape[0], -1) if jv.dim() != 2 else jv for jv in Jv]
+    zz = rows(z)
+    Jv = [rows(jv) for jv in Jv]
     n = len(directions)
-    zz = z.reshape(z.shape[0], -1) if z.dim() != 2 else z
+    mask = loss.mask(targets)
+    w = None if mask is None else mask.to(torch.float64)
     # all entries stay on the device: the caller moves the whole Gram matrix in one transfer
     vals = {}
     for a in range(n):
         for b in range(a, n):
-            vals[a, b] = vals[b, a] = loss.fisher_inner(zz, Jv[a], Jv[b]).double().mean()
+            e = loss.fisher_inner(zz, Jv[a], Jv[b]).double()
+            vals[a, b] = vals[b, a] = e.mean() if w is None else (e * w).sum() / w.sum().clamp_min(1)
     return torch.stack([torch.stack([vals[a, b] for b in range(n)]) for a in range(n)])
 
 

@@ -16,7 +16,7 @@ from .blocks import CurvatureBlock
 
 @dataclass
 class Recording:
-    """Inputs (rows = examples, shape (m, d_in)) and outputs (m, d_out) per layer, plus call order."""
+    """Input and output per block (None for blocks without a module hook), plus call order."""
 
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
@@ -46,18 +46,21 @@ def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> I
 
         return hook
 
-    for i, layer in enumerate(layers):
-        handles.append(layer.module.register_forward_hook(make_hook(i)))
+    hooked = [i for i, layer in enumerate(layers) if layer.captures]
+    for i in hooked:
+        handles.append(layers[i].module.register_forward_hook(make_hook(i)))
     try:
         yield rec
     finally:
         for h in handles:
             h.remove()
-    for i, layer in enumerate(layers):
+    for i in hooked:
+        layer = layers[i]
         if calls[i] > 1:
             raise ValueError(
                 f"layer {layer.name} was called {calls[i]} times in one forward pass; K-FAC's Kronecker "
-                "factors assume each layer is used once per forward (no weight sharing)"
+                "factors assume each layer is used once per forward (no weight sharing); share the weight as a plain "
+                "nn.Parameter (a diagonal block, unsupported='diagonal') or give each use its own layer"
             )
         if calls[i] == 0:
             raise ValueError(
@@ -65,7 +68,8 @@ def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> I
                 "(requires_grad_(False)) so K-FAC does not track it"
             )
     if need_outputs:
-        for i, layer in enumerate(layers):
+        for i in hooked:
+            layer = layers[i]
             if not rec.outputs[i].requires_grad:
                 raise ValueError(
                     f"the output of layer {layer.name} does not require grad (forward under torch.no_grad()?)"

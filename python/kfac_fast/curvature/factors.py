@@ -2,7 +2,8 @@
 
 ā_{i-1} is layer i's input with the homogeneous coordinate LAST (when the layer has a bias);
 g_i = ∂L(y, z)/∂s_i is the per-example derivative (not scaled by 1/m) with y drawn from the
-MODEL's predictive distribution. Expectations average over the batch rows.
+MODEL's predictive distribution. Ā averages over its rows; G divides by N, the number of loss
+terms (N = m for (m, k) outputs), see :mod:`kfac_fast.curvature.blocks.base`.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..batch import batch_size, call, select
+from .blocks import DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, find_blocks
 from .capture import Recording, capture
-from .layers import find_layers
-from .losses import PredictiveDistribution, check_output, get_loss
+from .losses import PredictiveDistribution, check_output, get_loss, rows, sample_targets
+from .statistics import statistics_grads
 
 FISHER_KINDS = ("exact", "mc", "empirical")
 
@@ -35,6 +38,24 @@ class KroneckerFactors:
     homogeneous: bool = True
 
 
+@dataclass
+class BlockFisher:
+    """The Fisher of a block that is not a Kronecker product: k small dense blocks of size b,
+    ``F`` of shape (k, b, b) (b = 1: a diagonal). Kinds ``dense`` (norm scale-and-shift, per
+    channel (weight, bias)) and ``diagonal`` (any other parameter, one entry per element)."""
+
+    F: torch.Tensor
+    name: str = ""
+    kind: str = "dense"
+
+
+def record_to_dict(f) -> dict:
+    """Detached copies of a factor record's tensors (checkpoints)."""
+    if isinstance(f, BlockFisher):
+        return {"F": f.F.detach().clone(), "kind": f.kind}
+    return factors_to_dict(f)
+
+
 def homogeneous_input(x: torch.Tensor, homogeneous: bool) -> torch.Tensor:
     """ā = [x, 1] (homogeneous coordinate last) as rows; x: (m, d) -> (m, d + 1)."""
     if not homogeneous:
@@ -51,36 +72,65 @@ def per_example_derivatives(
     targets: Optional[torch.Tensor] = None,
     mc_samples: int = 1,
     generator: Optional[torch.Generator] = None,
+    blocks: Optional[Sequence[CurvatureBlock]] = None,
 ) -> list[list[torch.Tensor]]:
-    """Per-example g_i for each "draw": returns draws[k][layer] of shape (m, d_out), with
-    weights folded in so that G = (1/m) Σ_k g_kᵀ g_k.
+    """Per-example g for each "draw": draws[k][block] = ∂(Σ loss terms)/∂(block output) (or
+    ∂/∂parameter for diagonal blocks), weights folded in so that G = (1/N) Σ_k Σ_rows g gᵀ.
 
-    ``exact`` enumerates F_R = Σ_k b_k b_kᵀ (one backward per class / output unit),
-    ``mc`` samples ``mc_samples`` targets from the model, ``empirical`` uses ``targets``.
+    ``exact`` enumerates F_R = Σ_k b_k b_kᵀ (one backward per class / output unit; ignored
+    terms get b = 0), ``mc`` samples ``mc_samples`` targets from the model (ignored terms of
+    ``targets`` stay ignored), ``empirical`` uses ``targets``. Without ``blocks`` the draws are
+    w.r.t. ``rec.outputs`` (every recorded block).
     """
-    outs = [o for o in rec.outputs]
+    if blocks is None:
+        outs = list(rec.outputs)
+        grad = lambda out, go=None: list(torch.autograd.grad(out, outs, grad_outputs=go, retain_graph=True))  # noqa
+    else:
+        grad = lambda out, go=None: statistics_grads(out, blocks, rec, retain_graph=True, grad_outputs=go)  # noqa
     draws: list[list[torch.Tensor]] = []
     if fisher == "exact":
-        B = loss.fisher_factors(z)  # (K, m, k)
+        B = loss.fisher_factors(rows(z))  # (K, M, k)
+        mask = loss.mask(targets)
+        if mask is not None:
+            B = B * mask.to(B.dtype).unsqueeze(-1)
         for k in range(B.shape[0]):
-            grads = torch.autograd.grad(z, outs, grad_outputs=B[k], retain_graph=True)
-            draws.append([g.reshape(-1, g.shape[-1]) for g in grads])
+            draws.append(grad(z, B[k].reshape(z.shape)))
     elif fisher in ("mc", "empirical"):
         n = mc_samples if fisher == "mc" else 1
         scale = 1.0 / n ** 0.5
         for _ in range(n):
-            y = loss.sample(z, generator) if fisher == "mc" else targets
-            total = loss.total(z, y)  # sum: per-example derivatives, not scaled by 1/m
-            grads = torch.autograd.grad(total, outs, retain_graph=True)
-            draws.append([g.reshape(-1, g.shape[-1]) * scale for g in grads])
+            y = sample_targets(loss, z, generator, like=targets) if fisher == "mc" else targets
+            total = loss.total(z, y)  # sum: per-example derivatives, not scaled by 1/N
+            draws.append([None if g is None else g * scale for g in grad(total)])
     else:
         raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHER_KINDS)}")
     return draws
 
 
-def kronecker_factors(
+def _exact_diagonal(model, batch, loss, block, targets) -> torch.Tensor:
+    """N·diag F of one parameter, exactly: Σ_n Σ_c (J_nᵀ b_{n,c})², one backward per example and
+    output class (small models only: kronecker_factors' ``fisher="exact"``)."""
+    p = block.params()[0]
+    m = batch_size(batch)
+    total = torch.zeros_like(p, dtype=torch.float64)
+    for n in range(m):
+        one = select(batch, torch.tensor([n], device=p.device))
+        z = call(model, one)
+        B = loss.fisher_factors(rows(z))
+        mask = loss.mask(None if targets is None else targets[n:n + 1])
+        if mask is not None:
+            B = B * mask.to(B.dtype).unsqueeze(-1)
+        for k in range(B.shape[0]):
+            (g,) = torch.autograd.grad(z, [p], grad_outputs=B[k].reshape(z.shape), retain_graph=True,
+                                       allow_unused=True)
+            if g is not None:
+                total += g.double() ** 2
+    return total
+
+
+def block_factors(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs,
     loss,
     *,
     fisher: str = "exact",
@@ -88,53 +138,125 @@ def kronecker_factors(
     mc_samples: int = 1,
     tridiagonal: bool = False,
     generator: Optional[torch.Generator] = None,
-) -> list[KroneckerFactors]:
-    """Kronecker factors of every supported layer of ``model`` on the batch ``inputs``.
+    kfac_approx: str = "expand",
+    unsupported: str = "diagonal",
+    ignore_index: Optional[int] = -100,
+    _kronecker_only: bool = False,
+) -> list:
+    """The curvature of every block of ``model`` on one batch (no running average).
 
-    Args:
-        model: network whose trainable parameters all sit in ``nn.Linear`` layers.
-        inputs: (m, ...) batch; the expectations average over its m rows.
-        loss: ``"softmax_cross_entropy"``, ``"sigmoid_cross_entropy"`` or ``"squared_error"``.
-        fisher: ``"exact"`` (expectation over the predictive distribution, one backward per
-            output class/unit: for small models), ``"mc"`` (``mc_samples`` sampled targets,
-            Sec 5) or ``"empirical"`` (uses ``targets``; not the Fisher, see Sec 5 footnote).
-        tridiagonal: also compute the cross factors A_next, G_next (Sec 4.3).
-        generator: RNG for ``"mc"``.
-
-    Returns:
-        One :class:`KroneckerFactors` per layer, in forward order.
+    Returns one record per block in forward order (diagonal blocks of loose parameters last):
+    :class:`KroneckerFactors` for Kronecker blocks (Linear, Conv2d: Ā dense; Embedding: Ā a
+    vector, its diagonal) and :class:`BlockFisher` (F: (k, b, b)) for norm scale-and-shift and
+    diagonal blocks. Conventions: :mod:`kfac_fast.curvature.blocks.base` (Ā the mean over its
+    rows, G and F divided by N, the number of loss terms). Arguments as :func:`kronecker_factors`;
+    ``unsupported`` as :func:`~kfac_fast.curvature.blocks.find_blocks`.
     """
-    dist = get_loss(loss)
+    from .running import RunningFactors
+    from .statistics import block_rows
+
+    dist = get_loss(loss, ignore_index=ignore_index)
     if fisher not in FISHER_KINDS:
         raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHER_KINDS)}")
     if fisher == "empirical" and targets is None:
         raise ValueError("fisher='empirical' needs targets=")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-    layers = find_layers(model)
+    blocks = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
+    if _kronecker_only:
+        other = next((b for b in blocks if b.factor_kind not in (KRONECKER, KRONECKER_DIAG_A)), None)
+        if other is not None:
+            raise ValueError(f"layer {other.name} ({type(other).__name__}) is not a Kronecker block; "
+                             "kronecker_factors(..., unsupported='skip') leaves it out, block_factors includes it")
+    batch_size(inputs)  # validates the batch
     with torch.enable_grad():
-        with capture(layers) as rec:
-            z = model(inputs)
+        with capture(blocks) as rec:
+            z = call(model, inputs)
         check_output(z, dist)
-        if fisher == "empirical":
+        if targets is not None:
             dist.check_targets(z, targets)
-        draws = per_example_derivatives(
-            rec, z, dist, fisher=fisher, targets=targets, mc_samples=mc_samples, generator=generator
-        )
-    order = rec.order
-    abar = [homogeneous_input(layers[i].a_rows(rec.inputs[i]), layers[i].factor_spec.homogeneous) for i in order]
-    m = abar[0].shape[0]
-    gs = [[d[i] for i in order] for d in draws]
-    result = []
-    for pos, i in enumerate(order):
-        A = abar[pos].t() @ abar[pos] / m
-        G = sum(g[pos].t() @ g[pos] for g in gs) / m
-        f = KroneckerFactors(A=A, G=G, name=layers[i].name, homogeneous=layers[i].factor_spec.homogeneous)
-        if tridiagonal and pos + 1 < len(order):
-            f.A_next = abar[pos].t() @ abar[pos + 1] / m
-            f.G_next = sum(g[pos].t() @ g[pos + 1] for g in gs) / m
-        result.append(f)
-    return result
+        N = int(dist.count(z, targets))
+        draws = per_example_derivatives(rec, z, dist, fisher=fisher, targets=targets, mc_samples=mc_samples,
+                                        generator=generator, blocks=blocks)
+    order = list(rec.order) + [i for i, b in enumerate(blocks) if not b.captures]
+    blocks = [blocks[i] for i in order]
+    rec = Recording(inputs=[rec.inputs[i] for i in order], outputs=[rec.outputs[i] for i in order])
+    dtype = torch.float64 if blocks[0].params()[0].dtype == torch.float64 else torch.float32
+    running = RunningFactors(blocks, dtype=dtype, device=z.device, tridiagonal=tridiagonal)
+    # the batch estimate = Σ over draws (each draw's G rows already carry 1/sqrt(n)); the A rows
+    # are the same in every draw, so every draw but the first adds to G and the small blocks only
+    for k, d in enumerate(draws):
+        stats = block_rows(blocks, rec, [d[i] for i in order], N)
+        if k == 0:
+            running.update(stats, eps=0.0, backend="torch")
+            acc = running.pending
+        else:
+            for i, b in enumerate(blocks):
+                f = acc[i]
+                if isinstance(f, BlockFisher):
+                    u = stats.u[i].to(dtype)
+                    f.F.add_(torch.einsum("nkb,nkc->kbc", u, u), alpha=1.0 / N)
+                else:
+                    g = stats.g[i].to(dtype)
+                    f.G.add_(g.t() @ g, alpha=1.0 / N)
+                    if f.G_next is not None:
+                        j, linked = next((jj, lk) for ii, jj, lk in running.links if ii == i)
+                        gj = stats.g[j].to(dtype)
+                        if linked and gj.shape[0] == g.shape[0] and stats.a[i].shape[0] == stats.a[j].shape[0]:
+                            f.G_next.add_(g.t() @ gj, alpha=1.0 / N)
+    if fisher == "exact":  # diagonal blocks: the exact per-example diagonal, not the summed square
+        with torch.enable_grad():
+            for i, b in enumerate(blocks):
+                if b.factor_kind == DIAGONAL:
+                    acc[i].F.copy_((_exact_diagonal(model, inputs, dist, b, targets) / N).reshape(-1, 1, 1))
+    return acc
+
+
+def kronecker_factors(
+    model: nn.Module,
+    inputs,
+    loss,
+    *,
+    fisher: str = "exact",
+    targets: Optional[torch.Tensor] = None,
+    mc_samples: int = 1,
+    tridiagonal: bool = False,
+    generator: Optional[torch.Generator] = None,
+    kfac_approx: str = "expand",
+    ignore_index: Optional[int] = -100,
+    unsupported: str = "error",
+) -> list[KroneckerFactors]:
+    """Kronecker factors of every Kronecker block of ``model`` on the batch ``inputs``.
+
+    Args:
+        model: network with Linear, Conv2d or Embedding layers (other trainable parameters are
+            ignored here; :func:`block_factors` gives every block).
+        inputs: the batch: a tensor, tuple (``model(*inputs)``) or dict (``model(**inputs)``);
+            dim 0 of its tensors indexes the m examples.
+        loss: ``"softmax_cross_entropy"``, ``"sigmoid_cross_entropy"`` or ``"squared_error"``;
+            outputs (m, ..., k), one loss term per leading position.
+        fisher: ``"exact"`` (expectation over the predictive distribution, one backward per
+            output class/unit: for small models), ``"mc"`` (``mc_samples`` sampled targets,
+            Sec 5) or ``"empirical"`` (uses ``targets``; not the Fisher, see Sec 5 footnote).
+        tridiagonal: also compute the cross factors A_next, G_next (Sec 4.3) between
+            consecutive dense Kronecker blocks with the same rows (else zeros).
+        generator: RNG for ``"mc"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for layers applied at R positions per example
+            (Eschenhagen et al. 2023); see :mod:`kfac_fast.curvature.blocks.base`.
+        ignore_index: softmax targets equal to it are excluded (masks the exact/mc draws too
+            when ``targets`` are given).
+        unsupported: ``"error"`` (default: a trainable parameter outside Kronecker blocks is
+            refused, as no factor here would cover it) or ``"skip"`` (ignore such parameters).
+
+    Returns:
+        One :class:`KroneckerFactors` per Kronecker block, in forward order: A (a, a) the mean
+        over its rows of ā āᵀ (a vector for Embedding's diagonal Ā), G = (1/N) Σ_rows g gᵀ.
+    """
+    recs = block_factors(model, inputs, loss, fisher=fisher, targets=targets, mc_samples=mc_samples,
+                         tridiagonal=tridiagonal, generator=generator, kfac_approx=kfac_approx,
+                         unsupported="skip" if unsupported == "diagonal" else unsupported,
+                         ignore_index=ignore_index, _kronecker_only=unsupported == "error")
+    return [r for r in recs if isinstance(r, KroneckerFactors)]
 
 
 def check_factors(factors: Sequence[KroneckerFactors], *, tridiagonal: bool = False) -> None:

@@ -34,6 +34,19 @@ def inverse_state(inv) -> Optional[dict]:
     return None if inv is None else inv.state_dict()
 
 
-def load_inverse(kind: str, state: Optional[dict], template: Sequence[KroneckerFactors], backend: str):
-    """The inverse of kind ``kind`` from :func:`inverse_state`, on the devices of ``template``."""
-    return None if state is None else INVERSE_KINDS[kind].from_state(state, template, backend=backend)
+def build_block_inverse(kind: str, records, *, damping: float, backend: str, warm_start=None,
+                        factorization: str = "eigh"):
+    """The inverse over blocks of every kind (:class:`~.block_inverse.BlockInverse`): ``kind``
+    for the dense Kronecker blocks, block-diagonal entries for the others."""
+    from .block_inverse import BlockInverse
+
+    return BlockInverse(records, kind=kind, damping=damping, backend=backend, warm_start=warm_start,
+                        factorization=factorization)
+
+
+def load_inverse(kind: str, state: Optional[dict], template: Sequence, backend: str):
+    """The inverse from :func:`inverse_state` (a :class:`~.block_inverse.BlockInverse`; states of
+    format ≤ 3 hold a bare Kronecker inverse and are wrapped), on the devices of ``template``."""
+    from .block_inverse import BlockInverse
+
+    return None if state is None else BlockInverse.from_state(state, template, backend=backend, kind=kind)

@@ -3,7 +3,13 @@
 Each loss is the negative log-likelihood of an exponential family with natural
 parameters z (the network output), so the Fisher equals the generalised Gauss-Newton
 matrix and F_R, the Fisher of R_{y|z} w.r.t. z, has a closed form used by Appendix C.
-The objective is the MEAN over the batch of per-example losses.
+
+Outputs have shape (m, ..., k): every position of the leading dimensions is one **loss term**
+with its own predictive distribution over the last dimension (a token of a sequence model, a
+pixel of a dense prediction; for (m, k) outputs the terms are the m examples). The objective is
+the MEAN over the N loss terms; ``softmax_cross_entropy`` excludes the terms whose target is
+``ignore_index`` (default −100) from N, the objective, the factors, the sampled targets and the
+quadratic forms, exactly as ``F.cross_entropy(..., ignore_index=)`` does.
 """
 from __future__ import annotations
 
@@ -13,22 +19,48 @@ import torch
 import torch.nn.functional as F
 
 
+def rows(z: torch.Tensor) -> torch.Tensor:
+    """(m, ..., k) -> (M, k): one row per loss term (a view when z is contiguous)."""
+    return z.reshape(-1, z.shape[-1])
+
+
 class PredictiveDistribution:
-    """Interface: per-example loss, sampling, and F_R (as vectors and as a bilinear form)."""
+    """Interface: per-example loss, sampling, and F_R (as vectors and as a bilinear form).
+
+    ``loss``, ``fisher_factors`` and ``fisher_inner`` work on rows (M, k) (:func:`rows` turns
+    (m, ..., k) outputs into them); ``total``, ``count``, ``sample``, ``mask`` and
+    ``check_targets`` take outputs and targets in their batch shapes.
+    """
 
     name: str = ""
+    ignore_index = None
+
+    def count(self, z: torch.Tensor, y: Optional[torch.Tensor] = None):
+        """N, the number of loss terms the objective averages: an int, or a 0-d int64 tensor on
+        the device when targets may be ignored (``softmax_cross_entropy``)."""
+        return rows(z).shape[0]
+
+    def mask(self, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(M,) bool: the loss terms that count, or None when all do."""
+        return None
+
+    def mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The objective's data term: ``total / count`` (0-d)."""
+        return self.total(z, y) / self.count(z, y)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example negative log-likelihood, shape (m,). z: (m, k)."""
         raise NotImplementedError
 
     def total(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Σ over examples of :meth:`loss` (a 0-d tensor), computed with a fused "sum" reduction:
+        """Σ over loss terms of :meth:`loss` (a 0-d tensor), computed with a fused "sum" reduction:
         no (m, k) intermediate survives into the backward pass."""
-        return self.loss(z, y).sum()
+        return self.loss(rows(z), y.reshape(-1, y.shape[-1])).sum()
 
-    def sample(self, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Targets drawn from the model's predictive distribution (Sec 5), no grad."""
+    def sample(self, z: torch.Tensor, generator: Optional[torch.Generator] = None,
+               like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Targets of the batch's shape drawn from the model's predictive distribution (Sec 5),
+        no grad. ``like``: the given targets, whose ignored terms stay ignored."""
         raise NotImplementedError
 
     def fisher_factors(self, z: torch.Tensor) -> torch.Tensor:
@@ -44,19 +76,40 @@ class PredictiveDistribution:
 
 
 class SoftmaxCrossEntropy(PredictiveDistribution):
-    """Categorical over logits z. Targets: int64 class indices of shape (m,)."""
+    """Categorical over logits z (m, ..., k). Targets: integer class indices (m, ...); terms whose
+    target is ``ignore_index`` are excluded (None: every target must be a class)."""
 
     name = "softmax_cross_entropy"
 
+    def __init__(self, ignore_index: Optional[int] = -100):
+        self.ignore_index = ignore_index
+
+    def _ii(self) -> int:
+        return -100 if self.ignore_index is None else self.ignore_index
+
     def loss(self, z, y):
-        return F.cross_entropy(z, y, reduction="none")
+        return F.cross_entropy(z, y, reduction="none", ignore_index=self._ii())
 
     def total(self, z, y):
-        return F.cross_entropy(z, y, reduction="sum")
+        return F.cross_entropy(rows(z), y.reshape(-1), reduction="sum", ignore_index=self._ii())
 
-    def sample(self, z, generator=None):
-        p = torch.softmax(z.detach().float(), dim=-1)
-        return torch.multinomial(p, 1, generator=generator).squeeze(1)
+    def mask(self, y):
+        if self.ignore_index is None or y is None:
+            return None
+        return y.reshape(-1) != self.ignore_index
+
+    def count(self, z, y=None):
+        mask = self.mask(y)
+        return rows(z).shape[0] if mask is None else mask.sum()
+
+    def sample(self, z, generator=None, like=None):
+        zr = rows(z.detach())
+        p = torch.softmax(zr.float(), dim=-1)
+        y = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        mask = self.mask(like)
+        if mask is not None:
+            y = torch.where(mask, y, torch.full_like(y, self.ignore_index))
+        return y.reshape(z.shape[:-1])
 
     def fisher_factors(self, z):
         p = torch.softmax(z.detach(), dim=-1)  # (m, k)
@@ -72,15 +125,28 @@ class SoftmaxCrossEntropy(PredictiveDistribution):
     def check_targets(self, z, y):
         if y.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"softmax_cross_entropy targets must be integer class indices, got {y.dtype}")
-        if y.shape != z.shape[:1]:
+        if y.shape != z.shape[:-1]:
             raise ValueError(
-                f"softmax_cross_entropy targets must have shape ({z.shape[0]},) (one class per example), "
-                f"got {tuple(y.shape)}"
+                f"softmax_cross_entropy targets must have shape {tuple(z.shape[:-1])} (one class per loss term: "
+                f"the output's shape without its last dimension), got {tuple(y.shape)}"
             )
-        if y.numel():
+        if not y.numel():
+            return
+        k = z.shape[-1]
+        mask = self.mask(y)
+        if mask is None:
             lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync
-            if lo < 0 or hi >= z.shape[1]:
-                raise ValueError(f"softmax_cross_entropy targets must lie in [0, {z.shape[1]}), got range [{lo}, {hi}]")
+            n = y.numel()
+        else:
+            yv = y.reshape(-1)
+            big = torch.iinfo(yv.dtype).max
+            lo, hi, n = torch.stack([torch.where(mask, yv, big).min(), torch.where(mask, yv, -1).max(),
+                                     mask.sum()]).tolist()  # one host sync
+        if n == 0:
+            raise ValueError(f"every target is ignore_index ({self.ignore_index}): the batch has no loss term")
+        if lo < 0 or hi >= k:
+            extra = "" if self.ignore_index is None else f" or {self.ignore_index} (ignore_index)"
+            raise ValueError(f"softmax_cross_entropy targets must lie in [0, {k}){extra}, got range [{lo}, {hi}]")
 
 
 class SigmoidCrossEntropy(PredictiveDistribution):
@@ -94,14 +160,14 @@ class SigmoidCrossEntropy(PredictiveDistribution):
     def total(self, z, y):
         return F.binary_cross_entropy_with_logits(z, y, reduction="sum")
 
-    def sample(self, z, generator=None):
+    def sample(self, z, generator=None, like=None):
         p = torch.sigmoid(z.detach())
         return torch.bernoulli(p, generator=generator)
 
     def fisher_factors(self, z):
         p = torch.sigmoid(z.detach())
         w = (p * (1 - p)).sqrt()  # (m, k)
-        k = z.shape[1]
+        k = z.shape[-1]
         eye = torch.eye(k, dtype=z.dtype, device=z.device)
         return eye.unsqueeze(1) * w.t().unsqueeze(-1)  # (k, m, k)
 
@@ -128,12 +194,15 @@ class SquaredError(PredictiveDistribution):
     def loss(self, z, y):
         return 0.5 * (y - z).pow(2).sum(-1)
 
-    def sample(self, z, generator=None):
+    def total(self, z, y):
+        return 0.5 * (y - z).pow(2).sum()
+
+    def sample(self, z, generator=None, like=None):
         zd = z.detach()
         return zd + torch.randn(zd.shape, generator=generator, dtype=zd.dtype, device=zd.device)
 
     def fisher_factors(self, z):
-        k = z.shape[1]
+        k = z.shape[-1]
         eye = torch.eye(k, dtype=z.dtype, device=z.device)
         return eye.unsqueeze(1).expand(k, z.shape[0], k)
 
@@ -148,20 +217,34 @@ class SquaredError(PredictiveDistribution):
                              f"got {tuple(y.shape)}")
 
 
+def sample_targets(loss: PredictiveDistribution, z: torch.Tensor, generator=None, like=None) -> torch.Tensor:
+    """``loss.sample`` keeping the ignored terms of ``like`` ignored (losses written before the
+    ``like`` argument existed are called without it when nothing is ignored)."""
+    if loss.mask(like) is None:
+        return loss.sample(z, generator)
+    return loss.sample(z, generator, like=like)
+
+
 LOSSES = {cls.name: cls for cls in (SoftmaxCrossEntropy, SigmoidCrossEntropy, SquaredError)}
 
 
-def get_loss(loss) -> PredictiveDistribution:
-    """A :class:`PredictiveDistribution` from its name (or pass one through)."""
+def get_loss(loss, *, ignore_index: Optional[int] = -100) -> PredictiveDistribution:
+    """A :class:`PredictiveDistribution` from its name (or pass one through).
+    ``ignore_index`` applies to ``softmax_cross_entropy`` (None: no target is ignored)."""
     if isinstance(loss, PredictiveDistribution):
         return loss
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(sorted(LOSSES))}")
+    if loss == SoftmaxCrossEntropy.name:
+        return SoftmaxCrossEntropy(ignore_index=ignore_index)
     return LOSSES[loss]()
 
 
 def check_output(z: torch.Tensor, loss: PredictiveDistribution) -> None:
-    if z.dim() != 2:
-        raise ValueError(f"{loss.name} expects model outputs of shape (m, k), got {tuple(z.shape)}")
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{loss.name} expects the model to return one tensor of shape (m, ..., k), "
+                        f"got {type(z).__name__}; wrap the model so that it returns the logits")
+    if z.dim() < 2:
+        raise ValueError(f"{loss.name} expects model outputs of shape (m, ..., k), got {tuple(z.shape)}")
 
 

@@ -10,95 +10,136 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from .factors import KroneckerFactors, factors_to_dict
-from .blocks import KRONECKER, CurvatureBlock
+from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
+from .factors import BlockFisher, KroneckerFactors, record_to_dict
+from .statistics import BatchStatistics
 
 
 class RunningFactors:
-    """Exponentially decayed averages of Ā_{i-1,i-1}, G_{i,i} (and the tridiagonal cross factors).
+    """Exponentially decayed averages of every block's curvature (Sec 5), double-buffered.
 
-    Double-buffered: ``update`` writes into the spare buffers, ``commit`` makes them current, so a
-    rejected step leaves the committed factors untouched (no lost state).
+    Per block (the blocks' order): a :class:`KroneckerFactors` (Ā dense (a, a), or a vector (a,)
+    for a diagonal Ā; G (g, g); with ``tridiagonal`` the cross factors Ā_{i-1,i}, G_{i,i+1}
+    towards the next Kronecker block), or a :class:`BlockFisher` F (k, b, b) for the small
+    dense / diagonal kinds. ``update`` writes into the spare buffers, ``commit`` makes them
+    current, so a rejected step leaves the committed factors untouched (no lost state).
+
+    Tridiagonal coupling (Sec 4.3) links consecutive dense Kronecker blocks that are adjacent
+    in the block order and whose statistics have the same rows (the same positions per
+    example); every other pair keeps zero cross factors, which makes the tridiagonal inverse
+    block-diagonal there (zero cross-covariance: conditionally independent blocks).
     """
 
     def __init__(self, layers: Sequence[CurvatureBlock], *, dtype: torch.dtype, device, tridiagonal: bool):
         self.layers = list(layers)
-        for l in self.layers:
-            if l.factor_spec.kind != KRONECKER:
-                raise NotImplementedError(f"layer {l.name}: factor kind {l.factor_spec.kind!r} has no running factors "
-                                          f"or inverse yet; only {KRONECKER!r} blocks are supported")
         self.tridiagonal = tridiagonal
         self.dtype = dtype
+        self.kron = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER]
+        # (i, j) consecutive in the Kronecker sub-list; linked when adjacent in the block order
+        self.links = [(i, j, j == i + 1) for i, j in zip(self.kron[:-1], self.kron[1:])]
         self._sets = [self._alloc(device), self._alloc(device)]
         self._cur = 0
         self.initialized = False
 
-    def _alloc(self, device) -> list[KroneckerFactors]:
+    def _alloc(self, device) -> list:
         out = []
-        L = len(self.layers)
-        for i, l in enumerate(self.layers):
-            f = KroneckerFactors(
-                A=torch.zeros(l.a_dim, l.a_dim, dtype=self.dtype, device=device),
-                G=torch.zeros(l.g_dim, l.g_dim, dtype=self.dtype, device=device),
-                name=l.name, homogeneous=l.factor_spec.homogeneous)
-            if self.tridiagonal and i + 1 < L:
-                nxt = self.layers[i + 1]
-                f.A_next = torch.zeros(l.a_dim, nxt.a_dim, dtype=self.dtype, device=device)
-                f.G_next = torch.zeros(l.g_dim, nxt.g_dim, dtype=self.dtype, device=device)
-            out.append(f)
+        z = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=device)  # noqa: E731
+        for l in self.layers:
+            kind = l.factor_kind
+            if kind == KRONECKER:
+                out.append(KroneckerFactors(A=z(l.a_dim, l.a_dim), G=z(l.g_dim, l.g_dim), name=l.name,
+                                            homogeneous=l.factor_spec.homogeneous))
+            elif kind == KRONECKER_DIAG_A:
+                out.append(KroneckerFactors(A=z(l.a_dim), G=z(l.g_dim, l.g_dim), name=l.name, homogeneous=False))
+            elif kind in (DENSE, DIAGONAL):
+                out.append(BlockFisher(F=z(l.g_dim, l.a_dim, l.a_dim), name=l.name, kind=kind))
+            else:
+                raise NotImplementedError(f"layer {l.name}: factor kind {kind!r} has no running factors")
+        if self.tridiagonal:
+            for i, j, _ in self.links:
+                a, b = self.layers[i], self.layers[j]
+                out[i].A_next = z(a.a_dim, b.a_dim)
+                out[i].G_next = z(a.g_dim, b.g_dim)
         return out
 
     @property
-    def current(self) -> list[KroneckerFactors]:
+    def current(self) -> list:
         return self._sets[self._cur]
 
     @property
-    def pending(self) -> list[KroneckerFactors]:
+    def pending(self) -> list:
         return self._sets[1 - self._cur]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every factor tensor of both buffers (for memory accounting)."""
-        return [t for fs in self._sets for f in fs for t in (f.A, f.G, f.A_next, f.G_next) if t is not None]
+        return [t for fs in self._sets for f in fs for t in _record_tensors(f)]
 
-    def update(self, acts: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], *, eps: float, backend: str) -> None:
-        """pending ← eps·current + (1−eps)·(batch estimate). acts: (m, d_in), gs: (m, d_out) per layer."""
-        m = acts[0].shape[0]
-        scale = (1.0 - eps) / m
+    def update(self, stats: BatchStatistics, *, eps: float, backend: str) -> None:
+        """pending ← eps·current + (1−eps)·(this batch's estimate), every block (Sec 5).
+
+        Ā averages its rows; G, the small dense blocks and the diagonals divide by N =
+        ``stats.n_terms`` (:mod:`.blocks.base`). All dense Ā updates are one grouped launch, all
+        G updates another."""
         cur, pen = self.current, self.pending
         for c, p in zip(cur, pen):
-            p.A.copy_(c.A)
-            p.G.copy_(c.G)
-            if p.A_next is not None:
-                p.A_next.copy_(c.A_next)
-                p.G_next.copy_(c.G_next)
-        hom = [l.factor_spec.homogeneous for l in self.layers]
-        ops.factor_update([p.A for p in pen], list(acts), eps=eps, scale=scale, homogeneous=hom, backend=backend)
-        ops.factor_update([p.G for p in pen], list(gs), eps=eps, scale=scale,
-                          homogeneous=[False] * len(gs), backend=backend)
-        if self.tridiagonal and len(pen) > 1:
-            ops.cross_factor_update([p.A_next for p in pen[:-1]], list(acts[:-1]), list(acts[1:]), eps=eps,
-                                    scale=scale, homogeneous_x=hom[:-1], homogeneous_y=hom[1:], backend=backend)
-            n = len(gs) - 1
-            ops.cross_factor_update([p.G_next for p in pen[:-1]], list(gs[:-1]), list(gs[1:]), eps=eps,
-                                    scale=scale, homogeneous_x=[False] * n, homogeneous_y=[False] * n,
-                                    backend=backend)
+            for tc, tp in zip(_record_tensors(c), _record_tensors(p)):
+                tp.copy_(tc)
+        w = 1.0 - eps
+        N = max(int(stats.n_terms), 1)
+        dense_a = [i for i in self.kron]
+        if dense_a:
+            ops.factor_update([pen[i].A for i in dense_a], [stats.a[i] for i in dense_a], eps=eps,
+                              scale=[w / max(stats.a[i].shape[0], 1) for i in dense_a],
+                              homogeneous=[self.layers[i].factor_spec.homogeneous for i in dense_a], backend=backend)
+        has_g = [i for i, l in enumerate(self.layers) if l.factor_kind in (KRONECKER, KRONECKER_DIAG_A)]
+        if has_g:
+            ops.factor_update([pen[i].G for i in has_g], [stats.g[i] for i in has_g], eps=eps, scale=w / N,
+                              homogeneous=False, backend=backend)
+        for i, l in enumerate(self.layers):
+            if l.factor_kind == KRONECKER_DIAG_A:
+                tok = stats.a[i]
+                counts = torch.bincount(tok, minlength=l.a_dim)
+                if counts.numel() > l.a_dim:
+                    raise ValueError(f"layer {l.name}: token id {int(tok.max())} >= num_embeddings {l.a_dim}")
+                pen[i].A.mul_(eps).add_(counts.to(self.dtype), alpha=w / max(tok.numel(), 1))
+            elif l.factor_kind in (DENSE, DIAGONAL):
+                u = stats.u[i].to(self.dtype)
+                pen[i].F.mul_(eps).add_(torch.einsum("nkb,nkc->kbc", u, u), alpha=w / N)
+        if self.tridiagonal:
+            live = [(i, j) for i, j, linked in self.links
+                    if linked and stats.a[i].shape[0] == stats.a[j].shape[0] and stats.g[i].shape[0] == stats.g[j].shape[0]]
+            if live:
+                hom = lambda k: self.layers[k].factor_spec.homogeneous  # noqa: E731
+                ops.cross_factor_update([pen[i].A_next for i, _ in live], [stats.a[i] for i, _ in live],
+                                        [stats.a[j] for _, j in live], eps=eps,
+                                        scale=[w / max(stats.a[i].shape[0], 1) for i, _ in live],
+                                        homogeneous_x=[hom(i) for i, _ in live], homogeneous_y=[hom(j) for _, j in live],
+                                        backend=backend)
+                ops.cross_factor_update([pen[i].G_next for i, _ in live], [stats.g[i] for i, _ in live],
+                                        [stats.g[j] for _, j in live], eps=eps, scale=w / N,
+                                        homogeneous_x=[False] * len(live), homogeneous_y=[False] * len(live),
+                                        backend=backend)
 
     def commit(self) -> None:
         self._cur = 1 - self._cur
         self.initialized = True
 
     def state(self) -> dict:
-        return {"factors": [factors_to_dict(f) for f in self.current], "initialized": self.initialized}
+        return {"factors": [record_to_dict(f) for f in self.current], "initialized": self.initialized}
 
     def load(self, state: dict) -> None:
+        if len(state["factors"]) != len(self.current):
+            raise ValueError(f"checkpoint has factors for {len(state['factors'])} blocks, this optimizer "
+                             f"{len(self.current)}")
         for f, d in zip(self.current, state["factors"]):
-            for k in ("A", "G", "A_next", "G_next"):
+            keys = ("F",) if isinstance(f, BlockFisher) else ("A", "G", "A_next", "G_next")
+            for k in keys:
                 t = getattr(f, k)
                 if t is None:
                     if d.get(k) is not None:
                         raise ValueError(f"checkpoint has {k} for layer {f.name} but this optimizer does not use it")
                     continue
-                src = d[k]
+                src = d.get(k)
                 if src is None or tuple(src.shape) != tuple(t.shape):
                     raise ValueError(f"checkpoint factor {k} of layer {f.name} has shape "
                                      f"{None if src is None else tuple(src.shape)}, expected {tuple(t.shape)}")
@@ -106,12 +147,19 @@ class RunningFactors:
         self.initialized = bool(state["initialized"])
 
 
-def snapshot(factors: Sequence[KroneckerFactors], dtype: Optional[torch.dtype] = None) -> list[KroneckerFactors]:
+def _record_tensors(f) -> list[torch.Tensor]:
+    if isinstance(f, BlockFisher):
+        return [f.F]
+    return [t for t in (f.A, f.G, f.A_next, f.G_next) if t is not None]
+
+
+def snapshot(factors: Sequence, dtype: Optional[torch.dtype] = None) -> list:
     """Independent copies, optionally cast (the inverse must not alias the double-buffered factors)."""
     def cp(t):
         return None if t is None else t.to(dtype=dtype or t.dtype, copy=True)
 
-    return [KroneckerFactors(A=cp(f.A), G=cp(f.G), A_next=cp(f.A_next), G_next=cp(f.G_next),
+    return [BlockFisher(F=cp(f.F), name=f.name, kind=f.kind) if isinstance(f, BlockFisher) else
+            KroneckerFactors(A=cp(f.A), G=cp(f.G), A_next=cp(f.A_next), G_next=cp(f.G_next),
                              name=f.name, homogeneous=f.homogeneous) for f in factors]
 
 

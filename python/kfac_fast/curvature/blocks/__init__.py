@@ -1,20 +1,31 @@
 """Curvature blocks: one file per layer type, a registry from module types to block classes."""
-from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, FactorSpec,
-                   factor_rows)
+from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KFAC_APPROX, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock,
+                   FactorSpec, check_kfac_approx)
+from .conv2d import Conv2dBlock
+from .diagonal import DiagonalBlock
+from .embedding import EmbeddingBlock
 from .linear import LinearBlock
-from .registry import block_class, find_blocks, register_block, registered_blocks
+from .registry import UNSUPPORTED, block_class, check_unsupported, find_blocks, register_block, registered_blocks
+from .scale_shift import ScaleShiftBlock
 
 __all__ = [
+    "Conv2dBlock",
     "CurvatureBlock",
     "DENSE",
     "DIAGONAL",
+    "DiagonalBlock",
+    "EmbeddingBlock",
     "FACTOR_KINDS",
     "FactorSpec",
+    "KFAC_APPROX",
     "KRONECKER",
     "KRONECKER_DIAG_A",
     "LinearBlock",
+    "ScaleShiftBlock",
+    "UNSUPPORTED",
     "block_class",
-    "factor_rows",
+    "check_kfac_approx",
+    "check_unsupported",
     "find_blocks",
     "register_block",
     "registered_blocks",

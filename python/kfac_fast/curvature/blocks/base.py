@@ -10,6 +10,18 @@ A block wraps one module (today: one layer i of the paper) and says
     not per-block updates, so the factor updates of all blocks stay one grouped launch;
   * its tangent for the linearized forward pass (Appendix C).
 
+Rows and scaling (the convention every block follows, for any shape of the module's input):
+**Ā is the mean over its rows of ā āᵀ** and **G is (1/N) Σ over its rows of g gᵀ**, N the number
+of loss terms the objective averages (the examples for (m, k) outputs, the non-ignored tokens
+of a sequence model) and g the derivative of the SUM of the loss terms. For an (m, d) input both
+have m rows (the paper's E[ā āᵀ], E[g gᵀ]); with R positions per example (a sequence, the output
+locations of a convolution) KFAC-expand takes all m·R rows and KFAC-reduce one row per example,
+the mean ā and the summed g (Eschenhagen et al. 2023).
+
+Blocks that are not Kronecker products (kinds ``dense``/``diagonal``: norm scale-and-shift, any
+other parameter) give per-example vectors u_n instead (``per_example``), with F = (1/N) Σ_n u_n u_nᵀ
+per small dense block.
+
 One subclass per layer type lives beside this file; :mod:`.registry` maps module types to them.
 """
 from __future__ import annotations
@@ -28,6 +40,13 @@ KRONECKER_DIAG_A = "kronecker_diag_a"
 DIAGONAL = "diagonal"
 DENSE = "dense"
 FACTOR_KINDS = (KRONECKER, KRONECKER_DIAG_A, DIAGONAL, DENSE)
+KFAC_APPROX = ("expand", "reduce")
+
+
+def check_kfac_approx(kfac_approx: str) -> str:
+    if kfac_approx not in KFAC_APPROX:
+        raise ValueError(f"unknown kfac_approx {kfac_approx!r}; choose one of {', '.join(KFAC_APPROX)}")
+    return kfac_approx
 
 
 @dataclass(frozen=True)
@@ -36,7 +55,9 @@ class FactorSpec:
 
     ``a_dim``: size of Ā (with the homogeneous coordinate when ``homogeneous``); ``g_dim``: size
     of G; ``homogeneous``: the A rows get a trailing 1 (ā = [a; 1], Sec 2.1) when the factor is
-    formed (the kernels append it, so ``a_rows`` returns the rows without it).
+    formed (the kernels append it, so ``a_rows`` returns the rows without it). For the kinds
+    ``dense``/``diagonal`` the block matrix is (g_dim, a_dim) = (k, b): k small dense blocks of
+    size b (b = 1: a diagonal).
     """
 
     kind: str
@@ -58,10 +79,13 @@ class CurvatureBlock(abc.ABC):
     methods; :func:`kfac_fast.register_block` makes K-FAC use them for a module type."""
 
     factor_kind: ClassVar[str] = KRONECKER
+    #: whether the block needs its module's input and output from the forward pass (hooks)
+    captures: ClassVar[bool] = True
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, *, kfac_approx: str = "expand"):
         self.name = name
         self.module = module
+        self.kfac_approx = check_kfac_approx(kfac_approx)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, module={self.module!r})"
@@ -70,6 +94,12 @@ class CurvatureBlock(abc.ABC):
     def accepts(cls, module: nn.Module) -> bool:
         """Whether K-FAC tracks this module (False: it is skipped, e.g. its weight is frozen)."""
         return True
+
+    @classmethod
+    def refusal(cls, module: nn.Module) -> str | None:
+        """Why this block cannot model ``module`` (e.g. a grouped convolution), or None. A refused
+        module is treated as unsupported (``unsupported=`` decides: diagonal, skip or error)."""
+        return None
 
     # ---------------------------------------------------------------- parameters
     @abc.abstractmethod
@@ -108,13 +138,19 @@ class CurvatureBlock(abc.ABC):
     def g_dim(self) -> int:
         return self.factor_spec.g_dim
 
-    @abc.abstractmethod
     def a_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The module's captured input -> rows (m, a_dim − homogeneous) whose mean outer product is Ā."""
+        """The module's captured input -> rows (rows, a_dim − homogeneous) whose mean outer
+        product is Ā (Kronecker kinds)."""
+        raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: it has no A rows")
 
-    @abc.abstractmethod
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
-        """∂L/∂(module output) -> rows (m, g_dim) whose mean outer product is G."""
+        """∂(Σ loss terms)/∂(module output) -> rows (rows, g_dim); G = (1/N) Σ rows rowsᵀ."""
+        raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: it has no G rows")
+
+    def per_example(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Kinds ``dense``/``diagonal``: per-example parameter derivatives u_n arranged as
+        (m, k, b) (F = (1/N) Σ_n u_n u_nᵀ per small block) from the captured input and ∂/∂output."""
+        raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: no per-example rows")
 
     # ---------------------------------------------------------------- linearized forward
     @abc.abstractmethod

@@ -1,7 +1,9 @@
 """``nn.Linear`` as the paper's layer (Sec 2.1): s_i = W_i ā_{i-1} with ā_{i-1} = [a_{i-1}; 1].
 
 The homogeneous coordinate is LAST, so W_i = [weight | bias] has shape (d_out, d_in + 1). A
-layer without bias has no homogeneous coordinate (W_i = weight).
+layer without bias has no homogeneous coordinate (W_i = weight). On (m, ..., d_in) inputs (a
+token model) the R = Π(extra dims) positions are weight-shared uses of the layer: KFAC-expand
+(default) takes every position as a row, KFAC-reduce one row per example (mean ā, summed g).
 """
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ class LinearBlock(CurvatureBlock):
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         return module.weight.requires_grad
+
+    @classmethod
+    def refusal(cls, module: nn.Module):
+        if module.bias is not None and not module.bias.requires_grad:
+            return "a frozen bias beside a trainable weight (the homogeneous coordinate needs both)"
+        return None
 
     @property
     def has_bias(self) -> bool:
@@ -74,10 +82,16 @@ class LinearBlock(CurvatureBlock):
         return self.to_matrix(self.module.weight, self.module.bias)
 
     def a_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(…, d_in) -> (m, d_in): every position of every example is a row."""
+        """(m, …, d_in) -> expand: (m·R, d_in), every position a row; reduce: (m, d_in), the
+        per-example mean over the R positions (ā_n = mean ā_{n,r}: the homogeneous 1 stays 1)."""
+        if self.kfac_approx == "reduce" and x.dim() > 2:
+            return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
         return x.reshape(-1, x.shape[-1])
 
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """(m, …, d_out) -> expand: (m·R, d_out); reduce: (m, d_out), g_n = Σ_r g_{n,r}."""
+        if self.kfac_approx == "reduce" and g.dim() > 2:
+            return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return g.reshape(-1, g.shape[-1])
 
     def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

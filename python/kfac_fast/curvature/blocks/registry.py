@@ -2,7 +2,8 @@
 
 Lookup walks the module's class hierarchy (most specific first), so a subclass of a registered
 type uses its parent's block unless it has its own (kfac-jax's ``set_default_tag_to_block_ctor``
-plays the same role).
+plays the same role). Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
+type without a block, a parameter shared by two modules) follow the ``unsupported`` policy.
 """
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ import inspect
 
 from torch import nn
 
-from .base import FACTOR_KINDS, CurvatureBlock
+from .base import FACTOR_KINDS, CurvatureBlock, check_kfac_approx
+from .conv2d import Conv2dBlock
+from .diagonal import DiagonalBlock
+from .embedding import EmbeddingBlock
 from .linear import LinearBlock
+from .scale_shift import NORM_TYPES, ScaleShiftBlock
 
 _REGISTRY: dict[type, type[CurvatureBlock]] = {}
+UNSUPPORTED = ("diagonal", "skip", "error")
 
 
 def register_block(module_type: type, block_cls: type) -> None:
@@ -57,34 +63,85 @@ def _describe(t: type) -> str:
     return prefix + t.__name__
 
 
-def find_blocks(model: nn.Module, *, model_name: str = "model") -> list[CurvatureBlock]:
-    """One block per supported module of ``model``, in registration order.
+def check_unsupported(unsupported: str) -> str:
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unknown unsupported={unsupported!r}; choose one of {', '.join(UNSUPPORTED)}")
+    return unsupported
+
+
+def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand",
+                unsupported: str = "error") -> list[CurvatureBlock]:
+    """One block per supported module of ``model`` (registration order), then one
+    :class:`DiagonalBlock` per other trainable parameter when ``unsupported="diagonal"``.
+
+    ``unsupported``: what happens to trainable parameters no Kronecker/norm block models (a layer
+    type without a block, a refused configuration such as a grouped convolution, a custom
+    ``nn.Parameter``, a parameter shared by two modules): ``"diagonal"`` (a diagonal Fisher
+    block each), ``"skip"`` (left alone: train them with another optimizer) or ``"error"``.
 
     Raises:
-        ValueError: a module owning trainable parameters is not supported (K-FAC would
-            silently skip its parameters), or the model has no supported layer.
+        ValueError: ``unsupported="error"`` and such a parameter exists (the message names the
+            module and the choices), or no parameter is left for K-FAC.
     """
+    check_kfac_approx(kfac_approx)
+    check_unsupported(unsupported)
     handled = ", ".join(_describe(t) for t in _REGISTRY)
     blocks: list[CurvatureBlock] = []
+    refused: dict[str, str] = {}  # module path -> why
     for name, module in model.named_modules():
         full = f"{model_name}.{name}" if name else model_name
         cls = block_class(module)
-        if cls is not None:
-            if cls.accepts(module):
-                blocks.append(cls(full, module))
+        if cls is None:
             continue
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own:
-            raise ValueError(
-                f"unsupported layer {_describe(type(module))} at {full}: K-FAC here handles {handled} only; "
-                "freeze its parameters (requires_grad_(False)) or train them with another optimizer"
-            )
+        why = cls.refusal(module)
+        if why is not None:
+            refused[full] = f"{_describe(type(module))} with {why}"
+            continue
+        if cls.accepts(module):
+            blocks.append(cls(full, module, kfac_approx=kfac_approx))
+    # a parameter claimed by two blocks (tied weights): both modules' parameters go diagonal
+    owners: dict[int, list[CurvatureBlock]] = {}
+    for b in blocks:
+        for p in b.params():
+            owners.setdefault(id(p), []).append(b)
+    shared = {id(b) for bs in owners.values() if len(bs) > 1 for b in bs}
+    for b in blocks:
+        if id(b) in shared:
+            refused[b.name] = f"{_describe(type(b.module))} sharing a parameter with another module"
+    blocks = [b for b in blocks if id(b) not in shared]
+    claimed = {id(p) for b in blocks for p in b.params()}
+    mod_of = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            mod_of.setdefault(id(p), (f"{model_name}.{mname}" if mname else model_name, module))
+    loose = []
+    for pname, p in model.named_parameters():
+        if p.requires_grad and id(p) not in claimed:
+            loose.append((pname, p))
+    if loose and unsupported == "error":
+        pname, p = loose[0]
+        path, module = mod_of[id(p)]
+        what = refused.get(path)
+        if what is None:
+            head = (f"unsupported layer {_describe(type(module))} at {path} (parameter {pname}): K-FAC has "
+                    f"Kronecker/norm blocks for {handled}")
+        else:
+            head = f"unsupported layer {what} at {path}"
+        raise ValueError(f"{head}; choose unsupported='diagonal' (a diagonal Fisher block for its parameters), "
+                         "unsupported='skip' (K-FAC leaves them to another optimizer), freeze them "
+                         "(requires_grad_(False)), or register a block with kfac_fast.register_block")
+    if unsupported == "diagonal":
+        blocks += [DiagonalBlock(f"{model_name}.{pname}", p, kfac_approx=kfac_approx) for pname, p in loose]
     if not blocks:
         raise ValueError(
-            f"{model_name} has no supported layer ({handled} with trainable weight); "
-            "K-FAC needs at least one to build Kronecker factors"
+            f"{model_name} has no supported layer ({handled} with trainable weight) and no trainable parameter "
+            "for a diagonal block (unsupported='diagonal'); K-FAC has nothing to train"
         )
     return blocks
 
 
 register_block(nn.Linear, LinearBlock)
+register_block(nn.Conv2d, Conv2dBlock)
+register_block(nn.Embedding, EmbeddingBlock)
+for _t in NORM_TYPES:
+    register_block(_t, ScaleShiftBlock)

@@ -1,0 +1,132 @@
+"""``nn.Conv2d`` as a Kronecker block: KFC (Grosse & Martens 2016) in the expand form.
+
+W = [weight.reshape(C_out, C_in·kh·kw) | bias], shape (C_out, C_in·kh·kw + 1): the homogeneous
+coordinate LAST, as for Linear. A patch ā_{n,r} is column r of
+``F.unfold(x_n, (kh, kw), dilation, padding, stride)`` (entries ordered channel, kernel row,
+kernel column; padding zeros are part of the patch) with a trailing 1, and g_{n,r} the
+derivative at output location r. With R = H_out·W_out locations per example:
+
+    Ā = (1/(m·R)) Σ_{n,r} ā_{n,r} ā_{n,r}ᵀ,        G = (1/N) Σ_n Σ_r g_{n,r} g_{n,r}ᵀ
+
+(N = m for one loss term per example); for R = 1 this is the Linear convention.
+``kfac_approx="reduce"``: one row per example, the mean patch and the summed g.
+Grouped convolutions (groups > 1) and padding modes other than zeros are refused here (the
+``unsupported=`` policy then decides).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import KRONECKER, CurvatureBlock, FactorSpec
+
+
+class Conv2dBlock(CurvatureBlock):
+    """An ``nn.Conv2d`` (groups = 1, zero padding) as W = [weight.reshape(C_out, −1) | bias]."""
+
+    factor_kind = KRONECKER
+    module: nn.Conv2d
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return module.weight.requires_grad
+
+    @classmethod
+    def refusal(cls, module: nn.Module):
+        if module.groups != 1:
+            return (f"groups={module.groups} (a grouped or depthwise convolution has one Kronecker block per group, "
+                    "not implemented)")
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (the patches assume zero padding)"
+        if module.bias is not None and not module.bias.requires_grad:
+            return "a frozen bias beside a trainable weight (the homogeneous coordinate needs both)"
+        return None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.module.bias is not None
+
+    @property
+    def patch_dim(self) -> int:
+        w = self.module.weight
+        return w.shape[1] * w.shape[2] * w.shape[3]
+
+    @property
+    def factor_spec(self) -> FactorSpec:
+        return FactorSpec(kind=self.factor_kind, a_dim=self.patch_dim + int(self.has_bias),
+                          g_dim=self.module.out_channels, homogeneous=self.has_bias)
+
+    @property
+    def a_dim(self) -> int:
+        return self.patch_dim + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_channels
+
+    def params(self) -> list[nn.Parameter]:
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    def to_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        w = weight.reshape(weight.shape[0], -1)
+        return w if bias is None else torch.cat([w, bias.unsqueeze(1)], dim=1)
+
+    def from_matrix(self, M: torch.Tensor) -> list[torch.Tensor]:
+        shape = self.module.weight.shape
+        w = M[:, : self.patch_dim].reshape(shape)
+        return [w, M[:, self.patch_dim]] if self.has_bias else [w]
+
+    def _padding(self) -> tuple[int, int]:
+        m = self.module
+        if isinstance(m.padding, str):
+            if m.padding == "valid":
+                return (0, 0)
+            # 'same' (stride 1): total padding d·(k−1) per dim; unfold pads symmetrically, so
+            # only odd-sized effective kernels are exact
+            pads = []
+            for d, k in zip(m.dilation, m.kernel_size):
+                total = d * (k - 1)
+                if total % 2:
+                    raise ValueError(f"layer {self.name}: padding='same' with an even effective kernel pads "
+                                     "asymmetrically; use explicit padding")
+                pads.append(total // 2)
+            return tuple(pads)
+        return tuple(m.padding)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(m, C_in, H, W) -> (m, C_in·kh·kw, R), the unfolded patches."""
+        m = self.module
+        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self._padding(), stride=m.stride)
+
+    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """expand: (m·R, C_in·kh·kw) patches as rows; reduce: (m, C_in·kh·kw) mean patches."""
+        if x.dim() == 3:  # unbatched (C, H, W) input
+            x = x.unsqueeze(0)
+        P = self.patches(x)
+        if self.kfac_approx == "reduce":
+            return P.mean(2)
+        return P.transpose(1, 2).reshape(-1, P.shape[1])
+
+    def g_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """(m, C_out, H_out, W_out) -> expand: (m·R, C_out), rows in the order of ``a_rows``;
+        reduce: (m, C_out) summed over locations."""
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        if self.kfac_approx == "reduce":
+            return g.sum((2, 3))
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """conv(x_j, dW_j) + db_j for copy j of the stacked input."""
+        m = self.module
+        n = len(directions)
+        xs = x.to(dtype).reshape(n, -1, *x.shape[1:])
+        out = []
+        for j, D in enumerate(directions):
+            parts = self.from_matrix(D.to(dtype))
+            out.append(F.conv2d(xs[j], parts[0], parts[1] if self.has_bias else None, stride=m.stride,
+                                padding=self._padding(), dilation=m.dilation))
+        return torch.cat(out)

@@ -1,0 +1,116 @@
+"""One batch's curvature statistics per block (paper Sec 5, Algorithm 1), for every block kind.
+
+From one forward pass with the blocks' modules hooked and one backward pass of the SUM of the
+loss terms (targets sampled from the model, or given for the empirical Fisher):
+
+* Kronecker blocks: the A rows (patches, positions or examples) and the G rows;
+* Kronecker with diagonal Ā (Embedding): the token ids and the G rows;
+* small dense blocks (norm scale-and-shift): per-example derivatives u (m, k, b);
+* diagonal blocks (any other parameter): the summed gradient as (1, numel, 1).
+
+Scaling (see :mod:`.blocks.base`): Ā averages its rows; G and the small blocks divide by N, the
+number of loss terms (:meth:`PredictiveDistribution.count`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
+from .capture import Recording
+
+
+@dataclass
+class BatchStatistics:
+    """Per block (same order as the blocks): ``a`` A rows / token ids / None, ``g`` G rows /
+    None, ``u`` per-example vectors (m, k, b) / None; ``n_terms`` = N."""
+
+    a: list
+    g: list
+    u: list
+    n_terms: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.a + self.g + self.u if t is not None and t.is_floating_point()]
+
+
+def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence[Optional[torch.Tensor]],
+               n_terms: int) -> BatchStatistics:
+    """The statistics from the recorded inputs and ``grads`` (per block: ∂(Σ loss)/∂output for
+    module blocks, ∂(Σ loss)/∂parameter for diagonal blocks; None = unused: zeros)."""
+    a, g, u = [], [], []
+    for i, b in enumerate(blocks):
+        kind = b.factor_kind
+        if kind in (KRONECKER, KRONECKER_DIAG_A):
+            a.append(b.a_rows(rec.inputs[i]))
+            g.append(b.g_rows(grads[i]))
+            u.append(None)
+        elif kind == DENSE:
+            a.append(None)
+            g.append(None)
+            u.append(b.per_example(rec.inputs[i], grads[i]))
+        elif kind == DIAGONAL:
+            gr = grads[i]
+            if gr is None:
+                gr = torch.zeros_like(b.params()[0])
+            a.append(None)
+            g.append(None)
+            u.append(b.from_gradient(gr.detach()))
+        else:  # pragma: no cover - the registry checks kinds
+            raise ValueError(f"block {b.name}: unknown factor kind {kind!r}")
+    return BatchStatistics(a=a, g=g, u=u, n_terms=int(n_terms))
+
+
+def backward_targets(blocks: Sequence[CurvatureBlock], rec: Recording) -> list[torch.Tensor]:
+    """What the statistics backward differentiates: each module block's output, each diagonal
+    block's parameter."""
+    return [rec.outputs[i] if b.captures else b.params()[0] for i, b in enumerate(blocks)]
+
+
+def statistics_grads(total: torch.Tensor, blocks: Sequence[CurvatureBlock], rec: Recording,
+                     *, retain_graph: bool = False, grad_outputs=None, outputs=None) -> list:
+    """∂total/∂(block outputs or parameters), None for a parameter the forward did not use."""
+    targets = backward_targets(blocks, rec)
+    return list(torch.autograd.grad(total if outputs is None else outputs, targets, grad_outputs=grad_outputs,
+                                    retain_graph=retain_graph, allow_unused=True))
+
+
+def first_non_finite(blocks: Sequence[CurvatureBlock], stats: BatchStatistics) -> Optional[str]:
+    """Name the first block whose statistics hold NaN/inf (one host sync for the whole check)."""
+    checks, names = [], []
+    for b, a, g, u in zip(blocks, stats.a, stats.g, stats.u):
+        for what, t in (("inputs", a), ("output derivatives", g), ("per-example derivatives", u)):
+            if t is not None and t.is_floating_point():
+                checks.append(torch.isfinite(t).all())
+                names.append(f"{what} of layer {b.name}")
+    if not checks:
+        return None
+    flags = torch.stack(checks).tolist()
+    return None if all(flags) else names[flags.index(False)]
+
+
+def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, fisher: str = "mc",
+                       targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
+                       ) -> tuple[BatchStatistics, Recording]:
+    """Steps 2-3 of Algorithm 2's statistics (Sec 5): one forward on ``batch`` with the blocks
+    hooked and one backward of Σ loss(y) with y sampled from the model (``fisher="mc"``; the
+    ignored terms of ``targets`` stay ignored) or y = ``targets`` (``"empirical"``). Module
+    buffers are left as they were (:func:`~kfac_fast.batch.buffers_kept`)."""
+    from ..batch import buffers_kept, call
+    from .capture import capture
+    from .losses import check_output, sample_targets
+
+    with torch.enable_grad(), buffers_kept(model):
+        with capture(blocks) as rec:
+            z = call(model, batch)
+        check_output(z, loss)
+        if fisher == "mc":
+            y = sample_targets(loss, z, generator, like=targets)
+        else:
+            y = targets
+            loss.check_targets(z, y)
+        n_terms = loss.count(z, y)
+        grads = statistics_grads(loss.total(z, y), blocks, rec)
+    return block_rows(blocks, rec, grads, int(n_terms)), rec

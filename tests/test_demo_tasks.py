@@ -156,12 +156,12 @@ TINY = {
 }
 
 
-def _run(tmp_path, task, methods, iters=15):
+def _run(tmp_path, task, methods, iters=15, extra=()):
     pytest.importorskip("matplotlib")
     from kfac_fast import demo
 
     return demo.main(TINY[task] + ["--methods", methods, "--budget", "120", "--max-iters", str(iters),
-                                   "--eval-every", "1000", "--quiet", "--out", str(tmp_path)])
+                                   "--eval-every", "1000", "--quiet", "--out", str(tmp_path), *extra])
 
 
 @pytest.mark.parametrize("task", ["cnn", "transformer"])
@@ -208,7 +208,7 @@ def test_kfac_smoke_loss_decreases(tmp_path, task):
     model = small_resnet(seed=0) if task == "cnn" else causal_transformer_lm(20, 8, d_model=16, seed=0)
     if not _kfac_covers(model):
         pytest.skip("kfac_fast does not cover Conv2d/BatchNorm/Embedding/LayerNorm yet (needs the [arch-core] commit)")
-    runs = _run(tmp_path, task, "kfac,kfac-pre")
+    runs = _run(tmp_path, task, "kfac,kfac-pre", extra=["--kfac-pre-lr", "1e-4"])
     assert [r.method for r in runs] == ["K-FAC", "KFACPreconditioner+SGD"]
     for r in runs:
         assert r.iters == [0, 15]

@@ -45,12 +45,14 @@ from kfac_fast.models_lm import causal_transformer_lm
 TASKS = ("cnn", "transformer")
 METHODS = ("kfac", "kfac-pre", "sgd", "adamw")
 # Best final training loss of the committed --sweep (benchmarks/results/demo_cpu_<task>_sweep.csv: 30 s per
-# learning rate, interleaved, 1 thread). kfac-pre: not swept until the architectures core lands.
+# learning rate, interleaved, 1 thread; kfac-pre swept in its own interleaved run).
 DEFAULT_LR = {
-    "cnn": {"sgd": 0.1, "adamw": 3e-3, "kfac-pre": 0.1},
-    "transformer": {"sgd": 0.1, "adamw": 3e-3, "kfac-pre": 0.1},
+    "cnn": {"sgd": 0.1, "adamw": 3e-3, "kfac-pre": 1e-3},
+    "transformer": {"sgd": 0.1, "adamw": 3e-3, "kfac-pre": 3e-4},
 }
-SWEEP_GRID = {"sgd": (0.01, 0.03, 0.1, 0.3), "adamw": (3e-4, 1e-3, 3e-3, 1e-2), "kfac-pre": (0.03, 0.1, 0.3)}
+# kfac-pre: the preconditioned gradient F̆⁻¹∇ (damping 1e-2, no re-scaling) is ~100-1000× the gradient here, so
+# its SGD learning rate lives far below plain SGD's (lr 0.1 diverged within 3 steps on the CNN).
+SWEEP_GRID = {"sgd": (0.01, 0.03, 0.1, 0.3), "adamw": (3e-4, 1e-3, 3e-3, 1e-2), "kfac-pre": (3e-4, 1e-3, 3e-3, 1e-2)}
 CSV_COLUMNS = ["method", "seconds", "iterations", "train_loss", "batch_loss", "train_accuracy"]
 
 
@@ -177,7 +179,17 @@ class Trainer:
         args = self.args
         x, y = next(self.batches)
         self.clock.start()
-        out = self.step_fn(x, y)
+        try:
+            out = self.step_fn(x, y)
+        except RuntimeError as exc:  # e.g. sampling targets from inf logits: diverged, unless θ is finite
+            self.clock.pause()
+            if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()) and \
+                    math.isfinite(self.task.evaluate(self.model)[0]):
+                raise
+            self.run.note, self.done = f"diverged: {str(exc).splitlines()[0][:60]}", True
+            self._evaluate()
+            self.run.note = self.run.note or "diverged"
+            return
         self.clock.pause()
         self.it += 1
         if out is not None:
@@ -229,16 +241,35 @@ def run_baseline(task: Task, args, method: str, lr: float) -> Trainer:
     return Trainer(name, step, model, task, args, settings)
 
 
-def run_kfac(task: Task, args) -> Trainer:
+def _parse_overrides(spec: str) -> dict:
+    """"k=v,k=v" → {k: v} with ints, floats and booleans converted."""
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, val = item.partition("=")
+        for conv in (int, float, {"true": True, "false": False}.__getitem__):
+            try:
+                out[key.strip()] = conv(val.strip().lower() if conv not in (int, float) else val.strip())
+                break
+            except (ValueError, KeyError):
+                continue
+        else:
+            out[key.strip()] = val.strip()
+    return out
+
+
+def run_kfac(task: Task, args, overrides: str = "") -> Trainer:
     model = task.make_model()
     model.train()
     opt = kfac_fast.KFAC(model, loss="softmax_cross_entropy", backend=args.backend,
-                         generator=torch.Generator(device=args.device).manual_seed(args.seed))
+                         generator=torch.Generator(device=args.device).manual_seed(args.seed),
+                         **_parse_overrides(overrides))
 
     def step(x, y):
         stats = opt.step(x, y)
         return stats.get("loss")
 
+    if overrides:
+        return Trainer(f"K-FAC {overrides}", step, model, task, args, f"KFAC defaults but {overrides}")
     return Trainer("K-FAC", step, model, task, args, "KFAC defaults (block-diagonal, momentum)")
 
 
@@ -277,7 +308,7 @@ def _table(runs: list[Run]) -> str:
         ms = 1e3 * r.times[-1] / max(r.iters[-1], 1)
         finite = [v for v in r.losses if math.isfinite(v)]
         rows.append((r.method + (f" ({r.note})" if r.note else ""), r.settings, str(r.iters[-1]), f"{r.times[-1]:.1f}",
-                     f"{ms:.0f}", f"{r.losses[-1]:.4f}", f"{min(finite):.4f}" if finite else "nan",
+                     f"{ms:.0f}", f"{r.losses[-1]:.4g}", f"{min(finite):.4g}" if finite else "nan",
                      f"{r.accuracies[-1]:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -354,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sgd-lr", type=float, default=None)
     p.add_argument("--adamw-lr", type=float, default=None)
     p.add_argument("--kfac-pre-lr", type=float, default=None, help="SGD learning rate under KFACPreconditioner")
+    p.add_argument("--kfac-config", action="append", default=[], metavar="K=V,...",
+                   help="one more K-FAC run with these KFACConfig overrides (repeatable), e.g. tau2_min_rows=0")
     p.add_argument("--max-iters", type=int, default=None, help="stop each method after this many iterations")
     p.add_argument("--seq-len", type=int, default=64, help="transformer: longest sequence")
     p.add_argument("--d-model", type=int, default=64, help="transformer: width")
@@ -398,7 +431,12 @@ def main(argv=None) -> list[Run] | list[dict]:
             w.writerows(rows)
         print(f"\nwrote {path}")
         return rows
-    runs = train([make_trainer(task, args, m) for m in methods], args)
+    trainers = []
+    for m in methods:
+        trainers.append(make_trainer(task, args, m))
+        if m == "kfac":
+            trainers += [run_kfac(task, args, spec) for spec in args.kfac_config]
+    runs = train(trainers, args)
     print()
     print(_table(runs))
     csv_path = os.path.join(args.out, f"{task.name}_curves.csv")

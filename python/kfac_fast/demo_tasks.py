@@ -322,21 +322,33 @@ def _plot(runs: list[Run], path: str, title: str, ylabel: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     for r in runs:
         label = f"{r.method} ({r.settings})"
-        axes[0].plot(r.times, r.losses, label=label)
-        axes[1].plot(r.iters, r.losses, label=label)
+        line, = axes[0].plot(r.times, r.losses, label=label)
+        axes[1].plot(r.iters, r.losses, color=line.get_color())
     for ax, xl in zip(axes, ("seconds (training only)", "iterations")):
         ax.set_xlabel(xl)
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * ((len(runs) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def runs_from_csv(path: str) -> list[Run]:
+    """The runs of a curves CSV written by :func:`main` (to redraw a committed plot)."""
+    runs: dict[str, Run] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            r = runs.setdefault(row["method"], Run(row["method"], settings=row["settings"]))
+            r.times.append(float(row["seconds"])), r.iters.append(int(row["iterations"]))
+            r.losses.append(float(row["train_loss"])), r.batch_losses.append(float(row["batch_loss"]))
+            r.accuracies.append(float(row["train_accuracy"]))
+    return list(runs.values())
 
 
 def _write_curves(path: str, runs: list[Run], machine: dict) -> None:

@@ -3,6 +3,8 @@ the same wall-clock budget (paper Sec 13), print a table and plot error against 
 
     python -m kfac_fast.demo                      # defaults: 90 s per method, batch 1000
     python -m kfac_fast.demo --budget 300 --inverse block_tridiagonal --methods kfac,sgd,adam
+    python -m kfac_fast.demo --task cnn           # the architecture demos (kfac_fast.demo_tasks):
+    python -m kfac_fast.demo --task transformer   # ResNet on MNIST, transformer LM on text
 
 Reported error: training reconstruction error, the mean over the training cases of the squared
 error summed over pixels (Hinton & Salakhutdinov 2006), measured on the whole training set with
@@ -217,7 +219,17 @@ CSV_COLUMNS = ["method", "seconds", "iterations", "train_error"]
 
 
 def main(argv=None) -> list[Run]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="autoencoder")
+    task, _ = pre.parse_known_args(argv)
+    if task.task != "autoencoder":
+        from kfac_fast import demo_tasks
+
+        return demo_tasks.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="autoencoder", choices=["autoencoder", "cnn", "transformer"],
+                   help="autoencoder (default, this page); cnn / transformer: see "
+                        "`python -m kfac_fast.demo --task cnn --help`")
     p.add_argument("--budget", type=float, default=90.0, help="training seconds per method (default 90)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--inverse", default="block_diagonal",

@@ -1,4 +1,5 @@
 """Numerical safety, bad input, checkpoints, mixed precision, fuzzing and a soak run."""
+import copy
 import io
 import math
 import warnings
@@ -176,9 +177,17 @@ def test_checkpoint_is_versioned_and_weights_only_loadable():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    assert state["version"] == 3
+    assert state["version"] == 4
     opt2 = KFAC(model, loss="softmax_cross_entropy", inverse="block_tridiagonal")
     opt2.load_state_dict(state)
+    # version 3 (before blocks of other kinds): the inverse state is the bare tridiagonal one
+    v3 = copy.deepcopy(state)
+    v3["version"], v3["inverse"] = 3, v3["inverse"]["kron"]
+    opt3b = KFAC(model, loss="softmax_cross_entropy", inverse="block_tridiagonal")
+    opt3b.load_state_dict(v3)
+    V = [torch.randn(l.g_dim, l.a_dim, dtype=opt2.inverse_dtype) for l in opt2.layers]
+    for a, b in zip(opt2.inverse.apply(V), opt3b.inverse.apply(V)):
+        assert torch.equal(a, b)
     state["version"] = 99
     with pytest.raises(ValueError, match="version"):
         opt2.load_state_dict(state)

@@ -54,6 +54,8 @@ class KFACConfig:
             model's curvature ΔᵀFΔ is estimated from S₂; on a few rows it misses most of the
             curvature the step meets and α, µ come out far too large (measured in
             benchmarks/suite.py; README "Robust adaptation"). The paper has no minimum (0).
+            Counted in loss terms: with P terms per example (a sequence model's tokens) S₂
+            needs ceil(tau2_min_rows / P) examples.
         ema_max: ε = min(1 − 1/k, ema_max) for the factor running averages (Sec 5).
         gamma_init: initial γ; None means sqrt(λ + η) (Algorithm 2).
         adapt_lambda, adapt_gamma: turn the λ / γ rules off (for ablations).
@@ -68,6 +70,7 @@ class KFACConfig:
             rows of the batch (the whole batch when it has no more; 0: always the whole batch,
             the paper). The change of h on the subset, over M(δ) of the batch, estimates the
             batch's ρ without bias at a fraction of the cost (1/4 on the demo's batch of 1000).
+            Counted in loss terms, as ``tau2_min_rows``.
         rho_batch: where ρ is measured. ``"same"`` (the paper, Sec 6.5): on the mini-batch the
             step was fitted to, one extra forward pass right after the step. ``"next"``: on the
             next call's batch, which the step was not fitted to (an unbiased sample of the

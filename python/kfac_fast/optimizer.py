@@ -166,6 +166,7 @@ class KFAC:
         self.lambda_ = float(cfg.lambda_init)
         self.gamma = float(cfg.gamma_init) if cfg.gamma_init is not None else math.sqrt(cfg.lambda_init + cfg.weight_decay)
         self.k = 1
+        self._terms_per_example = 1  # loss terms per example (P), updated by every gradient pass
         self._ordered = False
         self.factors: Optional[RunningFactors] = None
         self.inverse = None
@@ -229,6 +230,10 @@ class KFAC:
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.config.inverse == "block_tridiagonal")
+
+    def _examples_for(self, terms: int) -> int:
+        """Examples holding at least ``terms`` loss terms (P per example, from the last gradient pass)."""
+        return -(-terms // self._terms_per_example) if terms > 0 else 0
 
     def _subset(self, m: int, frac: float, min_rows: int = 0) -> torch.Tensor:
         size = min(m, max(int(round(frac * m)), min_rows))
@@ -383,7 +388,10 @@ class KFAC:
             h_data = self.loss.mean(z, targets)
             grads = torch.autograd.grad(h_data, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            m, r = z.shape[0], self.config.rho_rows
+            m = z.shape[0]
+            # loss terms per example (P): the row minimums of S₂ and the ρ subset count terms
+            self._terms_per_example = max(1, math.prod(z.shape[1:-1]))
+            r = self._examples_for(self.config.rho_rows)
             idx_r = self._subset(m, 0.0, r) if 0 < r < m and self.config.rho_batch == "same" else None
             parts = [h_data.detach().double(), self._l2()]
             if idx_r is not None:
@@ -457,7 +465,7 @@ class KFAC:
         # model is K-FAC's own, whose predicted decrease always favours the smallest γ: off.
         if cfg.adapt_gamma and cfg.rescale and self.k % cfg.T2 == 0:
             candidates = gamma_candidates(self.gamma, cfg.omega2, lo=cfg.gamma_min, hi=cfg.gamma_max)
-        idx2 = self._subset(batch_size(inputs), cfg.tau2, cfg.tau2_min_rows)
+        idx2 = self._subset(batch_size(inputs), cfg.tau2, self._examples_for(cfg.tau2_min_rows))
         x2 = (select(inputs, idx2), targets.index_select(0, idx2))
         use_mom = cfg.momentum and self.delta0 is not None
         best = None

@@ -15,7 +15,7 @@ from torch import nn
 
 
 from ._sequential_jvp import sequential_jvp, sequential_plan
-from .batch import batch_size, buffers_kept, call, call_args, repeat
+from .batch import buffers_kept, call_args
 from .curvature.blocks import CurvatureBlock
 from .curvature.losses import PredictiveDistribution, rows
 
@@ -25,18 +25,10 @@ def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], input
     """(z, J·v) for a parameter direction v given as per-block (g_dim, a_dim) matrices.
 
     Forward-mode AD through the model (Appendix C: "a linearized version of the standard
-    forward pass"): each K-FAC layer's output gets the extra tangent dW·ā from a forward hook,
-    so no parameter swapping (functional_call) is needed.
+    forward pass"), see :func:`linearized_forward_many`.
     """
     z, (jv,) = linearized_forward_many(model, layers, inputs, [direction])
     return z, jv
-
-
-def _mixes_batch(model: nn.Module) -> bool:
-    """Whether a module couples the examples of a batch (BatchNorm in training mode): stacked
-    copies would then mix their tangents through the batch statistics."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-               for m in model.modules())
 
 
 def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, direction) -> tuple:
@@ -60,19 +52,18 @@ def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, di
 
 def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], inputs,
                             directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(z, [J·v_1, …, J·v_n]) from ONE linearized forward pass where the model allows it.
+    """(z, [J·v_1, …, J·v_n]): one linearized forward pass per direction (Appendix C).
 
-    The n copies of the batch are stacked along dim 0 and copy j carries the tangent of
-    direction j (each layer's extra tangent dW_j·ā is one batched product), so the
-    per-operation overhead of forward-mode AD is paid once instead of n times. That needs the
-    examples to be independent: with BatchNorm in training mode, or with diagonal blocks
-    (parameters without a module to hook), it runs one pass per direction with dual parameters
-    instead. Plain ``nn.Sequential`` networks of Linear layers and elementwise activations take
-    a hand-written path with the same result (:mod:`kfac_fast._sequential_jvp`). ``inputs`` is
-    a batch (tensor, tuple or dict); module buffers are left as they were.
+    Every block parameter enters ``torch.func.functional_call`` as a dual tensor whose tangent
+    is the direction's block (``block.from_matrix``), so the result is the exact Jacobian-vector
+    product of the model as it computes, for every block kind and any model: modules applied
+    to inputs shared by the whole batch (a position embedding on ``arange(T)``), BatchNorm in
+    training mode, parameters without a module. (Stacking the n directions as n copies of the
+    batch would pay the per-operation overhead once, but silently mixes the copies' tangents
+    in exactly those cases.) Plain ``nn.Sequential`` networks of Linear layers and elementwise
+    activations take a hand-written path with the same result (:mod:`kfac_fast._sequential_jvp`).
+    ``inputs`` is a batch (tensor, tuple or dict); module buffers are left as they were.
     """
-    import torch.autograd.forward_ad as fwAD
-
     n = len(directions)
     if n == 0:
         raise ValueError("linearized_forward_many needs at least one direction")
@@ -83,37 +74,8 @@ def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], 
             if fast is not None:
                 return fast
     with buffers_kept(model):
-        if _mixes_batch(model) or not all(l.captures for l in layers):
-            zs = [_dual_forward(model, layers, inputs, d) for d in directions]
-            return zs[0][0], [jv for _, jv in zs]
-        handles = []
-
-        def make_hook(layer: CurvatureBlock, D: list[torch.Tensor]):
-            def hook(module, args, out):
-                x = fwAD.unpack_dual(args[0]).primal
-                o = fwAD.unpack_dual(out)
-                dt = o.primal.dtype
-                extra = layer.tangent(x, D, dt).reshape(o.primal.shape)
-                tangent = extra if o.tangent is None else o.tangent.to(dt) + extra
-                return fwAD.make_dual(o.primal, tangent)
-
-            return hook
-
-        for li, layer in enumerate(layers):
-            handles.append(layer.module.register_forward_hook(make_hook(layer, [d[li] for d in directions])))
-        rows_ = batch_size(inputs)
-        stacked = repeat(inputs, n)
-        try:
-            with torch.no_grad(), fwAD.dual_level():
-                out = call(model, stacked)
-                z, jv = fwAD.unpack_dual(out)
-                if jv is None:
-                    jv = torch.zeros_like(z)
-                z, jv = z[:rows_].clone(), jv.clone()
-        finally:
-            for h in handles:
-                h.remove()
-    return z, list(jv.reshape(n, rows_, *jv.shape[1:]).unbind(0))
+        zs = [_dual_forward(model, layers, inputs, d) for d in directions]
+    return zs[0][0], [jv for _, jv in zs]
 
 
 def fisher_gram(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..batch import batch_size, call, select
-from .blocks import DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, find_blocks
+from .blocks import DIAGONAL, CurvatureBlock, find_blocks
 from .capture import Recording, capture
 from .losses import PredictiveDistribution, check_output, get_loss, rows, sample_targets
 from .statistics import statistics_grads
@@ -89,12 +89,26 @@ def per_example_derivatives(
         grad = lambda out, go=None: statistics_grads(out, blocks, rec, retain_graph=True, grad_outputs=go)  # noqa
     draws: list[list[torch.Tensor]] = []
     if fisher == "exact":
+        # E_y[g gᵀ] with independent y_t per loss term: Σ_t J_tᵀ F_R J_t, no products between
+        # terms. One backward per (class k, term position p): the m examples' terms at position p
+        # share a pass (an example's rows only see its own terms), the P positions of an example
+        # do not (a row feeding several terms, e.g. a token before causal attention, would
+        # otherwise collect the cross terms J_tᵀ b b'ᵀ J_t').
         B = loss.fisher_factors(rows(z))  # (K, M, k)
         mask = loss.mask(targets)
         if mask is not None:
             B = B * mask.to(B.dtype).unsqueeze(-1)
+        m = z.shape[0]
+        P = B.shape[1] // m
         for k in range(B.shape[0]):
-            draws.append(grad(z, B[k].reshape(z.shape)))
+            Bk = B[k].reshape(m, P, -1)
+            for p in range(P):
+                if P == 1:
+                    go = Bk
+                else:
+                    go = torch.zeros_like(Bk)
+                    go[:, p] = Bk[:, p]
+                draws.append(grad(z, go.reshape(z.shape)))
     elif fisher in ("mc", "empirical"):
         n = mc_samples if fisher == "mc" else 1
         scale = 1.0 / n ** 0.5
@@ -108,23 +122,26 @@ def per_example_derivatives(
 
 
 def _exact_diagonal(model, batch, loss, block, targets) -> torch.Tensor:
-    """N·diag F of one parameter, exactly: Σ_n Σ_c (J_nᵀ b_{n,c})², one backward per example and
-    output class (small models only: kronecker_factors' ``fisher="exact"``)."""
+    """N·diag F of one parameter, exactly: Σ_n Σ_t Σ_c (J_{n,t}ᵀ b_{n,t,c})², one backward per
+    example, loss term and output class (small models only: ``fisher="exact"``)."""
     p = block.params()[0]
     m = batch_size(batch)
     total = torch.zeros_like(p, dtype=torch.float64)
     for n in range(m):
         one = select(batch, torch.tensor([n], device=p.device))
         z = call(model, one)
-        B = loss.fisher_factors(rows(z))
+        B = loss.fisher_factors(rows(z))  # (K, P, k)
         mask = loss.mask(None if targets is None else targets[n:n + 1])
         if mask is not None:
             B = B * mask.to(B.dtype).unsqueeze(-1)
         for k in range(B.shape[0]):
-            (g,) = torch.autograd.grad(z, [p], grad_outputs=B[k].reshape(z.shape), retain_graph=True,
-                                       allow_unused=True)
-            if g is not None:
-                total += g.double() ** 2
+            for t in range(B.shape[1]):
+                go = torch.zeros_like(B[k])
+                go[t] = B[k, t]
+                (g,) = torch.autograd.grad(z, [p], grad_outputs=go.reshape(z.shape), retain_graph=True,
+                                           allow_unused=True)
+                if g is not None:
+                    total += g.double() ** 2
     return total
 
 
@@ -141,7 +158,6 @@ def block_factors(
     kfac_approx: str = "expand",
     unsupported: str = "diagonal",
     ignore_index: Optional[int] = -100,
-    _kronecker_only: bool = False,
 ) -> list:
     """The curvature of every block of ``model`` on one batch (no running average).
 
@@ -163,11 +179,6 @@ def block_factors(
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
     blocks = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
-    if _kronecker_only:
-        other = next((b for b in blocks if b.factor_kind not in (KRONECKER, KRONECKER_DIAG_A)), None)
-        if other is not None:
-            raise ValueError(f"layer {other.name} ({type(other).__name__}) is not a Kronecker block; "
-                             "kronecker_factors(..., unsupported='skip') leaves it out, block_factors includes it")
     batch_size(inputs)  # validates the batch
     with torch.enable_grad():
         with capture(blocks) as rec:
@@ -202,7 +213,7 @@ def block_factors(
                     if f.G_next is not None:
                         j, linked = next((jj, lk) for ii, jj, lk in running.links if ii == i)
                         gj = stats.g[j].to(dtype)
-                        if linked and gj.shape[0] == g.shape[0] and stats.a[i].shape[0] == stats.a[j].shape[0]:
+                        if linked and gj.shape[0] == g.shape[0] and running._a_count(i, stats) == running._a_count(j, stats):
                             f.G_next.add_(g.t() @ gj, alpha=1.0 / N)
     if fisher == "exact":  # diagonal blocks: the exact per-example diagonal, not the summed square
         with torch.enable_grad():
@@ -245,8 +256,9 @@ def kronecker_factors(
             (Eschenhagen et al. 2023); see :mod:`kfac_fast.curvature.blocks.base`.
         ignore_index: softmax targets equal to it are excluded (masks the exact/mc draws too
             when ``targets`` are given).
-        unsupported: ``"error"`` (default: a trainable parameter outside Kronecker blocks is
-            refused, as no factor here would cover it) or ``"skip"`` (ignore such parameters).
+        unsupported: ``"error"`` (default: a trainable parameter no block models is refused, as
+            no factor would cover it) or ``"skip"`` (ignore such parameters). Norm blocks are
+            not Kronecker blocks: they are left out of the list (see :func:`block_factors`).
 
     Returns:
         One :class:`KroneckerFactors` per Kronecker block, in forward order: A (a, a) the mean
@@ -255,7 +267,7 @@ def kronecker_factors(
     recs = block_factors(model, inputs, loss, fisher=fisher, targets=targets, mc_samples=mc_samples,
                          tridiagonal=tridiagonal, generator=generator, kfac_approx=kfac_approx,
                          unsupported="skip" if unsupported == "diagonal" else unsupported,
-                         ignore_index=ignore_index, _kronecker_only=unsupported == "error")
+                         ignore_index=ignore_index)
     return [r for r in recs if isinstance(r, KroneckerFactors)]
 
 

@@ -86,11 +86,21 @@ class RunningFactors:
                 tp.copy_(tc)
         w = 1.0 - eps
         N = max(int(stats.n_terms), 1)
-        dense_a = [i for i in self.kron]
-        if dense_a:
-            ops.factor_update([pen[i].A for i in dense_a], [stats.a[i] for i in dense_a], eps=eps,
-                              scale=[w / max(stats.a[i].shape[0], 1) for i in dense_a],
-                              homogeneous=[self.layers[i].factor_spec.homogeneous for i in dense_a], backend=backend)
+        implicit = [i for i in self.kron if getattr(self.layers[i], "implicit_a", False)]
+        rows_a = [i for i in self.kron if i not in set(implicit)]
+        hom = lambda k: self.layers[k].factor_spec.homogeneous  # noqa: E731
+        if rows_a:
+            ops.factor_update([pen[i].A for i in rows_a], [stats.a[i] for i in rows_a], eps=eps,
+                              scale=[w / max(stats.a[i].shape[0], 1) for i in rows_a],
+                              homogeneous=[hom(i) for i in rows_a], backend=backend)
+        if implicit:  # convolutions: Ā from the inputs, no patch matrix (ops.conv_factor_update)
+            geo = [self.layers[i].geometry() for i in implicit]
+            ops.conv_factor_update([pen[i].A for i in implicit], [stats.a[i] for i in implicit], eps=eps,
+                                   scale=[w / max(self._a_count(i, stats), 1) for i in implicit],
+                                   homogeneous=[hom(i) for i in implicit],
+                                   kernel_size=[g["kernel_size"] for g in geo], stride=[g["stride"] for g in geo],
+                                   padding=[g["padding"] for g in geo], dilation=[g["dilation"] for g in geo],
+                                   backend=backend)
         has_g = [i for i, l in enumerate(self.layers) if l.factor_kind in (KRONECKER, KRONECKER_DIAG_A)]
         if has_g:
             ops.factor_update([pen[i].G for i in has_g], [stats.g[i] for i in has_g], eps=eps, scale=w / N,
@@ -107,18 +117,27 @@ class RunningFactors:
                 pen[i].F.mul_(eps).add_(torch.einsum("nkb,nkc->kbc", u, u), alpha=w / N)
         if self.tridiagonal:
             live = [(i, j) for i, j, linked in self.links
-                    if linked and stats.a[i].shape[0] == stats.a[j].shape[0] and stats.g[i].shape[0] == stats.g[j].shape[0]]
+                    if linked and self._a_count(i, stats) == self._a_count(j, stats)
+                    and stats.g[i].shape[0] == stats.g[j].shape[0]]
             if live:
-                hom = lambda k: self.layers[k].factor_spec.homogeneous  # noqa: E731
-                ops.cross_factor_update([pen[i].A_next for i, _ in live], [stats.a[i] for i, _ in live],
-                                        [stats.a[j] for _, j in live], eps=eps,
-                                        scale=[w / max(stats.a[i].shape[0], 1) for i, _ in live],
+                ops.cross_factor_update([pen[i].A_next for i, _ in live], [self._a_rows(i, stats) for i, _ in live],
+                                        [self._a_rows(j, stats) for _, j in live], eps=eps,
+                                        scale=[w / max(self._a_count(i, stats), 1) for i, _ in live],
                                         homogeneous_x=[hom(i) for i, _ in live], homogeneous_y=[hom(j) for _, j in live],
                                         backend=backend)
                 ops.cross_factor_update([pen[i].G_next for i, _ in live], [stats.g[i] for i, _ in live],
                                         [stats.g[j] for _, j in live], eps=eps, scale=w / N,
                                         homogeneous_x=[False] * len(live), homogeneous_y=[False] * len(live),
                                         backend=backend)
+
+    def _a_count(self, i: int, stats: BatchStatistics) -> int:
+        l = self.layers[i]
+        return l.a_row_count(stats.a[i]) if getattr(l, "implicit_a", False) else stats.a[i].shape[0]
+
+    def _a_rows(self, i: int, stats: BatchStatistics) -> torch.Tensor:
+        """The A rows of block i (formed from the input for an ``implicit_a`` block)."""
+        l = self.layers[i]
+        return l.a_rows(stats.a[i]) if getattr(l, "implicit_a", False) else stats.a[i]
 
     def commit(self) -> None:
         self._cur = 1 - self._cur

@@ -24,8 +24,9 @@ from .capture import Recording
 
 @dataclass
 class BatchStatistics:
-    """Per block (same order as the blocks): ``a`` A rows / token ids / None, ``g`` G rows /
-    None, ``u`` per-example vectors (m, k, b) / None; ``n_terms`` = N."""
+    """Per block (same order as the blocks): ``a`` A rows / token ids / the raw input of a
+    block with ``implicit_a`` (a convolution: its patches are never materialised) / None,
+    ``g`` G rows / None, ``u`` per-example vectors (m, k, b) / None; ``n_terms`` = N."""
 
     a: list
     g: list
@@ -44,7 +45,9 @@ def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence
     for i, b in enumerate(blocks):
         kind = b.factor_kind
         if kind in (KRONECKER, KRONECKER_DIAG_A):
-            a.append(b.a_rows(rec.inputs[i]))
+            x = rec.inputs[i]
+            a.append(x.unsqueeze(0) if getattr(b, "implicit_a", False) and x.dim() == 3 else
+                     x if getattr(b, "implicit_a", False) else b.a_rows(x))
             g.append(b.g_rows(grads[i]))
             u.append(None)
         elif kind == DENSE:

@@ -8,7 +8,8 @@ A block wraps one module (today: one layer i of the paper) and says
   * how the inputs captured in the forward pass and the output derivatives g_i = ∂L/∂s_i
     become factor **rows** (Ā = E[ā āᵀ] from ``a_rows``, G = E[g gᵀ] from ``g_rows``). Rows,
     not per-block updates, so the factor updates of all blocks stay one grouped launch;
-  * its tangent for the linearized forward pass (Appendix C).
+  (the linearized forward of Appendix C needs nothing from a block: it runs the model with
+  dual parameters, :mod:`kfac_fast.quadratic`).
 
 Rows and scaling (the convention every block follows, for any shape of the module's input):
 **Ā is the mean over its rows of ā āᵀ** and **G is (1/N) Σ over its rows of g gᵀ**, N the number
@@ -64,14 +65,6 @@ class FactorSpec:
     a_dim: int
     g_dim: int
     homogeneous: bool
-
-
-def factor_rows(blocks: Sequence["CurvatureBlock"], inputs: Sequence[torch.Tensor],
-                derivatives: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per block, the A rows from its captured input and the G rows from its output derivative
-    (lists over blocks: the running factors update all of them in one grouped launch)."""
-    return ([b.a_rows(x) for b, x in zip(blocks, inputs)],
-            [b.g_rows(g) for b, g in zip(blocks, derivatives)])
 
 
 class CurvatureBlock(abc.ABC):
@@ -151,13 +144,3 @@ class CurvatureBlock(abc.ABC):
         """Kinds ``dense``/``diagonal``: per-example parameter derivatives u_n arranged as
         (m, k, b) (F = (1/N) Σ_n u_n u_nᵀ per small block) from the captured input and ∂/∂output."""
         raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: no per-example rows")
-
-    # ---------------------------------------------------------------- linearized forward
-    @abc.abstractmethod
-    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The output tangent that parameter directions add (Appendix C: dW·ā).
-
-        ``x``: the module's input for n stacked copies of the batch (copy j along the batch
-        dimension carries direction j); ``directions``: the n (g_dim, a_dim) matrices. Returns a
-        tensor with the output's elements in the output's order, in ``dtype``.
-        """

@@ -96,6 +96,30 @@ class Conv2dBlock(CurvatureBlock):
             return tuple(pads)
         return tuple(m.padding)
 
+    @property
+    def implicit_a(self) -> bool:
+        """Expand: Ā comes straight from the input (``ops.conv_factor_update``: no (m·R, C·kh·kw)
+        patch matrix); ``a_rows`` is only formed where rows are needed (tridiagonal cross factors)."""
+        return self.kfac_approx == "expand"
+
+    def geometry(self) -> dict:
+        """kernel_size, stride, padding, dilation as pairs, for ``ops.conv_factor_update``."""
+        m = self.module
+        return dict(kernel_size=tuple(m.kernel_size), stride=tuple(m.stride), padding=self._padding(),
+                    dilation=tuple(m.dilation))
+
+    def a_row_count(self, x: torch.Tensor) -> int:
+        """Rows of Ā for input x: m·R (expand) or m (reduce)."""
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if self.kfac_approx == "reduce":
+            return x.shape[0]
+        m = self.module
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, self._padding(), m.dilation
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return x.shape[0] * ho * wo
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """(m, C_in, H, W) -> (m, C_in·kh·kw, R), the unfolded patches."""
         m = self.module
@@ -118,15 +142,3 @@ class Conv2dBlock(CurvatureBlock):
         if self.kfac_approx == "reduce":
             return g.sum((2, 3))
         return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-
-    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """conv(x_j, dW_j) + db_j for copy j of the stacked input."""
-        m = self.module
-        n = len(directions)
-        xs = x.to(dtype).reshape(n, -1, *x.shape[1:])
-        out = []
-        for j, D in enumerate(directions):
-            parts = self.from_matrix(D.to(dtype))
-            out.append(F.conv2d(xs[j], parts[0], parts[1] if self.has_bias else None, stride=m.stride,
-                                padding=self._padding(), dilation=m.dilation))
-        return torch.cat(out)

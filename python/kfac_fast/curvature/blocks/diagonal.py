@@ -64,6 +64,3 @@ class DiagonalBlock(CurvatureBlock):
         """(numel, 1, 1): the summed sampled-loss gradient as the one 'example' whose square
         estimates N·diag(F) (see the module docstring)."""
         return grad.reshape(1, -1, 1)
-
-    def tangent(self, x, directions: Sequence[torch.Tensor], dtype):
-        raise NotImplementedError("a diagonal block has no module: the linearized forward uses dual parameters")

@@ -63,9 +63,3 @@ class EmbeddingBlock(CurvatureBlock):
 
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(-1, g.shape[-1])
-
-    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """dW_j looked up at copy j's tokens (the embedding is linear in its weight)."""
-        n = len(directions)
-        xs = x.reshape(n, -1, *x.shape[1:])
-        return torch.cat([F.embedding(xs[j], D.t().to(dtype)) for j, D in enumerate(directions)])

@@ -93,13 +93,3 @@ class LinearBlock(CurvatureBlock):
         if self.kfac_approx == "reduce" and g.dim() > 2:
             return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return g.reshape(-1, g.shape[-1])
-
-    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """dW_j·x (+ db_j) for copy j: one batched GEMM over the n copies, (n, rows, d_out)."""
-        n = len(directions)
-        Dw = torch.stack([d[:, : self.d_in] for d in directions])  # (n, d_out, d_in)
-        xs = x.to(dtype).reshape(n, -1, x.shape[-1])  # (n, rows, d_in): copy j is direction j
-        if self.has_bias:
-            Db = torch.stack([d[:, self.d_in] for d in directions])
-            return torch.baddbmm(Db.to(dtype).unsqueeze(1), xs, Dw.to(dtype).transpose(1, 2))
-        return torch.bmm(xs, Dw.to(dtype).transpose(1, 2))

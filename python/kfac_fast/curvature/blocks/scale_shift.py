@@ -122,25 +122,3 @@ class ScaleShiftBlock(CurvatureBlock):
         gc = self._by_channel(g)
         cols = [(gc * xh).sum(1)] + ([gc.sum(1)] if self.has_bias else [])
         return torch.stack(cols, dim=2)
-
-    def tangent(self, x: torch.Tensor, directions: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """x̂ ⊙ dw_j + db_j for copy j (x̂ of the stacked input: eval-mode statistics or per
-        position; BatchNorm in training mode takes the functional path, see quadratic.py)."""
-        n = len(directions)
-        xh = self.normalized(x).to(dtype)
-        xs = xh.reshape(n, -1, *xh.shape[1:])
-        out = []
-        for j, D in enumerate(directions):
-            parts = self.from_matrix(D.to(dtype))
-            w = parts[0]
-            b = parts[1] if self.has_bias else None
-            if self.channel_last:
-                t = xs[j] * w
-                out.append(t if b is None else t + b)
-            else:
-                shape = (1, -1) + (1,) * (xs.dim() - 3)
-                t = xs[j] * w.reshape(shape)
-                out.append(t if b is None else t + b.reshape(shape))
-        return torch.cat(out)
-
-

@@ -357,3 +357,13 @@ def test_row_minimums_count_loss_terms(monkeypatch, T, expect_s2, expect_rho):
     opt = KFAC(model, loss="softmax_cross_entropy", tau2=1 / 32, generator=torch.Generator().manual_seed(0))
     opt.step(ids, tgt)
     assert seen == {"s2": expect_s2, "rho": expect_rho}
+
+
+def test_diverged_outputs_give_a_clear_error_in_the_preconditioner():
+    model, x, y = cnn_problem()
+    pre = KFACPreconditioner(model, loss="softmax_cross_entropy")
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model.head.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="sampled-target pass contain NaN or inf.*lower the learning rate"):
+        pre.step(x, y)

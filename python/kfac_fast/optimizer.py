@@ -36,7 +36,7 @@ from .curvature.capture import capture
 from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.losses import check_output, get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
-from .curvature.statistics import first_non_finite, sampled_statistics
+from .curvature.statistics import NonFiniteOutputs, first_non_finite, sampled_statistics
 from .quadratic import fisher_gram, inner, solve_alpha_mu
 from .rules import NU_INIT, accept, gamma_candidates, levenberg_marquardt, rejection_increase
 
@@ -430,8 +430,12 @@ class KFAC:
         idx1 = self._subset(batch_size(inputs), cfg.tau1)
         x1 = select(inputs, idx1)
         with self._phase("3 sampled backward"):
-            batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
-                                                targets=targets.index_select(0, idx1), generator=self.generator)
+            try:
+                batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
+                                                    targets=targets.index_select(0, idx1), generator=self.generator)
+            except NonFiniteOutputs:
+                self._reject("non-finite model outputs in the sampled-target pass", stats)
+                return False
         bad = first_non_finite(self.layers, batch_stats)
         if bad is not None:
             self._reject(f"non-finite {bad} in the sampled-target pass", stats)

@@ -94,6 +94,10 @@ def first_non_finite(blocks: Sequence[CurvatureBlock], stats: BatchStatistics) -
     return None if all(flags) else names[flags.index(False)]
 
 
+class NonFiniteOutputs(FloatingPointError):
+    """The statistics pass met non-finite model outputs."""
+
+
 def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, fisher: str = "mc",
                        targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
                        ) -> tuple[BatchStatistics, Recording]:
@@ -110,6 +114,10 @@ def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, 
             z = call(model, batch)
         check_output(z, loss)
         if fisher == "mc":
+            if not bool(torch.isfinite(z).all()):
+                raise NonFiniteOutputs("the model's outputs in the sampled-target pass contain NaN or inf, so no "
+                                       "targets can be sampled: the parameters or inputs have diverged (lower the "
+                                       "learning rate or raise the damping)")
             y = sample_targets(loss, z, generator, like=targets)
         else:
             y = targets

@@ -367,3 +367,44 @@ def test_diverged_outputs_give_a_clear_error_in_the_preconditioner():
         model.head.bias.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="sampled-target pass contain NaN or inf.*lower the learning rate"):
         pre.step(x, y)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_cross_entropy", "squared_error"])
+def test_nan_targets_mask_the_float_losses(loss):
+    """ignore_nan_targets=True: a term whose k targets are all NaN is excluded from the objective
+    and the factors (its G rows contribute nothing, N counts kept terms only); off by default."""
+    from kfac_fast.curvature import kronecker_factors
+    from kfac_fast.curvature.losses import get_loss
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()  # token-wise on (m, T, 3)
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    y = torch.rand(3, 4, 4, dtype=torch.float64)
+    keep = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    yn = y.clone()
+    yn[~keep] = float("nan")
+    dist = get_loss(loss, ignore_nan_targets=True)
+    z = net(x)
+    ref = get_loss(loss)
+    expect = ref.total(z[keep], y[keep]) / keep.sum()
+    torch.testing.assert_close(dist.mean(z, yn), expect, rtol=1e-12, atol=1e-14)
+    # exact G over the kept terms only = the flattened batch of kept positions; A over all positions
+    masked = kronecker_factors(net, x, loss, fisher="exact", targets=yn, ignore_nan_targets=True)
+    kept = kronecker_factors(net, x[keep], loss, fisher="exact")
+    full = kronecker_factors(net, x.reshape(-1, 3), loss, fisher="exact")
+    for f, k, a in zip(masked, kept, full):
+        torch.testing.assert_close(f.G, k.G, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(f.A, a.A, rtol=1e-10, atol=1e-12)
+    opt = KFAC(net, loss=loss, ignore_nan_targets=True, tau1=1.0, tau2=1.0, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        s = opt.step(x, yn)
+        assert math.isfinite(s["loss"]) and not s["rejected"]
+    partial = yn.clone()
+    partial[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="mixes NaN and numbers"):
+        opt.step(x, partial)
+    with pytest.raises(ValueError, match="every loss term's targets are NaN"):
+        opt.step(x, torch.full_like(y, float("nan")))
+    if loss == "sigmoid_cross_entropy":  # without the flag a NaN target is an error, not a mask
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+            KFAC(net, loss=loss, tau1=1.0, tau2=1.0).step(x, yn)

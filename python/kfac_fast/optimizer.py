@@ -113,6 +113,9 @@ class KFAC:
             parameters are not updated: train them with another optimizer) or ``"error"``.
         ignore_index: softmax targets equal to it are excluded from the objective, the factors,
             the sampled targets and the quadratic forms (default −100, as ``F.cross_entropy``).
+        ignore_nan_targets: for ``sigmoid_cross_entropy``/``squared_error``: a loss term whose
+            targets are all NaN is excluded the same way (padding of a sequence regression);
+            off by default, so NaN targets stay an error.
         backend: ``"auto"|"torch"|"triton"|"native"`` for the kernels and eigendecompositions.
         generator: RNG for the subsets S₁, S₂ and the sampled targets (default: seeded from torch's
             global RNG, so ``torch.manual_seed`` makes runs reproducible).
@@ -138,6 +141,7 @@ class KFAC:
         kfac_approx: str = "expand",
         unsupported: str = "diagonal",
         ignore_index: Optional[int] = -100,
+        ignore_nan_targets: bool = False,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -150,7 +154,7 @@ class KFAC:
         if self.config.momentum and not self.config.rescale:
             raise ValueError("momentum=True needs rescale=True: α and µ come from the exact-Fisher model (Sec 7)")
         self.model = model
-        self.loss = get_loss(loss, ignore_index=ignore_index)
+        self.loss = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
         self.backend = backend
         self.kfac_approx = check_kfac_approx(kfac_approx)
         self.unsupported = check_unsupported(unsupported)

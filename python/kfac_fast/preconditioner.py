@@ -51,6 +51,7 @@ class KFACPreconditioner:
             (a diagonal Fisher block each) or ``"error"``.
         ignore_index: softmax targets equal to it are excluded (default −100); with
             ``fisher="mc"`` pass the targets to ``step`` so the sampled pass masks them too.
+        ignore_nan_targets: the float losses' mask: terms whose targets are all NaN are excluded.
         damping: γ of the factored Tikhonov damping (Sec 6.3), > 0.
         fisher: ``"mc"`` (true Fisher, targets sampled from the model: one extra forward and
             backward on a τ₁ subset, Sec 5) or ``"empirical"`` (uses the given targets).
@@ -81,6 +82,7 @@ class KFACPreconditioner:
         kfac_approx: str = "expand",
         unsupported: str = "skip",
         ignore_index: Optional[int] = -100,
+        ignore_nan_targets: bool = False,
     ):
         check_factorization(factorization, inverse)
         if fisher not in FISHERS:
@@ -96,7 +98,7 @@ class KFACPreconditioner:
         if not 0 <= ema_max < 1:
             raise ValueError(f"ema_max must lie in [0, 1), got {ema_max}")
         self.model = model
-        self.loss = get_loss(loss, ignore_index=ignore_index)
+        self.loss = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
         self.kfac_approx = check_kfac_approx(kfac_approx)
         self.unsupported = check_unsupported(unsupported)
         self.damping = float(damping)

@@ -158,6 +158,7 @@ def block_factors(
     kfac_approx: str = "expand",
     unsupported: str = "diagonal",
     ignore_index: Optional[int] = -100,
+    ignore_nan_targets: bool = False,
 ) -> list:
     """The curvature of every block of ``model`` on one batch (no running average).
 
@@ -171,7 +172,7 @@ def block_factors(
     from .running import RunningFactors
     from .statistics import block_rows
 
-    dist = get_loss(loss, ignore_index=ignore_index)
+    dist = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
     if fisher not in FISHER_KINDS:
         raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHER_KINDS)}")
     if fisher == "empirical" and targets is None:
@@ -236,6 +237,7 @@ def kronecker_factors(
     kfac_approx: str = "expand",
     ignore_index: Optional[int] = -100,
     unsupported: str = "error",
+    ignore_nan_targets: bool = False,
 ) -> list[KroneckerFactors]:
     """Kronecker factors of every Kronecker block of ``model`` on the batch ``inputs``.
 
@@ -255,7 +257,8 @@ def kronecker_factors(
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers applied at R positions per example
             (Eschenhagen et al. 2023); see :mod:`kfac_fast.curvature.blocks.base`.
         ignore_index: softmax targets equal to it are excluded (masks the exact/mc draws too
-            when ``targets`` are given).
+            when ``targets`` are given). ``ignore_nan_targets``: the same for the float losses,
+            a term whose targets are all NaN.
         unsupported: ``"error"`` (default: a trainable parameter no block models is refused, as
             no factor would cover it) or ``"skip"`` (ignore such parameters). Norm blocks are
             not Kronecker blocks: they are left out of the list (see :func:`block_factors`).
@@ -267,7 +270,7 @@ def kronecker_factors(
     recs = block_factors(model, inputs, loss, fisher=fisher, targets=targets, mc_samples=mc_samples,
                          tridiagonal=tridiagonal, generator=generator, kfac_approx=kfac_approx,
                          unsupported="skip" if unsupported == "diagonal" else unsupported,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
     return [r for r in recs if isinstance(r, KroneckerFactors)]
 
 

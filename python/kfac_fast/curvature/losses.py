@@ -149,20 +149,75 @@ class SoftmaxCrossEntropy(PredictiveDistribution):
             raise ValueError(f"softmax_cross_entropy targets must lie in [0, {k}){extra}, got range [{lo}, {hi}]")
 
 
-class SigmoidCrossEntropy(PredictiveDistribution):
+class _NanMasked(PredictiveDistribution):
+    """Float targets with ``ignore_nan_targets=True``: a loss term whose targets are all NaN is
+    ignored (the mask of the softmax's ``ignore_index``; partly-NaN terms are an error). Off by
+    default, so a NaN target stays an error instead of silently dropping a term."""
+
+    ignore_nan_targets = False  # class default: subclasses with their own __init__ keep working
+
+    def __init__(self, ignore_nan_targets: bool = False):
+        self.ignore_nan_targets = bool(ignore_nan_targets)
+
+    def mask(self, y):
+        if not self.ignore_nan_targets or y is None:
+            return None
+        return ~torch.isnan(y.reshape(-1, y.shape[-1])).all(-1)
+
+    def count(self, z, y=None):
+        mask = self.mask(y)
+        return rows(z).shape[0] if mask is None else mask.sum()
+
+    def _split(self, z, y):
+        """(targets with ignored terms zeroed, per-element weights or None)."""
+        mask = self.mask(y)
+        if mask is None:
+            return y, None
+        w = mask.reshape(y.shape[:-1]).unsqueeze(-1).to(z.dtype)
+        return torch.where(w.bool(), y, torch.zeros_like(y)), w.expand_as(z)
+
+    def _with_nans(self, y, like):
+        mask = self.mask(like)
+        if mask is None:
+            return y
+        keep = mask.reshape(like.shape[:-1]).unsqueeze(-1)
+        return torch.where(keep, y, torch.full_like(y, float("nan")))
+
+    def _check_nans(self, y) -> tuple:
+        """(finite entries' min, max, terms counted) with NaN rules checked; one host sync."""
+        yv = y.reshape(-1, y.shape[-1])
+        nan = torch.isnan(yv)
+        if not self.ignore_nan_targets:
+            return tuple(torch.stack(torch.aminmax(yv)).tolist()) + (yv.shape[0],)
+        partial = (nan.any(-1) & ~nan.all(-1)).any()
+        fin = yv[~nan]
+        lo, hi = (torch.stack(torch.aminmax(fin)) if fin.numel() else yv.new_zeros(2))
+        lo, hi, part, n = torch.stack([lo.double(), hi.double(), partial.double(), (~nan.all(-1)).sum().double()]
+                                      ).tolist()
+        if part:
+            raise ValueError(f"{self.name}: a loss term mixes NaN and numbers in its targets; with "
+                             "ignore_nan_targets=True a term is ignored only when all its k targets are NaN")
+        if n == 0:
+            raise ValueError(f"{self.name}: every loss term's targets are NaN: the batch has no loss term")
+        return lo, hi, int(n)
+
+
+class SigmoidCrossEntropy(_NanMasked):
     """Independent Bernoulli over logits z (the paper's autoencoders). Targets in [0, 1], shape (m, k)."""
 
     name = "sigmoid_cross_entropy"
 
     def loss(self, z, y):
-        return F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(-1)
+        y0, w = self._split(z, y)
+        return F.binary_cross_entropy_with_logits(z, y0, weight=w, reduction="none").sum(-1)
 
     def total(self, z, y):
-        return F.binary_cross_entropy_with_logits(z, y, reduction="sum")
+        y0, w = self._split(z, y)
+        return F.binary_cross_entropy_with_logits(z, y0, weight=w, reduction="sum")
 
     def sample(self, z, generator=None, like=None):
         p = torch.sigmoid(z.detach())
-        return torch.bernoulli(p, generator=generator)
+        return self._with_nans(torch.bernoulli(p, generator=generator), like)
 
     def fisher_factors(self, z):
         p = torch.sigmoid(z.detach())
@@ -181,25 +236,29 @@ class SigmoidCrossEntropy(PredictiveDistribution):
         if y.shape != z.shape:
             raise ValueError(f"sigmoid_cross_entropy targets must have the output's shape {tuple(z.shape)}, "
                              f"got {tuple(y.shape)}")
-        lo, hi = torch.stack(torch.aminmax(y)).tolist() if y.numel() else (0.0, 1.0)  # one host sync
-        if not (0 <= lo and hi <= 1):  # NaN fails too
+        lo, hi, _ = self._check_nans(y) if y.numel() else (0.0, 1.0, 0)  # one host sync
+        if not (0 <= lo and hi <= 1):  # NaN fails too (unless ignored as a whole term)
             raise ValueError("sigmoid_cross_entropy targets must lie in [0, 1] (probabilities/intensities)")
 
 
-class SquaredError(PredictiveDistribution):
+class SquaredError(_NanMasked):
     """Gaussian with unit variance: L = ½‖y − z‖². Targets: floats of the output's shape."""
 
     name = "squared_error"
 
     def loss(self, z, y):
-        return 0.5 * (y - z).pow(2).sum(-1)
+        y0, w = self._split(z, y)
+        d = (y0 - z).pow(2)
+        return 0.5 * (d if w is None else d * w).sum(-1)
 
     def total(self, z, y):
-        return 0.5 * (y - z).pow(2).sum()
+        y0, w = self._split(z, y)
+        d = (y0 - z).pow(2)
+        return 0.5 * (d if w is None else d * w).sum()
 
     def sample(self, z, generator=None, like=None):
         zd = z.detach()
-        return zd + torch.randn(zd.shape, generator=generator, dtype=zd.dtype, device=zd.device)
+        return self._with_nans(zd + torch.randn(zd.shape, generator=generator, dtype=zd.dtype, device=zd.device), like)
 
     def fisher_factors(self, z):
         k = z.shape[-1]
@@ -215,6 +274,8 @@ class SquaredError(PredictiveDistribution):
         if y.shape != z.shape:
             raise ValueError(f"squared_error targets must have the output's shape {tuple(z.shape)}, "
                              f"got {tuple(y.shape)}")
+        if self.ignore_nan_targets and y.numel():
+            self._check_nans(y)
 
 
 def sample_targets(loss: PredictiveDistribution, z: torch.Tensor, generator=None, like=None) -> torch.Tensor:
@@ -228,16 +289,17 @@ def sample_targets(loss: PredictiveDistribution, z: torch.Tensor, generator=None
 LOSSES = {cls.name: cls for cls in (SoftmaxCrossEntropy, SigmoidCrossEntropy, SquaredError)}
 
 
-def get_loss(loss, *, ignore_index: Optional[int] = -100) -> PredictiveDistribution:
+def get_loss(loss, *, ignore_index: Optional[int] = -100, ignore_nan_targets: bool = False) -> PredictiveDistribution:
     """A :class:`PredictiveDistribution` from its name (or pass one through).
-    ``ignore_index`` applies to ``softmax_cross_entropy`` (None: no target is ignored)."""
+    ``ignore_index`` applies to ``softmax_cross_entropy`` (None: no target is ignored);
+    ``ignore_nan_targets`` to the two float losses (a term whose targets are all NaN is ignored)."""
     if isinstance(loss, PredictiveDistribution):
         return loss
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(sorted(LOSSES))}")
     if loss == SoftmaxCrossEntropy.name:
         return SoftmaxCrossEntropy(ignore_index=ignore_index)
-    return LOSSES[loss]()
+    return LOSSES[loss](ignore_nan_targets=ignore_nan_targets)
 
 
 def check_output(z: torch.Tensor, loss: PredictiveDistribution) -> None:

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_fast import KFAC, KFACPreconditioner
-from kfac_fast.curvature.blocks import (Conv2dBlock, DiagonalBlock, EmbeddingBlock, LinearBlock, ScaleShiftBlock,
-                                        find_blocks)
+from kfac_fast.curvature.blocks import DiagonalBlock, LinearBlock, find_blocks
 
 from arch_models import TinyLM, cnn_problem, lm_problem
 

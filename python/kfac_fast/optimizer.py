@@ -32,7 +32,7 @@ from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import KFACConfig
 from .batch import batch_size, buffers_kept, call, call_args, select
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
-from .curvature.capture import capture
+from .curvature.capture import capture, forward_order
 from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.losses import check_output, get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
@@ -379,8 +379,7 @@ class KFAC:
             if not self._ordered:
                 with capture(self.layers, need_outputs=False) as rec:
                     z = call(self.model, inputs)
-                # forward order; blocks without a module (diagonal parameters) last
-                self.layers = [self.layers[i] for i in rec.order] + [l for l in self.layers if not l.captures]
+                self.layers = [self.layers[i] for i in forward_order(self.layers, rec)]
                 params = self._params()
                 self._ordered = True
                 self.factors = None

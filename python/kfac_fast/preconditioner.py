@@ -21,6 +21,7 @@ from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
+from .curvature.capture import forward_order
 from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.losses import get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
@@ -137,21 +138,14 @@ class KFACPreconditioner:
         idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
         x1 = select(inputs, idx)
         y1 = None if targets is None else targets.index_select(0, idx)
-        if not self._ordered:
-            from .curvature.capture import capture
-            from .batch import call
-
-            with torch.no_grad(), capture(self.layers, need_outputs=False) as rec:
-                from .batch import buffers_kept
-
-                with buffers_kept(self.model):
-                    call(self.model, x1)
-            order = list(rec.order) + [i for i, l in enumerate(self.layers) if not l.captures]
+        stats, rec = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher, targets=y1,
+                                        generator=self.generator)
+        if not self._ordered:  # forward order, from the first statistics pass
+            order = forward_order(self.layers, rec)
             self.layers = [self.layers[i] for i in order]
             grads = [grads[i] for i in order]
+            stats = stats.permuted(order)
             self._ordered = True
-        stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher, targets=y1,
-                                      generator=self.generator)
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.inverse_kind == "block_tridiagonal")

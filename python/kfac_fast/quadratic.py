@@ -31,12 +31,11 @@ def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], input
     return z, jv
 
 
-def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, direction) -> tuple:
+def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, direction, names: dict) -> tuple:
     """(z, J·v) with every block parameter a dual tensor (``functional_call``): works for any
-    block kind and any model, one pass per direction."""
+    block kind and any model, one pass per direction. ``names``: parameter id -> name."""
     import torch.autograd.forward_ad as fwAD
 
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     args, kwargs = call_args(inputs)
     with torch.no_grad(), fwAD.dual_level():
         params = {}
@@ -73,8 +72,9 @@ def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], 
             fast = sequential_jvp(plan, layers, inputs, directions)
             if fast is not None:
                 return fast
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     with buffers_kept(model):
-        zs = [_dual_forward(model, layers, inputs, d) for d in directions]
+        zs = [_dual_forward(model, layers, inputs, d, names) for d in directions]
     return zs[0][0], [jv for _, jv in zs]
 
 

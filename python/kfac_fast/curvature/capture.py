@@ -23,6 +23,12 @@ class Recording:
     order: list = field(default_factory=list)
 
 
+def forward_order(layers: Sequence[CurvatureBlock], rec: Recording) -> list[int]:
+    """Block indices in the order the forward pass called them, blocks without a module hook
+    (diagonal parameters) last."""
+    return list(rec.order) + [i for i, layer in enumerate(layers) if not layer.captures]
+
+
 @contextlib.contextmanager
 def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> Iterator[Recording]:
     """Hook ``layers`` for one forward pass.

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..batch import batch_size, call, select
 from .blocks import DIAGONAL, CurvatureBlock, find_blocks
-from .capture import Recording, capture
+from .capture import Recording, capture, forward_order
 from .losses import PredictiveDistribution, check_output, get_loss, rows, sample_targets
 from .statistics import statistics_grads
 
@@ -170,7 +170,7 @@ def block_factors(
     ``unsupported`` as :func:`~kfac_fast.curvature.blocks.find_blocks`.
     """
     from .running import RunningFactors
-    from .statistics import block_rows
+    from .statistics import BatchStatistics, block_rows
 
     dist = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
     if fisher not in FISHER_KINDS:
@@ -190,32 +190,20 @@ def block_factors(
         N = int(dist.count(z, targets))
         draws = per_example_derivatives(rec, z, dist, fisher=fisher, targets=targets, mc_samples=mc_samples,
                                         generator=generator, blocks=blocks)
-    order = list(rec.order) + [i for i, b in enumerate(blocks) if not b.captures]
+    order = forward_order(blocks, rec)
     blocks = [blocks[i] for i in order]
     rec = Recording(inputs=[rec.inputs[i] for i in order], outputs=[rec.outputs[i] for i in order])
     dtype = torch.float64 if blocks[0].params()[0].dtype == torch.float64 else torch.float32
     running = RunningFactors(blocks, dtype=dtype, device=z.device, tridiagonal=tridiagonal)
-    # the batch estimate = Σ over draws (each draw's G rows already carry 1/sqrt(n)); the A rows
-    # are the same in every draw, so every draw but the first adds to G and the small blocks only
-    for k, d in enumerate(draws):
-        stats = block_rows(blocks, rec, [d[i] for i in order], N)
-        if k == 0:
-            running.update(stats, eps=0.0, backend="torch")
-            acc = running.pending
-        else:
-            for i, b in enumerate(blocks):
-                f = acc[i]
-                if isinstance(f, BlockFisher):
-                    u = stats.u[i].to(dtype)
-                    f.F.add_(torch.einsum("nkb,nkc->kbc", u, u), alpha=1.0 / N)
-                else:
-                    g = stats.g[i].to(dtype)
-                    f.G.add_(g.t() @ g, alpha=1.0 / N)
-                    if f.G_next is not None:
-                        j, linked = next((jj, lk) for ii, jj, lk in running.links if ii == i)
-                        gj = stats.g[j].to(dtype)
-                        if linked and gj.shape[0] == g.shape[0] and running._a_count(i, stats) == running._a_count(j, stats):
-                            f.G_next.add_(g.t() @ gj, alpha=1.0 / N)
+    # the batch estimate sums over the draws (each draw's derivatives already carry 1/sqrt(n)):
+    # one update with every draw's G rows and per-example vectors stacked; the A rows are the
+    # same in every draw (the first draw's)
+    per_draw = [block_rows(blocks, rec, [d[i] for i in order], N) for d in draws]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    stats = BatchStatistics(a=per_draw[0].a, g=[cat([s.g[i] for s in per_draw]) for i in range(len(blocks))],
+                            u=[cat([s.u[i] for s in per_draw]) for i in range(len(blocks))], n_terms=N)
+    running.update(stats, eps=0.0, backend="torch")
+    acc = running.pending
     if fisher == "exact":  # diagonal blocks: the exact per-example diagonal, not the summed square
         with torch.enable_grad():
             for i, b in enumerate(blocks):
@@ -289,12 +277,12 @@ def check_factors(factors: Sequence[KroneckerFactors], *, tridiagonal: bool = Fa
                                  "back-propagated derivatives that built it were non-finite")
         if tridiagonal and i + 1 < len(factors):
             nxt = factors[i + 1]
-            for key, rows, cols in (("A_next", f.A.shape[0], nxt.A.shape[0]), ("G_next", f.G.shape[0], nxt.G.shape[0])):
+            for key, n_rows, n_cols in (("A_next", f.A.shape[0], nxt.A.shape[0]), ("G_next", f.G.shape[0], nxt.G.shape[0])):
                 M = getattr(f, key)
                 if M is None:
                     raise ValueError(f"{label}: {key} is missing; compute factors with tridiagonal=True")
-                if tuple(M.shape) != (rows, cols):
-                    raise ValueError(f"{label}: {key} must have shape ({rows}, {cols}), got {tuple(M.shape)}")
+                if tuple(M.shape) != (n_rows, n_cols):
+                    raise ValueError(f"{label}: {key} must have shape ({n_rows}, {n_cols}), got {tuple(M.shape)}")
                 if not bool(torch.isfinite(M).all()):
                     raise ValueError(f"{label}: cross factor {key} contains NaN or inf")
 

@@ -6,7 +6,6 @@ from typing import Optional, Sequence
 
 from .block_diagonal import BlockDiagonal
 from .block_tridiagonal import BlockTridiagonal
-from .factors import KroneckerFactors
 
 # name -> class; ``config.INVERSES`` (the valid ``inverse=`` choices) is read from here
 INVERSE_KINDS = {"block_diagonal": BlockDiagonal, "block_tridiagonal": BlockTridiagonal}

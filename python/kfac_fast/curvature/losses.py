@@ -37,8 +37,9 @@ class PredictiveDistribution:
 
     def count(self, z: torch.Tensor, y: Optional[torch.Tensor] = None):
         """N, the number of loss terms the objective averages: an int, or a 0-d int64 tensor on
-        the device when targets may be ignored (``softmax_cross_entropy``)."""
-        return rows(z).shape[0]
+        the device when :meth:`mask` leaves terms out."""
+        mask = self.mask(y)
+        return rows(z).shape[0] if mask is None else mask.sum()
 
     def mask(self, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """(M,) bool: the loss terms that count, or None when all do."""
@@ -97,10 +98,6 @@ class SoftmaxCrossEntropy(PredictiveDistribution):
         if self.ignore_index is None or y is None:
             return None
         return y.reshape(-1) != self.ignore_index
-
-    def count(self, z, y=None):
-        mask = self.mask(y)
-        return rows(z).shape[0] if mask is None else mask.sum()
 
     def sample(self, z, generator=None, like=None):
         zr = rows(z.detach())
@@ -163,10 +160,6 @@ class _NanMasked(PredictiveDistribution):
         if not self.ignore_nan_targets or y is None:
             return None
         return ~torch.isnan(y.reshape(-1, y.shape[-1])).all(-1)
-
-    def count(self, z, y=None):
-        mask = self.mask(y)
-        return rows(z).shape[0] if mask is None else mask.sum()
 
     def _split(self, z, y):
         """(targets with ignored terms zeroed, per-element weights or None)."""

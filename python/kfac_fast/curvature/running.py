@@ -86,7 +86,7 @@ class RunningFactors:
                 tp.copy_(tc)
         w = 1.0 - eps
         N = max(int(stats.n_terms), 1)
-        implicit = [i for i in self.kron if getattr(self.layers[i], "implicit_a", False)]
+        implicit = [i for i in self.kron if self.layers[i].implicit_a]
         rows_a = [i for i in self.kron if i not in set(implicit)]
         hom = lambda k: self.layers[k].factor_spec.homogeneous  # noqa: E731
         if rows_a:
@@ -132,12 +132,12 @@ class RunningFactors:
 
     def _a_count(self, i: int, stats: BatchStatistics) -> int:
         l = self.layers[i]
-        return l.a_row_count(stats.a[i]) if getattr(l, "implicit_a", False) else stats.a[i].shape[0]
+        return l.a_row_count(stats.a[i]) if l.implicit_a else stats.a[i].shape[0]
 
     def _a_rows(self, i: int, stats: BatchStatistics) -> torch.Tensor:
         """The A rows of block i (formed from the input for an ``implicit_a`` block)."""
         l = self.layers[i]
-        return l.a_rows(stats.a[i]) if getattr(l, "implicit_a", False) else stats.a[i]
+        return l.a_rows(stats.a[i]) if l.implicit_a else stats.a[i]
 
     def commit(self) -> None:
         self._cur = 1 - self._cur

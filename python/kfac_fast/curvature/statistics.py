@@ -33,6 +33,11 @@ class BatchStatistics:
     u: list
     n_terms: int
 
+    def permuted(self, order: Sequence[int]) -> "BatchStatistics":
+        """The same statistics for the blocks reordered as ``order``."""
+        return BatchStatistics(a=[self.a[i] for i in order], g=[self.g[i] for i in order],
+                               u=[self.u[i] for i in order], n_terms=self.n_terms)
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in self.a + self.g + self.u if t is not None and t.is_floating_point()]
 
@@ -45,9 +50,7 @@ def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence
     for i, b in enumerate(blocks):
         kind = b.factor_kind
         if kind in (KRONECKER, KRONECKER_DIAG_A):
-            x = rec.inputs[i]
-            a.append(x.unsqueeze(0) if getattr(b, "implicit_a", False) and x.dim() == 3 else
-                     x if getattr(b, "implicit_a", False) else b.a_rows(x))
+            a.append(b.a_input(rec.inputs[i]))
             g.append(b.g_rows(grads[i]))
             u.append(None)
         elif kind == DENSE:

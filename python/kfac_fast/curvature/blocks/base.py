@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -67,6 +67,14 @@ class FactorSpec:
     homogeneous: bool
 
 
+def frozen_bias(module: nn.Module) -> str | None:
+    """The refusal of a layer whose bias is frozen beside a trainable weight."""
+    b = getattr(module, "bias", None)
+    if b is not None and not b.requires_grad:
+        return "a frozen bias beside a trainable weight (the block models weight and bias together)"
+    return None
+
+
 class CurvatureBlock(abc.ABC):
     """One layer as K-FAC sees it. Subclasses set ``factor_kind`` and implement the abstract
     methods; :func:`kfac_fast.register_block` makes K-FAC use them for a module type."""
@@ -74,6 +82,9 @@ class CurvatureBlock(abc.ABC):
     factor_kind: ClassVar[str] = KRONECKER
     #: whether the block needs its module's input and output from the forward pass (hooks)
     captures: ClassVar[bool] = True
+    #: whether Ā is formed from the module's input by the block's own kernel (a convolution:
+    #: no patch matrix) rather than from ``a_rows``; such a block has ``geometry`` and ``a_row_count``
+    implicit_a: bool = False
 
     def __init__(self, name: str, module: nn.Module, *, kfac_approx: str = "expand"):
         self.name = name
@@ -85,7 +96,8 @@ class CurvatureBlock(abc.ABC):
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        """Whether K-FAC tracks this module (False: it is skipped, e.g. its weight is frozen)."""
+        """Whether K-FAC tracks this module (False: it is skipped, e.g. its weight is frozen; any
+        parameter it still trains then follows the ``unsupported`` policy)."""
         return True
 
     @classmethod
@@ -135,6 +147,11 @@ class CurvatureBlock(abc.ABC):
         """The module's captured input -> rows (rows, a_dim − homogeneous) whose mean outer
         product is Ā (Kronecker kinds)."""
         raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: it has no A rows")
+
+    def a_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the running factors keep of the captured input for Ā: ``a_rows(x)``, or the input
+        itself for an ``implicit_a`` block."""
+        return self.a_rows(x)
 
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
         """∂(Σ loss terms)/∂(module output) -> rows (rows, g_dim); G = (1/N) Σ rows rowsᵀ."""

@@ -15,13 +15,11 @@ Grouped convolutions (groups > 1) and padding modes other than zeros are refused
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KRONECKER, CurvatureBlock, FactorSpec
+from .base import KRONECKER, CurvatureBlock, FactorSpec, frozen_bias
 
 
 class Conv2dBlock(CurvatureBlock):
@@ -41,9 +39,7 @@ class Conv2dBlock(CurvatureBlock):
                     "not implemented)")
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (the patches assume zero padding)"
-        if module.bias is not None and not module.bias.requires_grad:
-            return "a frozen bias beside a trainable weight (the homogeneous coordinate needs both)"
-        return None
+        return frozen_bias(module)
 
     @property
     def has_bias(self) -> bool:
@@ -58,14 +54,6 @@ class Conv2dBlock(CurvatureBlock):
     def factor_spec(self) -> FactorSpec:
         return FactorSpec(kind=self.factor_kind, a_dim=self.patch_dim + int(self.has_bias),
                           g_dim=self.module.out_channels, homogeneous=self.has_bias)
-
-    @property
-    def a_dim(self) -> int:
-        return self.patch_dim + int(self.has_bias)
-
-    @property
-    def g_dim(self) -> int:
-        return self.module.out_channels
 
     def params(self) -> list[nn.Parameter]:
         return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
@@ -101,6 +89,11 @@ class Conv2dBlock(CurvatureBlock):
         """Expand: Ā comes straight from the input (``ops.conv_factor_update``: no (m·R, C·kh·kw)
         patch matrix); ``a_rows`` is only formed where rows are needed (tridiagonal cross factors)."""
         return self.kfac_approx == "expand"
+
+    def a_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.implicit_a:
+            return self.a_rows(x)
+        return x.unsqueeze(0) if x.dim() == 3 else x
 
     def geometry(self) -> dict:
         """kernel_size, stride, padding, dilation as pairs, for ``ops.conv_factor_update``."""

@@ -18,8 +18,6 @@ blocks.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
@@ -42,14 +40,6 @@ class DiagonalBlock(CurvatureBlock):
     @property
     def factor_spec(self) -> FactorSpec:
         return FactorSpec(kind=self.factor_kind, a_dim=1, g_dim=self.param.numel(), homogeneous=False)
-
-    @property
-    def a_dim(self) -> int:
-        return 1
-
-    @property
-    def g_dim(self) -> int:
-        return self.param.numel()
 
     def params(self) -> list[nn.Parameter]:
         return [self.param]

@@ -8,10 +8,7 @@ positions, as KFAC-expand (reduce would make Ā dense: embeddings always expand)
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import KRONECKER_DIAG_A, CurvatureBlock, FactorSpec
@@ -39,14 +36,6 @@ class EmbeddingBlock(CurvatureBlock):
     def factor_spec(self) -> FactorSpec:
         return FactorSpec(kind=self.factor_kind, a_dim=self.module.num_embeddings,
                           g_dim=self.module.embedding_dim, homogeneous=False)
-
-    @property
-    def a_dim(self) -> int:
-        return self.module.num_embeddings
-
-    @property
-    def g_dim(self) -> int:
-        return self.module.embedding_dim
 
     def params(self) -> list[nn.Parameter]:
         return [self.module.weight]

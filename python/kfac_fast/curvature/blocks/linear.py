@@ -7,12 +7,10 @@ token model) the R = Π(extra dims) positions are weight-shared uses of the laye
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
-from .base import KRONECKER, CurvatureBlock, FactorSpec
+from .base import KRONECKER, CurvatureBlock, FactorSpec, frozen_bias
 
 
 class LinearBlock(CurvatureBlock):
@@ -27,9 +25,7 @@ class LinearBlock(CurvatureBlock):
 
     @classmethod
     def refusal(cls, module: nn.Module):
-        if module.bias is not None and not module.bias.requires_grad:
-            return "a frozen bias beside a trainable weight (the homogeneous coordinate needs both)"
-        return None
+        return frozen_bias(module)
 
     @property
     def has_bias(self) -> bool:

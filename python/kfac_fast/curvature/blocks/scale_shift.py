@@ -21,13 +21,11 @@ library does), the running ones in eval mode.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DENSE, CurvatureBlock, FactorSpec
+from .base import DENSE, CurvatureBlock, FactorSpec, frozen_bias
 
 NORM_TYPES: tuple[type, ...] = tuple(t for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
                                                  nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
@@ -40,15 +38,12 @@ class ScaleShiftBlock(CurvatureBlock):
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        w = getattr(module, "weight", None)
+        w = getattr(module, "weight", None)  # elementwise_affine=False: nothing to train
         return w is not None and w.requires_grad
 
     @classmethod
     def refusal(cls, module: nn.Module):
-        b = getattr(module, "bias", None)
-        if b is not None and not b.requires_grad:
-            return "a frozen bias beside a trainable weight"
-        return None
+        return frozen_bias(module)
 
     @property
     def channel_last(self) -> bool:
@@ -67,14 +62,6 @@ class ScaleShiftBlock(CurvatureBlock):
     def factor_spec(self) -> FactorSpec:
         return FactorSpec(kind=self.factor_kind, a_dim=1 + int(self.has_bias), g_dim=self.channels,
                           homogeneous=False)
-
-    @property
-    def a_dim(self) -> int:
-        return 1 + int(self.has_bias)
-
-    @property
-    def g_dim(self) -> int:
-        return self.channels
 
     def params(self) -> list[nn.Parameter]:
         return [self.module.weight] + ([self.module.bias] if self.has_bias else [])

@@ -36,9 +36,12 @@ from .curvature.capture import capture, forward_order
 from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.losses import check_output, get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
-from .curvature.statistics import NonFiniteOutputs, first_non_finite, sampled_statistics
-from .quadratic import fisher_gram, inner, solve_alpha_mu
-from .rules import NU_INIT, accept, gamma_candidates, levenberg_marquardt, rejection_increase
+from .curvature.statistics import finite_flags, sampled_statistics
+from .quadratic import fisher_gram, inner, solve_alpha_mu_t
+from .rules import (NU_INIT, accept, accept_t, gamma_candidates, levenberg_marquardt, levenberg_marquardt_t,
+                    rejection_increase, rejection_increase_t)
+from .curvature.compute_dtype import ComputeDtype, resolve_compute_dtype
+from .step_state import AdaptState, StepStats
 
 __all__ = ["KFAC", "StepRejected", "levenberg_marquardt"]
 
@@ -125,6 +128,24 @@ class KFAC:
             ``tau2=``, ``ema_max=``, ...). ``KFACConfig.paper()`` gives the paper's values.
         profile: time the paper's tasks 1-8 (Sec 8) of every step into ``stats["phases"]``
             (synchronising CUDA around each phase: for benchmarks, not for training).
+        compute_dtype: the dtype the curvature products read their operands in (factor
+            accumulation, preconditioning, the tridiagonal and Appendix B products), always
+            accumulating in fp32: ``torch.float32``, ``torch.bfloat16``, ``torch.float16`` or
+            ``"tf32"`` (CUDA). Default: the factor dtype. Factors and inverses stay in
+            ``factor_dtype``; the exact-Fisher tangents stay in the model's dtype. See
+            :mod:`kfac_fast.curvature.compute_dtype` and README "Precision" for the measured error.
+        validate: check the targets (range, classes, NaN policy) on every step. Off by default:
+            they are checked on refresh iterations (k ≤ 3 and every T3), where the step reads the
+            device anyway, so ordinary iterations stay free of host syncs.
+
+    Host syncs: an ordinary iteration (not a refresh, default ``rho_batch="same"`` and
+    ``rescale=True``) reads nothing from the device: λ, ν, α, µ, ρ, the finite checks, the
+    rejection and the LM rule are device tensors and ``torch.where`` selections (a rejected step
+    selects the old θ, factors and δ₀). The host reads the device on refresh iterations (the
+    inverse, the γ candidates of Sec 6.6, the target checks), once every ``max_rejections``
+    iterations at most to count consecutive rejections, every iteration with
+    ``rho_batch="next"`` or ``rescale=False`` (γ is then adapted on the host), with
+    ``profile=True``, and when you read the returned stats (one transfer for all of them).
     """
 
     def __init__(
@@ -142,6 +163,8 @@ class KFAC:
         unsupported: str = "diagonal",
         ignore_index: Optional[int] = -100,
         ignore_nan_targets: bool = False,
+        validate: bool = False,
+        compute_dtype: ComputeDtype = None,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -166,24 +189,71 @@ class KFAC:
             if dt not in (torch.float32, torch.float64):
                 raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dt}")
         self.generator = generator if generator is not None else default_generator(self.device)
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, factor_dtype=self.factor_dtype, device=self.device)
         cfg = self.config
-        self.lambda_ = float(cfg.lambda_init)
+        # λ, ν, the rejection counters and the δ₀ flag live on the device (step_state.py); γ on
+        # the host: it changes only on refresh iterations (Sec 6.6), or by the LM rule without
+        # re-scaling, where the inverse is rebuilt anyway
+        self._st = AdaptState(lam=cfg.lambda_init, nu=NU_INIT, device=self.device)
         self.gamma = float(cfg.gamma_init) if cfg.gamma_init is not None else math.sqrt(cfg.lambda_init + cfg.weight_decay)
+        self.validate = bool(validate)
         self.k = 1
         self._terms_per_example = 1  # loss terms per example (P), updated by every gradient pass
         self._ordered = False
         self.factors: Optional[RunningFactors] = None
         self.inverse = None
-        self.delta0: Optional[list[torch.Tensor]] = None
-        self.rejections = 0
-        self.total_rejections = 0
-        self.nu = NU_INIT  # Nielsen's growth factor for λ after consecutive rejections (rules.py)
+        self._delta0: Optional[list[torch.Tensor]] = None  # δ₀ (zeros after a rejection: see has_delta0)
+        # an upper bound on the consecutive rejections the host has not read: the device count is
+        # read (one transfer) only when the bound reaches max_rejections, or on refresh iterations
+        self._unread_bound = 0
+        self._last_stats: Optional[StepStats] = None
         # rho_batch="next": the last step, to be checked on the next batch (θ_k, M(δ_k), whether the LM rule is due)
         self._pending: Optional[dict] = None
         self.profile = profile
         self._phases: dict[str, float] = {}
         self.inverse_fallbacks = 0
         self._warned_fallback = False
+
+    # ------------------------------------------------------------------ device state, host view
+    # Reading these waits for the device (one transfer); the step itself never does.
+    @property
+    def lambda_(self) -> float:
+        """λ (Sec 6.5)."""
+        return float(self._st.lam)
+
+    @lambda_.setter
+    def lambda_(self, value: float) -> None:
+        self._st.set("lam", float(value))
+
+    @property
+    def nu(self) -> float:
+        """Nielsen's growth factor for λ after consecutive rejections (:mod:`kfac_fast.rules`)."""
+        return float(self._st.nu)
+
+    @nu.setter
+    def nu(self, value: float) -> None:
+        self._st.set("nu", float(value))
+
+    @property
+    def rejections(self) -> int:
+        """Consecutive rejected steps."""
+        return int(self._st.rejections)
+
+    @rejections.setter
+    def rejections(self, value: int) -> None:
+        self._st.set("rejections", int(value))
+        self._unread_bound = int(value)
+
+    @property
+    def total_rejections(self) -> int:
+        return int(self._st.total_rejections)
+
+    @property
+    def delta0(self) -> Optional[list[torch.Tensor]]:
+        """δ₀, the previous update (Sec 7), or None before the first step and after a rejection."""
+        if self._delta0 is None or not bool(self._st.has_delta0):
+            return None
+        return self._delta0
 
     # ------------------------------------------------------------------ profiling
     # Phase names follow the paper's task list of Sec 8.
@@ -233,7 +303,8 @@ class KFAC:
     def _ensure_state(self) -> None:
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.config.inverse == "block_tridiagonal")
+                                          tridiagonal=self.config.inverse == "block_tridiagonal",
+                                          compute_dtype=self.compute_dtype)
 
     def _examples_for(self, terms: int) -> int:
         """Examples holding at least ``terms`` loss terms (P per example, from the last gradient pass)."""
@@ -244,10 +315,10 @@ class KFAC:
         return torch.randperm(m, generator=self.generator, device=self.device)[:size]
 
     def _objective(self, inputs, targets: torch.Tensor,
-                   params: Optional[list[list[torch.Tensor]]] = None) -> float:
+                   params: Optional[list[list[torch.Tensor]]] = None) -> torch.Tensor:
         """h = mean loss + ½η‖θ‖² at the model's θ, or at ``params`` (per-layer lists like
-        :meth:`_params`) through ``torch.func.functional_call`` without touching the model.
-        Module buffers are left as they were (an extra pass)."""
+        :meth:`_params`) through ``torch.func.functional_call`` without touching the model, as a
+        0-d float64 device tensor (no host sync). Module buffers are left as they were."""
         with torch.no_grad(), buffers_kept(self.model):
             if params is None:
                 z = call(self.model, inputs)
@@ -257,8 +328,7 @@ class KFAC:
                 args, kwargs = call_args(inputs)
                 z = torch.func.functional_call(self.model, dict(zip(names, flat)), args, kwargs, strict=False)
             h = self.loss.mean(z, targets)
-            h_val, l2 = torch.stack([h.detach().double(), self._l2(None if params is None else flat)]).tolist()
-        return h_val + l2
+            return h.detach().double() + self._l2(None if params is None else flat)
 
     def _param_names(self) -> list[str]:
         ids = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
@@ -293,46 +363,56 @@ class KFAC:
                     p.copy_(s)
         torch.clear_autocast_cache()
 
-    def _raise_damping(self) -> None:
-        """After a rejected step: λ (or γ without re-scaling) by Nielsen's rule (rules.py)."""
-        cfg = self.config
-        if cfg.rescale:
-            self.lambda_, self.nu = rejection_increase(self.lambda_, self.nu, omega1=cfg.omega1, hi=cfg.lambda_max)
-        else:
-            g2, self.nu = rejection_increase(self.gamma ** 2, self.nu, omega1=cfg.omega1, hi=cfg.gamma_max ** 2)
-            self.gamma = math.sqrt(g2)
+    # ------------------------------------------------------------------ rejections
+    _REASONS = {1: "non-finite loss", 2: "non-finite statistics", 3: "non-finite update δ", 4: "ρ",
+                5: "non-finite loss after the update"}
 
-    def _adapt(self, rho: float) -> None:
-        """The Levenberg-Marquardt rule of Sec 6.5 on λ; without re-scaling there is no exact-Fisher
-        model for λ to damp, so the same rule adapts γ² (ρ then compares with K-FAC's own model)."""
-        cfg = self.config
-        if cfg.rescale:
-            self.lambda_ = levenberg_marquardt(self.lambda_, rho, cfg.omega1, lo=cfg.lambda_min, hi=cfg.lambda_max)
-        else:
-            g2 = levenberg_marquardt(self.gamma ** 2, rho, cfg.omega1, lo=cfg.gamma_min ** 2, hi=cfg.gamma_max ** 2)
-            self.gamma = math.sqrt(g2)
-
-    def _count_rejection(self, what: str, stats: dict) -> dict:
-        self._raise_damping()
-        self.rejections += 1
-        self.total_rejections += 1
-        stats.update(rejected=True, reason=what, lambda_=self.lambda_, gamma=self.gamma)
-        if self.rejections >= self.config.max_rejections:
-            raise StepRejected(f"{self.rejections} consecutive K-FAC steps rejected; last cause: {what}. "
-                               "Check the data and the model for overflow, lower the learning problem's scale, or "
-                               "raise lambda_init")
-        return stats
-
-    def _reject(self, what: str, stats: dict, saved: Optional[list[list[torch.Tensor]]] = None) -> dict:
-        """A step that produced non-finite numbers: θ, statistics and k stay as they were."""
+    def _host_rejection(self, what: str, stats: StepStats, saved: Optional[list[list[torch.Tensor]]] = None,
+                        warn: bool = True) -> StepStats:
+        """A rejection the host decided (``rho_batch="next"``, ``rescale=False``): θ restored from
+        ``saved`` where given, δ₀ dropped, λ (or γ without re-scaling) raised by Nielsen's rule."""
         if saved is not None:
             self._restore(saved)
-        self._count_rejection(what, stats)
-        warnings.warn(f"K-FAC step {self.k} rejected ({what}); λ raised to {self.lambda_:.3g}", RuntimeWarning)
+        cfg, st = self.config, self._st
+        if cfg.rescale:
+            st.lam, st.nu = rejection_increase_t(st.lam, st.nu, omega1=cfg.omega1, hi=cfg.lambda_max)
+        else:
+            g2, nu = rejection_increase(self.gamma ** 2, float(st.nu), omega1=cfg.omega1, hi=cfg.gamma_max ** 2)
+            self.gamma = math.sqrt(g2)
+            st.set("nu", nu)
+        st.rejections += 1
+        st.total_rejections += 1
+        st.has_delta0.fill_(False)
+        stats.update(rejected=True, reason=what, lambda_=st.lam.clone(), gamma=self.gamma)
+        if warn:
+            warnings.warn(f"K-FAC step {stats['k']} rejected ({what}); λ raised to {self.lambda_:.3g}", RuntimeWarning)
+        self._check_rejections(what, force=True)
         return stats
 
+    def _check_rejections(self, last: Optional[str] = None, *, force: bool = False) -> None:
+        """Read the consecutive rejections (one transfer) when they could have reached
+        ``max_rejections``, or with ``force``; warn about unreported non-finite rejections and
+        raise :class:`StepRejected` at the limit."""
+        self._unread_bound += 0 if force else 1
+        if not force and self._unread_bound < self.config.max_rejections:
+            return
+        st = self._st
+        rej, unrep = torch.stack([st.rejections, st.unreported]).tolist()
+        self._unread_bound = rej
+        if last is None and self._last_stats is not None and rej:
+            last = self._last_stats.get("reason")
+        if unrep:
+            st.unreported.zero_()
+            if not force:
+                warnings.warn(f"K-FAC rejected {unrep} step(s) for non-finite numbers up to iteration {self.k - 1} "
+                              f"(last cause: {last}); λ is now {self.lambda_:.3g}", RuntimeWarning)
+        if rej >= self.config.max_rejections:
+            raise StepRejected(f"{rej} consecutive K-FAC steps rejected; last cause: {last}. "
+                               "Check the data and the model for overflow, lower the learning problem's scale, or "
+                               "raise lambda_init")
+
     # ------------------------------------------------------------------ Algorithm 2
-    def step(self, inputs, targets: torch.Tensor) -> dict:
+    def step(self, inputs, targets: torch.Tensor) -> StepStats:
         """One iteration of Algorithm 2 on the mini-batch.
 
         Args:
@@ -342,37 +422,44 @@ class KFAC:
             targets: (m, ...) per the loss (see the class docstring).
 
         Returns:
-            dict with ``loss`` (batch mean data loss at θ_k), ``objective`` (h incl. η/2‖θ‖²),
-            ``lambda_``, ``gamma``, ``alpha``, ``mu``, ``M`` (M(δ) − M(0)), ``rho`` (every iteration
-            with ``reject_steps``, else on λ-update iterations; None where not measured),
+            a :class:`~kfac_fast.step_state.StepStats` mapping (read like a dict; its device
+            values reach the host together on the first read) with ``loss`` (batch mean data
+            loss at θ_k), ``objective`` (h incl. η/2‖θ‖²), ``lambda_``, ``gamma``, ``alpha``,
+            ``mu``, ``M`` (M(δ) − M(0)), ``rho`` (every iteration with ``reject_steps``, else on
+            λ-update iterations; None where not measured, NaN where M(δ) ≥ 0 left it undefined),
             ``refreshed``, ``rejected`` (with ``reason``), ``k``. A step rejected by ρ leaves θ
-            as it was, keeps the new statistics (they were measured at θ) and drops δ₀.
+            as it was, keeps the new statistics (they were measured at θ) and drops δ₀; a step
+            with non-finite loss or statistics keeps neither. k counts every call that got past
+            the input checks.
         """
         self._check_batch(inputs, targets)
         self._ensure_state()
-        stats: dict = {"k": self.k, "rho": None, "rejected": False, "refreshed": False}
+        k = self.k
+        cfg = self.config
+        refresh = (k % cfg.T3 == 0) or k <= 3 or self.inverse is None
+        stats = StepStats(k=k, rho=None, rejected=False, refreshed=False)
         self._phases = {}
-        # each phase returns None where the step ended early (a rejection already written to stats)
-        grad = self._gradient(inputs, targets, stats)
-        if grad is None:
-            return stats
-        V, h, rho_rows = grad
-        if self._pending is not None:
+        V, h, h_data, rho_rows = self._gradient(inputs, targets, validate=self.validate or refresh)
+        stats.update(loss=h_data, objective=h)
+        if self._pending is not None:  # rho_batch="next": the previous step, judged on this batch
             verdict = self._check_pending(inputs, targets, h, stats)
             if verdict is not None:
                 return verdict
-        if not self._statistics(inputs, targets, stats):
-            return stats
-        base = self._refresh_if_due(stats)
+        batch_stats, valid, flags, names = self._statistics(inputs, targets, h)
+        if refresh:  # the new inverse is built from the pending factors, so they come first
+            self._update_factors(batch_stats, valid)
+        base = self._refresh_if_due(stats, refresh)
         best = self._proposals(inputs, targets, base, V)
-        return self._commit(inputs, targets, h, best, stats, rho_rows)
+        return self._commit(inputs, targets, h, best, stats, rho_rows, valid, (flags, names), refresh,
+                            None if refresh else batch_stats)
 
-    def _gradient(self, inputs, targets: torch.Tensor, stats: dict):
+    def _gradient(self, inputs, targets: torch.Tensor, *, validate: bool):
         """Step 1: h and ∇h on S' (with the ℓ2 term η, Sec 9) as per-layer blocks V_i.
 
-        Orders the layers by the first forward pass. Returns (V, h, ρ rows), or None
-        after rejecting a non-finite loss. ρ rows is None (ρ on the whole batch) or (indices of
-        ``rho_rows`` rows, h on them at θ_k): their loss at θ_k comes from this pass for free.
+        Orders the layers by the first forward pass. Returns (V, h, data loss, ρ rows), h as
+        0-d float64 device tensors (no host sync; a non-finite h is caught in ``_commit``).
+        ρ rows is None (ρ on the whole batch) or (indices of ``rho_rows`` rows, h on them at
+        θ_k): their loss at θ_k comes from this pass for free.
         """
         params = self._params()
         with self._phase("1-2 gradient"), torch.enable_grad():
@@ -387,7 +474,8 @@ class KFAC:
             else:
                 z = call(self.model, inputs)
             check_output(z, self.loss)
-            self.loss.check_targets(z, targets)
+            if validate:
+                self.loss.check_targets(z, targets)
             h_data = self.loss.mean(z, targets)
             grads = torch.autograd.grad(h_data, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -396,21 +484,12 @@ class KFAC:
             self._terms_per_example = max(1, math.prod(z.shape[1:-1]))
             r = self._examples_for(self.config.rho_rows)
             idx_r = self._subset(m, 0.0, r) if 0 < r < m and self.config.rho_batch == "same" else None
-            parts = [h_data.detach().double(), self._l2()]
+            l2 = self._l2()
+            h_data = h_data.detach().double()
+            rho_rows = None
             if idx_r is not None:
                 zr = z.detach().index_select(0, idx_r)
-                parts.append(self.loss.mean(zr, targets.index_select(0, idx_r)).double())
-            # h, ½η‖θ‖² (and h on the ρ rows) reach the host together: the step's first sync
-            vals = torch.stack(parts).tolist()
-            h_val, l2_val = vals[0], vals[1]
-        stats["loss"] = h_val
-        if not math.isfinite(h_val):
-            if self._pending is not None:  # the previous, unchecked step led here: undo it
-                saved, self._pending, self.delta0 = self._pending["theta"], None, None
-                self._reject("non-finite loss after the previous step (undone)", stats, saved=saved)
-                return None
-            self._reject("non-finite loss", stats)
-            return None
+                rho_rows = (idx_r, self.loss.mean(zr, targets.index_select(0, idx_r)).double() + l2)
         eta = self.config.weight_decay
         V, pos = [], 0
         for layer in self.layers:
@@ -420,52 +499,48 @@ class KFAC:
                 Vi = Vi + eta * layer.param_matrix().detach().to(self.inverse_dtype)
             V.append(Vi)
             pos += n
-        h = h_val + l2_val
-        stats["objective"] = h
-        rho_rows = None if idx_r is None else (idx_r, vals[2] + l2_val)
-        return V, h, rho_rows
+        return V, h_data + l2, h_data, rho_rows
 
-    def _statistics(self, inputs, targets: torch.Tensor, stats: dict) -> bool:
-        """Steps 2-3: a backward pass on S₁ with targets sampled from the model (Sec 5; ignored
-        terms stay ignored), then every block's running statistics with ε = min(1 − 1/k, ema_max)
-        into the pending buffers. Returns False after rejecting non-finite statistics."""
+    def _statistics(self, inputs, targets: torch.Tensor, h: torch.Tensor):
+        """Step 2: a backward pass on S₁ with targets sampled from the model (Sec 5; ignored
+        terms stay ignored). Returns (statistics, valid, flags, names): ``valid`` is a 0-d bool
+        device tensor, False when h or any statistic is non-finite; ``flags`` says which."""
         cfg = self.config
         idx1 = self._subset(batch_size(inputs), cfg.tau1)
         x1 = select(inputs, idx1)
         with self._phase("3 sampled backward"):
-            try:
-                batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
-                                                    targets=targets.index_select(0, idx1), generator=self.generator)
-            except NonFiniteOutputs:
-                self._reject("non-finite model outputs in the sampled-target pass", stats)
-                return False
-        bad = first_non_finite(self.layers, batch_stats)
-        if bad is not None:
-            self._reject(f"non-finite {bad} in the sampled-target pass", stats)
-            return False
-        eps = ema_decay(self.k, cfg.ema_max)
-        with self._phase("4 factor update"):
-            self.factors.update(batch_stats, eps=eps, backend=self.backend)
-        return True
+            batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
+                                                targets=targets.index_select(0, idx1), generator=self.generator,
+                                                check_finite=False)
+        flags, names = finite_flags(self.layers, batch_stats)
+        valid = torch.isfinite(h) & flags.to(h.device).all()
+        return batch_stats, valid, flags, names
 
-    def _refresh_if_due(self, stats: dict):
+    def _update_factors(self, batch_stats, valid: torch.Tensor) -> None:
+        """Step 3: every block's running statistics with ε = min(1 − 1/k, ema_max) into the
+        pending buffers; where ``valid`` is False they come out equal to the current ones
+        (``RunningFactors.update(valid=)``), without a host read."""
+        with self._phase("4 factor update"):
+            self.factors.update(batch_stats, eps=ema_decay(self.k, self.config.ema_max), backend=self.backend,
+                                valid=valid)
+
+    def _refresh_if_due(self, stats: StepStats, refresh: bool):
         """Step 4: a new inverse at the current γ when k ≡ 0 (mod T3) or k ≤ 3 (Sec 8), else the
         last one (at the current γ). Returns the inverse the γ candidates start from."""
-        cfg, k = self.config, self.k
-        refresh = (k % cfg.T3 == 0) or k <= 3 or self.inverse is None
         with self._phase("5 inverse refresh"):
             if refresh:
                 base = self._refresh(self.gamma)
                 stats["refreshed"] = base is not self.inverse
             else:
                 base = self.inverse
-                if abs(base.damping - self.gamma) > 0:
+                if base.damping != self.gamma:  # γ changed on the host (rescale=False)
                     base = base.with_damping(self.gamma)
         return base
 
     def _proposals(self, inputs, targets: torch.Tensor, base, V: list[torch.Tensor]) -> "_Proposal":
         """Steps 5-6 per γ candidate (Sec 6.6: every T2 iterations γ, ω₂γ, γ/ω₂): the proposal
-        Δ = −F̆⁻¹∇h (or F̂⁻¹∇h) and its re-scaling; returns the candidate with the lowest M."""
+        Δ = −F̆⁻¹∇h (or F̂⁻¹∇h) and its re-scaling; returns the candidate with the lowest M.
+        Only the γ choice reads the host (on T2 iterations, which are refresh iterations)."""
         cfg = self.config
         candidates = [self.gamma]
         # greedy γ (Sec 6.6) compares candidates by the exact-Fisher M; without re-scaling the only
@@ -474,8 +549,8 @@ class KFAC:
             candidates = gamma_candidates(self.gamma, cfg.omega2, lo=cfg.gamma_min, hi=cfg.gamma_max)
         idx2 = self._subset(batch_size(inputs), cfg.tau2, self._examples_for(cfg.tau2_min_rows))
         x2 = (select(inputs, idx2), targets.index_select(0, idx2))
-        use_mom = cfg.momentum and self.delta0 is not None
-        best = None
+        use_mom = cfg.momentum and self._delta0 is not None
+        props = []
         for gamma in candidates:
             with self._phase("5 inverse refresh"):
                 try:
@@ -485,16 +560,22 @@ class KFAC:
             with self._phase("6 precondition"):
                 Delta = [-u for u in inv.apply(V)]
             alpha, mu, M, norm2 = self._rescale(V, Delta, x2, use_mom)
-            if best is None or (math.isfinite(M) and M < best[0]):
-                best = _Proposal(M, gamma, inv, Delta, alpha, mu, norm2)
-        return best
+            props.append(_Proposal(M, gamma, inv, Delta, alpha, mu, norm2))
+        if len(props) == 1:
+            return props[0]
+        Ms = torch.stack([p.M for p in props]).tolist()  # the γ choice: one read, on T2 iterations only
+        best = 0
+        for i, M in enumerate(Ms):
+            if math.isfinite(M) and (not math.isfinite(Ms[best]) or M < Ms[best]):
+                best = i
+        return props[best]
 
-    def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: tuple,
-                 use_mom: bool) -> tuple[float, float, float, float]:
+    def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: tuple, use_mom: bool):
         """Step 6: α (and µ with momentum, Sec 7) minimising the exact-Fisher model M on S₂
-        (Sec 6.4, Appendix C). Returns (α, µ, M(δ) − M(0), ‖δ‖²) with δ = αΔ + µδ₀."""
+        (Sec 6.4, Appendix C). Returns (α, µ, M(δ) − M(0), ‖δ‖²) with δ = αΔ + µδ₀, all 0-d
+        float64 device tensors (the 2×2 solve is closed-form selections: no host sync)."""
         cfg = self.config
-        dirs = [Delta] + ([self.delta0] if use_mom else [])
+        dirs = [Delta] + ([self._delta0] if use_mom else [])
         n = len(dirs)
         if cfg.rescale:
             with self._phase("7 fisher quadratic"):
@@ -505,102 +586,193 @@ class KFAC:
                         dots[a][c] = dots[c][a] = inner(dirs[a], dirs[c])
                 dots = torch.stack([torch.stack(row) for row in dots])
                 b = torch.stack([inner(V, d) for d in dirs])
-                # Γ, the Euclidean products and ∇hᵀd reach the host in one transfer (one sync)
-                host = torch.cat([gram.reshape(-1), dots.reshape(-1), b]).cpu()
-            gram, dots, b = host[: n * n].view(n, n), host[n * n: 2 * n * n].view(n, n), host[2 * n * n:]
-            sol = solve_alpha_mu(gram, dots, b, self.lambda_ + cfg.weight_decay, mu_max=cfg.mu_max)
-            alpha, mu, M = sol.alpha, sol.mu, sol.M
-            coef = torch.tensor([alpha, mu][:n], dtype=torch.float64)
-            norm2 = float(coef @ dots @ coef)  # ‖αΔ + µδ₀‖², from the same numbers
+                alpha, mu, M = solve_alpha_mu_t(gram, dots, b, self._st.lam + cfg.weight_decay, mu_max=cfg.mu_max)
+                coef = torch.stack([alpha, mu][:n])
+                norm2 = coef @ dots @ coef  # ‖αΔ + µδ₀‖², from the same numbers
         else:
             # no exact-Fisher model: δ = Δ and M is K-FAC's own prediction, ½∇hᵀΔ (exact for
             # the damped approximate model, as Δ minimises it)
-            alpha, mu = 1.0, 0.0
-            norm2, bD = torch.stack([inner(Delta, Delta), inner(V, Delta)]).tolist()
-            M = 0.5 * bD
+            one = torch.ones((), dtype=torch.float64, device=self.device)
+            alpha, mu = one, torch.zeros_like(one)
+            norm2, M = inner(Delta, Delta), 0.5 * inner(V, Delta)
         return alpha, mu, M, norm2
 
-    def _commit(self, inputs, targets: torch.Tensor, h: float,
-                best: "_Proposal", stats: dict, rho_rows=None) -> dict:
-        """Steps 7-8: θ ← θ + δ; ρ every iteration with reject_steps (else every T1,
-        Sec 6.5) decides whether the step stays; the factors, the inverse and γ are committed
-        either way (they were computed at θ_k, which a rejected step keeps)."""
-        cfg, k = self.config, self.k
-        M, gamma, inv, Delta, alpha, mu, norm2 = best
-        delta = [alpha * d for d in Delta]
-        if mu != 0.0:
-            delta = [d + mu * d0 for d, d0 in zip(delta, self.delta0)]
-        # ‖δ‖² is finite iff δ is (an overflowing square is rejected too: conservative)
-        if not math.isfinite(norm2):
-            bad = next((l.name for l, d in zip(self.layers, delta) if not bool(torch.isfinite(d).all())), "?")
-            return self._reject(f"non-finite update δ in layer {bad}", stats)
+    def _commit(self, inputs, targets: torch.Tensor, h: torch.Tensor, best: "_Proposal", stats: StepStats,
+                rho_rows, valid: torch.Tensor, flags, refresh: bool, batch_stats=None) -> StepStats:
+        """Steps 7-8: θ ← θ + δ; ρ every iteration with reject_steps (else every T1, Sec 6.5)
+        decides whether the step stays. Every decision is a device selection: a rejected step
+        selects the saved θ (``torch.where``), zero δ₀ and Nielsen's λ; the factors were already
+        kept clean by ``valid``. The inverse and γ are committed either way (computed at θ_k).
 
-        # 7-8. θ ← θ + δ; ρ every iteration with reject_steps (else every T1); λ by LM every T1
+        On ordinary iterations the factor update happens here (``batch_stats``), after δ, so that
+        a non-finite δ keeps the statistics out as well; on refresh iterations it happened before
+        the inverse refresh and the host decides whether to keep it."""
+        cfg, k, st = self.config, self.k, self._st
+        M, gamma, inv, Delta, alpha, mu, norm2 = best
+        use_mom = cfg.momentum and self._delta0 is not None and cfg.rescale
+        delta = [d * alpha.to(d.dtype) for d in Delta]
+        if use_mom:
+            delta = [d + d0 * mu.to(d.dtype) for d, d0 in zip(delta, self._delta0)]
+        # ‖δ‖² is finite iff δ is (an overflowing square is rejected too: conservative)
+        ok_pre = valid & torch.isfinite(norm2)
+        zero = torch.zeros((), dtype=delta[0].dtype, device=self.device)
+        delta = [torch.where(ok_pre, d, zero) for d in delta]  # a non-finite δ never reaches θ
+
         lm_due = cfg.adapt_lambda and k % cfg.T1 == 0
-        wants_rho = (cfg.reject_steps or lm_due) and math.isfinite(M) and M < 0
+        wants_rho = cfg.reject_steps or lm_due
         held_out = wants_rho and cfg.rho_batch == "next"
         measure = wants_rho and not held_out
         # θ is saved only where the ρ forward (now or on the next batch) may reject the step
         theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if wants_rho else None
         self._add(delta)
         self.gamma = gamma  # before the rules: without re-scaling the LM rule adapts γ itself
-        rejected = None
+        M_ok = torch.isfinite(M) & (M < 0)
+        code = torch.where(torch.isfinite(h), torch.where(valid, 0, 2), 1)
+        code = torch.where(ok_pre | (code != 0), code, 3)
+        reject = code != 0
+        rho = h_new = None
         if measure:
             with self._phase("8 rho forward"):
                 if rho_rows is None:
                     h_new = self._objective(inputs, targets)
                 else:  # ρ on a random subset of rho_rows rows (an unbiased estimate of the batch's)
-                    idx_r, h = rho_rows
+                    idx_r, h_r = rho_rows
                     h_new = self._objective(select(inputs, idx_r), targets.index_select(0, idx_r))
-            rho = (h_new - h) / M if math.isfinite(h_new) else float("nan")
+                    h = h_r
+            rho = torch.where(M_ok, (h_new - h) / M, torch.full_like(M, math.nan))
             stats["rho"] = rho
-            if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):
-                rejected = f"ρ = {rho:.3g} < {cfg.rho_min:g} (objective {h:.6g} -> {h_new:.6g})"
-            elif not math.isfinite(h_new):
-                return self._reject("non-finite loss after the update", stats, saved=theta)
-            elif lm_due:
-                self._adapt(rho)
-        # the statistics, the inverse and γ were computed at θ_k, which a rejected step keeps
-        self.factors.commit()
+            if cfg.reject_steps:
+                code = torch.where((code == 0) & M_ok & ~accept_t(rho, rho_min=cfg.rho_min), 4, code)
+            code = torch.where((code == 0) & ~torch.isfinite(h_new), 5, code)
+            reject = code != 0
+        if theta is not None:
+            self._select_params(reject, theta)
+        # the rules: LM on accepted measured steps, Nielsen's increase on rejected ones
+        accepted = ~reject
+        if cfg.rescale:
+            lam = st.lam
+            if measure and lm_due:
+                lam = torch.where(accepted & M_ok, levenberg_marquardt_t(lam, rho, cfg.omega1, lo=cfg.lambda_min,
+                                                                          hi=cfg.lambda_max), lam)
+            lam_up, nu_up = rejection_increase_t(st.lam, st.nu, omega1=cfg.omega1, hi=cfg.lambda_max)
+            st.lam = torch.where(reject, lam_up, lam)
+            st.nu = torch.where(reject, nu_up, st.nu if held_out else torch.full_like(st.nu, NU_INIT))
+        st.rejections = torch.where(reject, st.rejections + 1, st.rejections if held_out else torch.zeros_like(
+            st.rejections))
+        st.total_rejections = st.total_rejections + reject.long()
+        st.unreported = st.unreported + (reject & (code != 4)).long()
+        st.has_delta0 = accepted
+        # δ₀ ← δ, or 0 after a rejection: momentum restarts from the kept θ (Sec 7's δ₀ led to the
+        # bad step); with δ₀ = 0 the 2×2 solve selects α alone (solve_alpha_mu_t)
+        self._delta0 = [torch.where(accepted, d.detach(), zero) for d in delta]
+
+        if batch_stats is not None:
+            self._update_factors(batch_stats, ok_pre)
+            self.factors.commit()
+        elif bool(ok_pre):  # refresh iterations read the host anyway
+            self.factors.commit()
         self.inverse = inv
         self.k += 1
-        if rejected is not None:
-            self._restore(theta)
-            self.delta0 = None  # momentum restarts from the kept θ (Sec 7's δ₀ led to the bad step)
-            self._count_rejection(rejected, stats)
-        else:
-            self.delta0 = [d.detach() for d in delta]
-            if held_out:
-                self._pending = {"theta": theta, "M": M, "lm_due": lm_due}
-            else:
-                self.rejections = 0
-                self.nu = NU_INIT
-        stats.update(lambda_=self.lambda_, gamma=self.gamma, alpha=alpha, mu=mu, M=M,
+        stats.update(rejected=reject, lambda_=st.lam, gamma=self.gamma, alpha=alpha, mu=mu, M=M,
                      inverse_fallbacks=self.inverse_fallbacks)
+        fl, names = flags
+        stats["reject_code"] = code  # 0 kept; 1 non-finite loss, 2 statistics, 3 update, 4 ρ, 5 loss after
+        stats.set_lazy("reason", lambda d, fl=fl, names=names, rho=rho, h=h, h_new=h_new:
+                       self._reason(d["reject_code"], fl, names, rho, h, h_new))
         if self.profile:
             stats["phases"] = dict(self._phases)
+        self._last_stats = stats
+
+        if not cfg.rescale or held_out:  # γ on the host / ρ on the next batch: decided here
+            if bool(reject):
+                self._host_rules_after_reject(stats)
+            else:
+                if not cfg.rescale and measure and lm_due and bool(M_ok):
+                    self._adapt_gamma(float(rho))
+                    stats["gamma"] = self.gamma
+                if held_out:
+                    self._pending = {"theta": theta, "M": M, "lm_due": lm_due}
+            self._check_rejections(force=True)
+        elif refresh:
+            self._check_rejections(force=True)
+            if bool(reject) and int(code) != 4:
+                warnings.warn(f"K-FAC step {k} rejected ({stats['reason']}); λ raised to {self.lambda_:.3g}",
+                              RuntimeWarning)
+                st.unreported.zero_()
+        else:
+            self._check_rejections()
         return stats
 
-    def _check_pending(self, inputs, targets: torch.Tensor, h_new: float, stats: dict):
+    def _reason(self, code: int, flags: torch.Tensor, names: list, rho, h, h_new) -> Optional[str]:
+        """The words for a rejection code (read lazily, from the host values)."""
+        if not code:
+            return None
+        if code == 2:
+            fl = flags.tolist()
+            bad = names[fl.index(False)] if False in fl else "statistics"
+            return f"non-finite {bad} in the sampled-target pass"
+        if code == 3:
+            return "non-finite update δ"
+        if code == 4:
+            return (f"ρ = {float(rho):.3g} < {self.config.rho_min:g} (objective {float(h):.6g} -> "
+                    f"{float(h_new):.6g})")
+        return self._REASONS[code]
+
+    def _select_params(self, reject: torch.Tensor, saved: list[list[torch.Tensor]]) -> None:
+        """θ ← where(reject, saved θ, θ): the rejection as a selection, bit for bit."""
+        with torch.no_grad():
+            for layer, ps in zip(self.layers, saved):
+                for p, s in zip(layer.params(), ps):
+                    p.copy_(torch.where(reject, s, p))
+        torch.clear_autocast_cache()
+
+    def _host_rules_after_reject(self, stats: StepStats) -> None:
+        """Without re-scaling Nielsen's rule raises γ (host), not λ."""
+        cfg, st = self.config, self._st
+        if not cfg.rescale:
+            g2, nu = rejection_increase(self.gamma ** 2, float(st.nu), omega1=cfg.omega1, hi=cfg.gamma_max ** 2)
+            self.gamma = math.sqrt(g2)
+            st.set("nu", nu)
+            stats["gamma"] = self.gamma
+
+    def _adapt_gamma(self, rho: float) -> None:
+        """Without re-scaling there is no exact-Fisher model for λ to damp, so the LM rule of
+        Sec 6.5 adapts γ² (ρ then compares with K-FAC's own model)."""
+        cfg = self.config
+        g2 = levenberg_marquardt(self.gamma ** 2, rho, cfg.omega1, lo=cfg.gamma_min ** 2, hi=cfg.gamma_max ** 2)
+        self.gamma = math.sqrt(g2)
+        self._st.set("nu", NU_INIT)
+
+    def _check_pending(self, inputs, targets: torch.Tensor, h_new: torch.Tensor, stats: StepStats):
         """rho_batch="next": ρ of the previous step δ_k on this batch, a sample the step was not
         fitted to: (h_B(θ_k + δ_k) − h_B(θ_k)) / M(δ_k). h_B(θ_k + δ_k) is this step's objective;
         h_B(θ_k) costs one forward pass with the saved θ_k (``torch.func.functional_call``).
-        Returns the stats of a rejection (θ ← θ_k, nothing else done this call) or None."""
+        Returns the stats of a rejection (θ ← θ_k, nothing else done this call) or None. This mode
+        reads ρ on the host every iteration."""
         cfg, pend = self.config, self._pending
         self._pending = None
+        h_new_v = float(h_new)
+        if not math.isfinite(h_new_v):  # the previous, unchecked step led here: undo it
+            return self._host_rejection("non-finite loss after the previous step (undone)", stats,
+                                        saved=pend["theta"])
         with self._phase("8 rho forward"):
-            h_old = self._objective(inputs, targets, params=pend["theta"])
-        rho = (h_new - h_old) / pend["M"] if math.isfinite(h_old) else float("nan")
+            h_old = float(self._objective(inputs, targets, params=pend["theta"]))
+        rho = (h_new_v - h_old) / float(pend["M"]) if math.isfinite(h_old) else float("nan")
         stats["rho"] = rho
         if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):
-            self._restore(pend["theta"])
-            self.delta0 = None
-            return self._count_rejection(f"the previous step: held-out ρ = {rho:.3g} < {cfg.rho_min:g} "
-                                         f"(objective on this batch {h_old:.6g} -> {h_new:.6g}); θ restored", stats)
-        self.rejections = 0
-        self.nu = NU_INIT
+            return self._host_rejection(f"the previous step: held-out ρ = {rho:.3g} < {cfg.rho_min:g} "
+                                        f"(objective on this batch {h_old:.6g} -> {h_new_v:.6g}); θ restored", stats,
+                                        saved=pend["theta"], warn=False)
+        st = self._st
+        st.rejections.zero_()
+        st.set("nu", NU_INIT)
+        self._unread_bound = 0
         if pend["lm_due"]:
-            self._adapt(rho)
+            if cfg.rescale:
+                st.lam = levenberg_marquardt_t(st.lam, torch.tensor(rho, dtype=torch.float64, device=self.device),
+                                               cfg.omega1, lo=cfg.lambda_min, hi=cfg.lambda_max)
+            else:
+                self._adapt_gamma(rho)
         return None
 
     def _refresh(self, gamma: float):
@@ -617,6 +789,7 @@ class KFAC:
                                 factorization=resolve_factorization(self.config.factorization, self.config.inverse,
                                                                     self.backend))
             failures = list(inv.fallbacks)
+            inv.compute_dtype = self.compute_dtype
         except ValueError as exc:
             if self.inverse is None:
                 raise
@@ -642,7 +815,7 @@ class KFAC:
         return {
             "factors": _storage_bytes([] if self.factors is None else self.factors.tensors()),
             "inverse": _storage_bytes(_tensors_in(self.inverse)),
-            "delta0": _storage_bytes(self.delta0 or []),
+            "delta0": _storage_bytes(self._delta0 or []),
             "params": _storage_bytes(self._params()),
         }
 
@@ -668,7 +841,7 @@ class KFAC:
             "nu": self.nu,
             "pending": None if self._pending is None else {
                 "theta": [[t.clone() for t in ps] for ps in self._pending["theta"]],
-                "M": self._pending["M"], "lm_due": self._pending["lm_due"]},
+                "M": float(self._pending["M"]), "lm_due": self._pending["lm_due"]},
             "inverse_fallbacks": self.inverse_fallbacks,
         }
 
@@ -696,14 +869,17 @@ class KFAC:
         if state["factors"] is not None:
             self.factors.load(state["factors"])
         self.inverse = load_inverse(self.config.inverse, state["inverse"], self.factors.current, self.backend)
+        if self.inverse is not None:
+            self.inverse.compute_dtype = self.compute_dtype
         self.k = int(state["k"])
         self.lambda_ = float(state["lambda_"])
         self.gamma = float(state["gamma"])
-        self.delta0 = None if state["delta0"] is None else [d.to(self.device, self.inverse_dtype)
-                                                            for d in state["delta0"]]
+        self._delta0 = None if state["delta0"] is None else [d.to(self.device, self.inverse_dtype)
+                                                             for d in state["delta0"]]
+        self._st.has_delta0.fill_(self._delta0 is not None)
         self.generator.set_state(state["generator"])
         self.rejections = int(state["rejections"])
-        self.total_rejections = int(state["total_rejections"])
+        self._st.set("total_rejections", int(state["total_rejections"]))
         self.nu = float(state.get("nu", NU_INIT))
         pend = state.get("pending")
         self._pending = None if pend is None else {

@@ -123,39 +123,51 @@ class QuadraticSolution:
     M: float  # M(δ) − M(0) = ½ ∇hᵀδ at the optimum
 
 
-def solve_alpha_mu(gram: torch.Tensor, dots: torch.Tensor, grads_dot: torch.Tensor, damping: float, *,
-                   mu_max: float = math.inf) -> QuadraticSolution:
-    """α, µ minimising M(αΔ + µδ₀) subject to |µ| ≤ ``mu_max``.
+def solve_alpha_mu_t(gram: torch.Tensor, dots: torch.Tensor, grads_dot: torch.Tensor, damping, *,
+                     mu_max: float = math.inf) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """α, µ minimising M(αΔ + µδ₀) subject to |µ| ≤ ``mu_max``, as 0-d tensors on the inputs'
+    device: every case is a ``torch.where`` selection, so the host never reads a value (the
+    sync-free step). Returns (α, µ, M(δ) − M(0)).
 
     Args:
         gram: (k, k) exact-Fisher quadratic forms of [Δ, δ₀] (k = 1 without momentum).
         dots: (k, k) Euclidean inner products of the same vectors.
         grads_dot: (k,) ∇hᵀΔ, ∇hᵀδ₀.
-        damping: λ + η.
+        damping: λ + η (a float or a 0-d tensor).
         mu_max: bound on |µ| (the paper has none: ``math.inf``). With Q = Γ + (λ+η)D positive
             definite, min over α of M is a convex quadratic in µ, so the constrained optimum
             clips µ to [−mu_max, mu_max] and re-solves α: α = −(b₀ + Q₀₁µ)/Q₀₀.
+
+    Cases, in order: the 2×2 solve (Cramer's rule) when det Q > 1e-12·Q₀₀Q₁₁; else (Δ ∥ δ₀, or
+    δ₀ = 0 after a rejected step) α alone, α = −b₀/Q₀₀; α = µ = M = 0 when Q₀₀ is not a positive
+    finite number (M's curvature along Δ is unusable).
     """
     Q = gram + damping * dots
     b = grads_dot
-    k = Q.shape[0]
-    if k == 2:
-        det = float(Q[0, 0] * Q[1, 1] - Q[0, 1] * Q[1, 0])
-        if det > 1e-12 * float(Q[0, 0] * Q[1, 1]) and math.isfinite(det):
-            sol = -torch.linalg.solve(Q, b)
-            alpha, mu = float(sol[0]), float(sol[1])
-            if abs(mu) <= mu_max:
-                return QuadraticSolution(alpha=alpha, mu=mu, M=0.5 * float(b @ sol))
-            mu = math.copysign(mu_max, mu)
-            q00, q01, q11 = float(Q[0, 0]), float(Q[0, 1]), float(Q[1, 1])
-            b0, b1 = float(b[0]), float(b[1])
-            alpha = -(b0 + q01 * mu) / q00
-            M = 0.5 * (q00 * alpha * alpha + 2 * q01 * alpha * mu + q11 * mu * mu) + b0 * alpha + b1 * mu
-            return QuadraticSolution(alpha=alpha, mu=mu, M=M)
-        # Δ ∥ δ₀ (or δ₀ = 0): fall back to α alone
-        Q, b = Q[:1, :1], b[:1]
-    q = float(Q[0, 0])
-    if not (q > 0) or not math.isfinite(q):
-        return QuadraticSolution(alpha=0.0, mu=0.0, M=0.0)
-    alpha = -float(b[0]) / q
-    return QuadraticSolution(alpha=alpha, mu=0.0, M=0.5 * alpha * float(b[0]))
+    q00, b0 = Q[0, 0], b[0]
+    one_ok = (q00 > 0) & torch.isfinite(q00)
+    a1 = torch.where(one_ok, -b0 / q00, torch.zeros_like(q00))
+    alpha, mu, M = a1, torch.zeros_like(a1), 0.5 * a1 * b0
+    if Q.shape[0] == 2:
+        q01, q10, q11, b1 = Q[0, 1], Q[1, 0], Q[1, 1], b[1]
+        det = q00 * q11 - q01 * q10
+        two_ok = (det > 1e-12 * (q00 * q11)) & torch.isfinite(det)
+        a2 = -(q11 * b0 - q01 * b1) / det
+        m2 = -(q00 * b1 - q10 * b0) / det
+        # |µ| > mu_max: clip µ, re-solve α on the line (M is convex in µ there)
+        clip = m2.abs() > mu_max
+        mu_c = torch.where(clip, torch.sign(m2) * min(mu_max, 1e300), m2)
+        a_c = torch.where(clip, -(b0 + q01 * mu_c) / q00, a2)
+        M2 = torch.where(clip, 0.5 * (q00 * a_c * a_c + 2 * q01 * a_c * mu_c + q11 * mu_c * mu_c) + b0 * a_c + b1 * mu_c,
+                         0.5 * (b0 * a2 + b1 * m2))
+        alpha = torch.where(two_ok, a_c, alpha)
+        mu = torch.where(two_ok, mu_c, mu)
+        M = torch.where(two_ok, M2, M)
+    return alpha, mu, M
+
+
+def solve_alpha_mu(gram: torch.Tensor, dots: torch.Tensor, grads_dot: torch.Tensor, damping: float, *,
+                   mu_max: float = math.inf) -> QuadraticSolution:
+    """:func:`solve_alpha_mu_t` with the result on the host (a :class:`QuadraticSolution`)."""
+    alpha, mu, M = torch.stack(solve_alpha_mu_t(gram, dots, grads_dot, damping, mu_max=mu_max)).tolist()
+    return QuadraticSolution(alpha=alpha, mu=mu, M=M)

@@ -1,6 +1,7 @@
 """The adaptation rules of Algorithm 2: λ (Sec 6.5), γ (Sec 6.6) and step acceptance.
 
-Pure functions of host scalars; the optimizer owns the state they update.
+Pure functions of host scalars (and their 0-d tensor twins at the end, for the sync-free step);
+the optimizer owns the state they update.
 
 - :func:`levenberg_marquardt`: the paper's rule (Sec 6.5, after Moré 1978).
 - :func:`rejection_increase`: what happens to λ when a step is rejected. The paper has no
@@ -15,6 +16,8 @@ Pure functions of host scalars; the optimizer owns the state they update.
 from __future__ import annotations
 
 import math
+
+import torch
 
 RHO_HIGH = 0.75  # Sec 6.5: ρ > 3/4 → λ ← ω₁λ
 RHO_LOW = 0.25  # Sec 6.5: ρ < 1/4 → λ ← λ/ω₁
@@ -45,3 +48,27 @@ def accept(rho: float, *, rho_min: float) -> bool:
     accept when ρ ≥ rho_min. As M(δ) − M(0) < 0, ρ ≥ 0 means the objective did not rise.
     A non-finite ρ is never accepted."""
     return math.isfinite(rho) and rho >= rho_min
+
+
+# ---------------------------------------------------------------- the same rules on 0-d device tensors
+# The sync-free step (optimizer.KFAC) keeps λ, ν and ρ on the device and applies these with
+# ``torch.where``: the host never reads them on ordinary iterations. Each mirrors its host twin
+# above exactly (same comparisons, same clamps, NaN ρ treated the same way).
+
+def levenberg_marquardt_t(lambda_: torch.Tensor, rho: torch.Tensor, omega1: float, *, lo: float = 0.0,
+                          hi: float = math.inf) -> torch.Tensor:
+    """:func:`levenberg_marquardt` on 0-d tensors (a NaN ρ leaves λ unchanged, clamped)."""
+    up = (lambda_ * omega1).clamp(lo, hi)
+    down = (lambda_ / omega1).clamp(lo, hi)
+    return torch.where(rho > RHO_HIGH, up, torch.where(rho < RHO_LOW, down, lambda_.clamp(lo, hi)))
+
+
+def rejection_increase_t(lambda_: torch.Tensor, nu: torch.Tensor, *, omega1: float,
+                         hi: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rejection_increase` on 0-d tensors."""
+    return (lambda_ * nu.clamp_min(1.0 / omega1)).clamp_max(hi), 2.0 * nu
+
+
+def accept_t(rho: torch.Tensor, *, rho_min: float) -> torch.Tensor:
+    """:func:`accept` on a 0-d tensor: a bool tensor, False for a non-finite ρ."""
+    return torch.isfinite(rho) & (rho >= rho_min)

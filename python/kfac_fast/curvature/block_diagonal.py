@@ -17,6 +17,7 @@ import torch
 
 from .. import ops
 from ._eigen import FactorEig, damped_spectrum, factor_eigs, inverse_from_eig
+from .compute_dtype import ComputeDtypeOperands, operand_dtype, precision
 from .damping import PiSpec, check_damping, resolve_pis
 from ._inverse_state import inverse_parts, inverse_state
 from .factors import KroneckerFactors, check_factors
@@ -46,7 +47,7 @@ def check_grads(grads: Sequence[torch.Tensor], shapes: Sequence[tuple]) -> None:
             raise ValueError(f"gradient block {i} must have shape {tuple(s)} = (d_out, d_in + 1), got {tuple(g.shape)}")
 
 
-class BlockDiagonal:
+class BlockDiagonal(ComputeDtypeOperands):
     """F̆⁻¹ with factored Tikhonov damping γ (Sec 4.2, 6.3, 6.6).
 
     Args:
@@ -174,18 +175,22 @@ class BlockDiagonal:
     def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """F̆⁻¹v. grads: list of (d_out, d_in + 1) blocks -> list of the same shapes."""
         check_grads(grads, self.shapes)
-        grads = [g.to(self.factors[i].A.dtype) for i, g in enumerate(grads)]
-        if self.exact_damping:
-            return ops.eigen_precondition(
-                grads, [k.K2 for k in self.kron_sum], [k.s2 for k in self.kron_sum],
-                [k.K1 for k in self.kron_sum], [k.s1 for k in self.kron_sum],
-                c0=[k.c0 for k in self.kron_sum], sigma=1, backend=self.backend)
-        if self._Apad is not None:
-            padded = [torch.nn.functional.pad(g, (0, a.shape[0] - g.shape[1], 0, gi.shape[0] - g.shape[0]))
-                      for g, a, gi in zip(grads, self._Apad, self._Gpad)]
-            U = ops.sandwich(self._Gpad, padded, self._Apad, backend=self.backend)
-            return [u[: g.shape[0], : g.shape[1]] for u, g in zip(U, grads)]
-        return ops.sandwich(self.Ginv, grads, self.Ainv, backend=self.backend)
+        dt = self.factors[0].A.dtype
+        cd = operand_dtype(self.compute_dtype) or dt  # compute_dtype: operands rounded, fp32 accumulation
+        grads = [g.to(cd) for g in grads]
+        c = self._operands
+        with precision(self.compute_dtype):
+            if self.exact_damping:
+                ks = self.kron_sum
+                return ops.eigen_precondition(
+                    grads, c([k.K2 for k in ks]), [k.s2 for k in ks], c([k.K1 for k in ks]), [k.s1 for k in ks],
+                    c0=[k.c0 for k in ks], sigma=1, backend=self.backend, out_dtype=dt)
+            if self._Apad is not None:
+                padded = [torch.nn.functional.pad(g, (0, a.shape[0] - g.shape[1], 0, gi.shape[0] - g.shape[0]))
+                          for g, a, gi in zip(grads, self._Apad, self._Gpad)]
+                U = ops.sandwich(c(self._Gpad), padded, c(self._Apad), backend=self.backend, out_dtype=dt)
+                return [u[: g.shape[0], : g.shape[1]] for u, g in zip(U, grads)]
+            return ops.sandwich(c(self.Ginv), grads, c(self.Ainv), backend=self.backend, out_dtype=dt)
 
     def apply_per_example(
         self, X: Sequence[torch.Tensor], Gm: Sequence[torch.Tensor], *, scale: float, rank_m: Optional[bool] = None

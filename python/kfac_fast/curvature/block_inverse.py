@@ -160,11 +160,25 @@ class BlockInverse:
                 out.append((f.G.shape[0], f.A.shape[0]))
         return out
 
+    @property
+    def compute_dtype(self):
+        """The dtype the Kronecker products read their operands in (:mod:`.compute_dtype`); the
+        small blocks (elementwise and (k, b, b) products) stay in the factor dtype."""
+        return getattr(self, "_compute_dtype", None)
+
+    @compute_dtype.setter
+    def compute_dtype(self, value) -> None:
+        self._compute_dtype = value
+        if self.kron is not None:
+            self.kron.compute_dtype = value
+
     def with_damping(self, damping: float) -> "BlockInverse":
         """Same factors, another γ (the Kronecker part reuses its eigendecompositions)."""
         kron = None if self.kron is None else self.kron.with_damping(damping)
-        return BlockInverse(self.records, kind=self.kind, damping=damping, pi=self.pi_spec, backend=self.backend,
-                            factorization=self._factorization, _kron=kron)
+        inv = BlockInverse(self.records, kind=self.kind, damping=damping, pi=self.pi_spec, backend=self.backend,
+                           factorization=self._factorization, _kron=kron)
+        inv.compute_dtype = self.compute_dtype
+        return inv
 
     def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The preconditioned blocks, one (g_dim, a_dim) matrix per record."""

@@ -22,12 +22,13 @@ from ..linalg import eigh
 from ._eigen import damped_spectrum, factor_eigs, inverse_from_eig
 from ._inverse_state import inverse_parts, inverse_state
 from .block_diagonal import check_grads
+from .compute_dtype import ComputeDtypeOperands, operand_dtype, precision
 from .damping import PiSpec, check_damping, resolve_pis
 from .factors import KroneckerFactors, check_factors
 from .kron_sum import KronSumInverse
 
 
-class BlockTridiagonal:
+class BlockTridiagonal(ComputeDtypeOperands):
     """F̂⁻¹ with factored Tikhonov damping γ (Sec 4.3, 6.3).
 
     Args: as :class:`BlockDiagonal` (``factors`` must carry ``A_next``/``G_next``, i.e. come
@@ -127,20 +128,24 @@ class BlockTridiagonal:
         """F̂⁻¹v = Ξᵀ Λ Ξ v. grads: list of (d_out, d_in + 1) blocks -> same shapes."""
         check_grads(grads, self.shapes)
         dt = self.factors[0].A.dtype
-        V = [g.to(dt) for g in grads]
+        cd = operand_dtype(self.compute_dtype) or dt  # compute_dtype: operands rounded, fp32 accumulation
+        c = self._operands
+        V = [g.to(cd) for g in grads]
         L = len(V)
-        # Ξ v
-        if L > 1:
-            U = ops.sandwich(self.PsiG, V[1:], self.PsiA, alpha=-1.0, V=V[:-1], beta=1.0,
-                             transpose_R=True, backend=self.backend) + [V[-1]]
-        else:
-            U = list(V)
-        # Λ (Appendix B for each Σ⁻¹_{i|i+1}; plain Kronecker inverse for Σ_ℓ)
-        W = ops.eigen_precondition(
-            U, [s.K2 for s in self.sigma_inv], [s.s2 for s in self.sigma_inv],
-            [s.K1 for s in self.sigma_inv], [s.s1 for s in self.sigma_inv], c0=1.0, sigma=-1, backend=self.backend)
-        # Ξᵀ
-        if L > 1:
-            W = [W[0]] + ops.sandwich(self.PsiG, W[:-1], self.PsiA, alpha=-1.0, V=W[1:], beta=1.0,
-                                      transpose_L=True, backend=self.backend)
+        with precision(self.compute_dtype):
+            # Ξ v
+            if L > 1:
+                U = ops.sandwich(c(self.PsiG), V[1:], c(self.PsiA), alpha=-1.0, V=V[:-1], beta=1.0,
+                                 transpose_R=True, backend=self.backend, out_dtype=cd) + [V[-1]]
+            else:
+                U = list(V)
+            # Λ (Appendix B for each Σ⁻¹_{i|i+1}; plain Kronecker inverse for Σ_ℓ)
+            si = self.sigma_inv
+            W = ops.eigen_precondition(
+                U, c([s.K2 for s in si]), [s.s2 for s in si], c([s.K1 for s in si]), [s.s1 for s in si], c0=1.0,
+                sigma=-1, backend=self.backend, out_dtype=dt)
+            # Ξᵀ
+            if L > 1:
+                W = [W[0]] + ops.sandwich(c(self.PsiG), [w.to(cd) for w in W[:-1]], c(self.PsiA), alpha=-1.0,
+                                          V=W[1:], beta=1.0, transpose_L=True, backend=self.backend, out_dtype=dt)
         return W

@@ -11,6 +11,7 @@ import torch
 
 from .. import ops
 from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
+from .compute_dtype import operand_dtype, precision
 from .factors import BlockFisher, KroneckerFactors, record_to_dict
 from .statistics import BatchStatistics
 
@@ -30,8 +31,11 @@ class RunningFactors:
     block-diagonal there (zero cross-covariance: conditionally independent blocks).
     """
 
-    def __init__(self, layers: Sequence[CurvatureBlock], *, dtype: torch.dtype, device, tridiagonal: bool):
+    def __init__(self, layers: Sequence[CurvatureBlock], *, dtype: torch.dtype, device, tridiagonal: bool,
+                 compute_dtype=None):
         self.layers = list(layers)
+        # the dtype the accumulation X̄ᵀX̄ reads its rows in (fp32 accumulation; .compute_dtype)
+        self.compute_dtype = compute_dtype
         self.tridiagonal = tridiagonal
         self.dtype = dtype
         self.kron = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER]
@@ -74,18 +78,55 @@ class RunningFactors:
         """Every factor tensor of both buffers (for memory accounting)."""
         return [t for fs in self._sets for f in fs for t in _record_tensors(f)]
 
-    def update(self, stats: BatchStatistics, *, eps: float, backend: str) -> None:
+    def update(self, stats: BatchStatistics, *, eps: float, backend: str,
+               valid: Optional[torch.Tensor] = None) -> None:
         """pending ← eps·current + (1−eps)·(this batch's estimate), every block (Sec 5).
 
         Ā averages its rows; G, the small dense blocks and the diagonals divide by N =
         ``stats.n_terms`` (:mod:`.blocks.base`). All dense Ā updates are one grouped launch, all
-        G updates another."""
+        G updates another.
+
+        ``valid`` (a 0-d bool device tensor; the sync-free step): where it is False the pending
+        factors come out bitwise equal to the current ones (ε → 1, the statistics → 0, the
+        homogeneous corner restored), so a step with non-finite statistics leaves no trace and
+        needs no host read. N may then be a 0-d device tensor (masked loss terms)."""
         cur, pen = self.current, self.pending
-        for c, p in zip(cur, pen):
-            for tc, tp in zip(_record_tensors(c), _record_tensors(p)):
-                tp.copy_(tc)
         w = 1.0 - eps
-        N = max(int(stats.n_terms), 1)
+        if valid is None:
+            for c, p in zip(cur, pen):
+                for tc, tp in zip(_record_tensors(c), _record_tensors(p)):
+                    tp.copy_(tc)
+        else:
+            one = torch.ones((), dtype=self.dtype, device=valid.device)
+            e_t = torch.where(valid, one * eps, one)
+            for c, p in zip(cur, pen):
+                for tc, tp in zip(_record_tensors(c), _record_tensors(p)):
+                    torch.mul(tc, e_t, out=tp)  # the copy with ε folded in: no extra pass
+            stats = _zeroed_unless(stats, valid)
+            eps = 1.0  # already applied
+        N = stats.n_terms
+        if isinstance(N, torch.Tensor):  # masked terms: 1/N folded into the rows, no host read of N
+            r = N.clamp_min(1).to(self.dtype).rsqrt()
+            stats = BatchStatistics(a=stats.a, g=[None if t is None else t * r.to(t.dtype) for t in stats.g],
+                                    u=[None if t is None else t * r.to(t.dtype) for t in stats.u], n_terms=1)
+            N = 1
+        N = max(int(N), 1)
+        corners = self._homogeneous_corners(cur, stats) if valid is not None else []
+        cd = operand_dtype(self.compute_dtype)
+        if cd is not None:  # rows rounded once to the compute dtype (convolution inputs stay: their patches
+            # are formed inside ops.conv_factor_update)
+            imp = {i for i in self.kron if self.layers[i].implicit_a}
+            rnd = lambda t: t if t is None or not t.is_floating_point() else t.to(cd)  # noqa: E731
+            stats = BatchStatistics(a=[t if i in imp else rnd(t) for i, t in enumerate(stats.a)],
+                                    g=[rnd(t) for t in stats.g], u=stats.u, n_terms=stats.n_terms)
+        with precision(self.compute_dtype):
+            self._accumulate(stats, eps=eps, w=w, N=N, backend=backend, valid=valid)
+        for t, c in corners:  # an invalid step's homogeneous 1·1 term, undone exactly
+            t.copy_(torch.where(valid, t, c))
+
+    def _accumulate(self, stats: BatchStatistics, *, eps: float, w: float, N: int, backend: str, valid) -> None:
+        """The EMA's accumulation into the pending buffers (their ε·current part is done)."""
+        pen = self.pending
         implicit = [i for i in self.kron if self.layers[i].implicit_a]
         rows_a = [i for i in self.kron if i not in set(implicit)]
         hom = lambda k: self.layers[k].factor_spec.homogeneous  # noqa: E731
@@ -107,14 +148,20 @@ class RunningFactors:
                               homogeneous=False, backend=backend)
         for i, l in enumerate(self.layers):
             if l.factor_kind == KRONECKER_DIAG_A:
-                tok = stats.a[i]
-                counts = torch.bincount(tok, minlength=l.a_dim)
-                if counts.numel() > l.a_dim:
-                    raise ValueError(f"layer {l.name}: token id {int(tok.max())} >= num_embeddings {l.a_dim}")
-                pen[i].A.mul_(eps).add_(counts.to(self.dtype), alpha=w / max(tok.numel(), 1))
+                tok = stats.a[i].reshape(-1)
+                # index_add, not bincount: no data-dependent output size (bincount reads the max)
+                counts = torch.zeros(l.a_dim, dtype=self.dtype, device=tok.device).index_add_(
+                    0, tok, torch.ones(tok.shape, dtype=self.dtype, device=tok.device))
+                if valid is not None:
+                    counts = counts * valid
+                if eps != 1.0:
+                    pen[i].A.mul_(eps)
+                pen[i].A.add_(counts, alpha=w / max(tok.numel(), 1))
             elif l.factor_kind in (DENSE, DIAGONAL):
                 u = stats.u[i].to(self.dtype)
-                pen[i].F.mul_(eps).add_(torch.einsum("nkb,nkc->kbc", u, u), alpha=w / N)
+                if eps != 1.0:
+                    pen[i].F.mul_(eps)
+                pen[i].F.add_(torch.einsum("nkb,nkc->kbc", u, u), alpha=w / N)
         if self.tridiagonal:
             live = [(i, j) for i, j, linked in self.links
                     if linked and self._a_count(i, stats) == self._a_count(j, stats)
@@ -129,6 +176,19 @@ class RunningFactors:
                                         [stats.g[j] for _, j in live], eps=eps, scale=w / N,
                                         homogeneous_x=[False] * len(live), homogeneous_y=[False] * len(live),
                                         backend=backend)
+
+    def _homogeneous_corners(self, cur: list, stats: BatchStatistics) -> list:
+        """(pending corner view, current corner value) of every factor whose [-1, -1] entry the
+        fused homogeneous coordinate feeds even when the rows are zeroed."""
+        pen, out = self.pending, []
+        for i in self.kron:
+            if self.layers[i].factor_spec.homogeneous:
+                out.append((pen[i].A[-1:, -1:], cur[i].A[-1:, -1:].clone()))
+        if self.tridiagonal:
+            for i, j, linked in self.links:
+                if linked and self.layers[i].factor_spec.homogeneous and self.layers[j].factor_spec.homogeneous:
+                    out.append((pen[i].A_next[-1:, -1:], cur[i].A_next[-1:, -1:].clone()))
+        return out
 
     def _a_count(self, i: int, stats: BatchStatistics) -> int:
         l = self.layers[i]
@@ -164,6 +224,18 @@ class RunningFactors:
                                      f"{None if src is None else tuple(src.shape)}, expected {tuple(t.shape)}")
                 t.copy_(src)
         self.initialized = bool(state["initialized"])
+
+
+def _zeroed_unless(stats: BatchStatistics, valid: torch.Tensor) -> BatchStatistics:
+    """The statistics with every floating tensor replaced by zeros where ``valid`` is False
+    (``torch.where``: a NaN does not survive as 0·NaN would)."""
+    def z(t):
+        if t is None or not t.is_floating_point():
+            return t
+        return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    return BatchStatistics(a=[z(t) for t in stats.a], g=[z(t) for t in stats.g], u=[z(t) for t in stats.u],
+                           n_terms=stats.n_terms)
 
 
 def _record_tensors(f) -> list[torch.Tensor]:

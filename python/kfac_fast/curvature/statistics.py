@@ -31,7 +31,7 @@ class BatchStatistics:
     a: list
     g: list
     u: list
-    n_terms: int
+    n_terms: "int | torch.Tensor"  # a 0-d int64 tensor on the device when a mask leaves terms out
 
     def permuted(self, order: Sequence[int]) -> "BatchStatistics":
         """The same statistics for the blocks reordered as ``order``."""
@@ -43,7 +43,7 @@ class BatchStatistics:
 
 
 def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence[Optional[torch.Tensor]],
-               n_terms: int) -> BatchStatistics:
+               n_terms) -> BatchStatistics:
     """The statistics from the recorded inputs and ``grads`` (per block: ∂(Σ loss)/∂output for
     module blocks, ∂(Σ loss)/∂parameter for diagonal blocks; None = unused: zeros)."""
     a, g, u = [], [], []
@@ -66,7 +66,7 @@ def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence
             u.append(b.from_gradient(gr.detach()))
         else:  # pragma: no cover - the registry checks kinds
             raise ValueError(f"block {b.name}: unknown factor kind {kind!r}")
-    return BatchStatistics(a=a, g=g, u=u, n_terms=int(n_terms))
+    return BatchStatistics(a=a, g=g, u=u, n_terms=n_terms if isinstance(n_terms, torch.Tensor) else int(n_terms))
 
 
 def backward_targets(blocks: Sequence[CurvatureBlock], rec: Recording) -> list[torch.Tensor]:
@@ -83,17 +83,24 @@ def statistics_grads(total: torch.Tensor, blocks: Sequence[CurvatureBlock], rec:
                                     retain_graph=retain_graph, allow_unused=True))
 
 
-def first_non_finite(blocks: Sequence[CurvatureBlock], stats: BatchStatistics) -> Optional[str]:
-    """Name the first block whose statistics hold NaN/inf (one host sync for the whole check)."""
+def finite_flags(blocks: Sequence[CurvatureBlock], stats: BatchStatistics) -> tuple[torch.Tensor, list[str]]:
+    """(flags, names): a (n,) bool device tensor, one flag per floating statistics tensor
+    (True: finite), and what each one is ("output derivatives of layer model.0"). No host sync."""
     checks, names = [], []
     for b, a, g, u in zip(blocks, stats.a, stats.g, stats.u):
         for what, t in (("inputs", a), ("output derivatives", g), ("per-example derivatives", u)):
             if t is not None and t.is_floating_point():
                 checks.append(torch.isfinite(t).all())
                 names.append(f"{what} of layer {b.name}")
-    if not checks:
+    return (torch.stack(checks) if checks else torch.ones(0, dtype=torch.bool)), names
+
+
+def first_non_finite(blocks: Sequence[CurvatureBlock], stats: BatchStatistics) -> Optional[str]:
+    """Name the first block whose statistics hold NaN/inf (one host sync for the whole check)."""
+    flags, names = finite_flags(blocks, stats)
+    if not names:
         return None
-    flags = torch.stack(checks).tolist()
+    flags = flags.tolist()
     return None if all(flags) else names[flags.index(False)]
 
 
@@ -102,12 +109,17 @@ class NonFiniteOutputs(FloatingPointError):
 
 
 def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, fisher: str = "mc",
-                       targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
-                       ) -> tuple[BatchStatistics, Recording]:
+                       targets: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                       check_finite: bool = True) -> tuple[BatchStatistics, Recording]:
     """Steps 2-3 of Algorithm 2's statistics (Sec 5): one forward on ``batch`` with the blocks
     hooked and one backward of Σ loss(y) with y sampled from the model (``fisher="mc"``; the
     ignored terms of ``targets`` stay ignored) or y = ``targets`` (``"empirical"``). Module
-    buffers are left as they were (:func:`~kfac_fast.batch.buffers_kept`)."""
+    buffers are left as they were (:func:`~kfac_fast.batch.buffers_kept`).
+
+    ``check_finite=False`` (the sync-free step): no host check of the outputs; targets are drawn
+    from the outputs with NaN/inf replaced by 0, and the non-finite outputs show up in the
+    statistics (``finite_flags``), which the caller then keeps out of the factors. N stays a
+    device tensor when a mask leaves terms out."""
     from ..batch import buffers_kept, call
     from .capture import capture
     from .losses import check_output, sample_targets
@@ -117,14 +129,18 @@ def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, 
             z = call(model, batch)
         check_output(z, loss)
         if fisher == "mc":
-            if not bool(torch.isfinite(z).all()):
+            if not check_finite:
+                y = sample_targets(loss, torch.nan_to_num(z.detach(), nan=0.0, posinf=0.0, neginf=0.0), generator,
+                                   like=targets)
+            elif not bool(torch.isfinite(z).all()):
                 raise NonFiniteOutputs("the model's outputs in the sampled-target pass contain NaN or inf, so no "
                                        "targets can be sampled: the parameters or inputs have diverged (lower the "
                                        "learning rate or raise the damping)")
-            y = sample_targets(loss, z, generator, like=targets)
+            else:
+                y = sample_targets(loss, z, generator, like=targets)
         else:
             y = targets
             loss.check_targets(z, y)
         n_terms = loss.count(z, y)
         grads = statistics_grads(loss.total(z, y), blocks, rec)
-    return block_rows(blocks, rec, grads, int(n_terms)), rec
+    return block_rows(blocks, rec, grads, n_terms if not check_finite else int(n_terms)), rec

@@ -16,7 +16,7 @@ into the epilogue of the second; intermediates are fp32.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ def _compute_dtype(dt: torch.dtype) -> torch.dtype:
     return dt if dt == torch.float64 else torch.float32
 
 
-def eigen_precondition_ref(V, QL, sL, QR, sR, *, cL=0.0, cR=0.0, c0=0.0, sigma=1.0) -> list:
+def eigen_precondition_ref(V, QL, sL, QR, sR, *, cL=0.0, cR=0.0, c0=0.0, sigma=1.0, out_dtype=None) -> list:
     """Reference: per layer ``QL @ ((QL.T @ V @ QR) / D) @ QR.T`` in fp32 (fp64 for fp64
     inputs), D built with one ``torch.outer``; result in V's dtype."""
     n = len(V)
@@ -45,14 +45,15 @@ def eigen_precondition_ref(V, QL, sL, QR, sR, *, cL=0.0, cR=0.0, c0=0.0, sigma=1
         if c != 0.0:
             D.add_(c)
         T.div_(D)
-        out.append(torch.linalg.multi_dot([ql, T, qr.T]).to(odt))
+        out.append(torch.linalg.multi_dot([ql, T, qr.T]).to(out_dtype or odt))
     return out
 
 
 @torch.library.custom_op("kfac_fast::eigen_precondition_triton", mutates_args=())
 def _eigen_precondition_triton(V: List[torch.Tensor], QL: List[torch.Tensor], sL: List[torch.Tensor],
                                QR: List[torch.Tensor], sR: List[torch.Tensor], cL: List[float], cR: List[float],
-                               c0: List[float], sigma: List[float]) -> List[torch.Tensor]:
+                               c0: List[float], sigma: List[float],
+                               out_dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     n = len(V)
     # Two fp32 scratch matrices per layer, carved from one allocation.
     sizes = [v.numel() for v in V]
@@ -62,7 +63,7 @@ def _eigen_precondition_triton(V: List[torch.Tensor], QL: List[torch.Tensor], sL
         P.append(scratch[off:off + sz].view(v.shape))
         T.append(scratch[off + sz:off + 2 * sz].view(v.shape))
         off += 2 * sz
-    U = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in V]
+    U = [torch.empty(v.shape, dtype=out_dtype or v.dtype, device=v.device) for v in V]
     sLf = [s.to(torch.float32).contiguous() for s in sL]
     sRf = [s.to(torch.float32).contiguous() for s in sR]
     # 1. P = QLᵀ V
@@ -78,13 +79,13 @@ def _eigen_precondition_triton(V: List[torch.Tensor], QL: List[torch.Tensor], sL
 
 
 @_eigen_precondition_triton.register_fake
-def _(V, QL, sL, QR, sR, cL, cR, c0, sigma):
-    return [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in V]
+def _(V, QL, sL, QR, sR, cL, cR, c0, sigma, out_dtype=None):
+    return [torch.empty(v.shape, dtype=out_dtype or v.dtype, device=v.device) for v in V]
 
 
 def eigen_precondition(V: Sequence[torch.Tensor], QL: Sequence[torch.Tensor], sL: Sequence[torch.Tensor],
                        QR: Sequence[torch.Tensor], sR: Sequence[torch.Tensor], *, cL=0.0, cR=0.0, c0=0.0,
-                       sigma=1, backend: str = "auto") -> list:
+                       sigma=1, backend: str = "auto", out_dtype: Optional[torch.dtype] = None) -> list:
     """Return ``[Q_L ((Q_Lᵀ V Q_R) ⊘ D) Q_Rᵀ for each layer]``, D = σ(s_L + c_L)(s_R + c_R)ᵀ + c₀.
 
     Args:
@@ -93,9 +94,10 @@ def eigen_precondition(V: Sequence[torch.Tensor], QL: Sequence[torch.Tensor], sL
         QR, sR: lists of (n_i, n_i) and (n_i,) (eigenvectors/values of Ā, or K₁, s₁).
         cL, cR, c0: float or one per layer. sigma: +1 or -1 (or one per layer).
         backend: "auto", "torch" or "triton" ("native" maps to torch).
+        out_dtype: dtype of the results (default V's): fp32 from 16-bit operands.
 
     Returns:
-        list of (p_i, n_i) tensors in V's dtype (fp32 accumulation for 16-bit inputs).
+        list of (p_i, n_i) tensors in ``out_dtype`` (fp32 accumulation for 16-bit inputs).
 
     Raises:
         ValueError on shape/device mismatch or |sigma| != 1; TypeError when
@@ -130,5 +132,5 @@ def eigen_precondition(V: Sequence[torch.Tensor], QL: Sequence[torch.Tensor], sL
                 raise
             which = "torch"
     if which != "triton":
-        return eigen_precondition_ref(V, QL, sL, QR, sR, cL=cL, cR=cR, c0=c0, sigma=sigma)
-    return _eigen_precondition_triton(V, QL, sL, QR, sR, cL, cR, c0, sigma)
+        return eigen_precondition_ref(V, QL, sL, QR, sR, cL=cL, cR=cR, c0=c0, sigma=sigma, out_dtype=out_dtype)
+    return _eigen_precondition_triton(V, QL, sL, QR, sR, cL, cR, c0, sigma, out_dtype)

@@ -31,9 +31,11 @@ def _left_first(p: int, q: int, r: int, s: int) -> bool:
     return p * q * r + p * r * s <= q * r * s + p * q * s
 
 
-def sandwich_ref(L, W, R, *, alpha=1.0, V=None, beta=0.0, transpose_L=False, transpose_R=False) -> list:
+def sandwich_ref(L, W, R, *, alpha=1.0, V=None, beta=0.0, transpose_L=False, transpose_R=False,
+                 out_dtype=None) -> list:
     """Reference: per layer the cheaper association, ending in one ``torch.addmm`` with
-    ``beta``/``alpha`` (``torch.mm`` + ``mul_`` when V is None); 16-bit inputs computed in fp32."""
+    ``beta``/``alpha`` (``torch.mm`` + ``mul_`` when V is None); 16-bit inputs computed in fp32;
+    the result in ``out_dtype`` (default W's dtype)."""
     n = len(W)
     alpha, beta = floats(alpha, n, "alpha"), floats(beta, n, "beta")
     out = []
@@ -51,20 +53,20 @@ def sandwich_ref(L, W, R, *, alpha=1.0, V=None, beta=0.0, transpose_L=False, tra
             u = torch.mm(x, y)
             if alpha[i] != 1.0:
                 u.mul_(alpha[i])
-        out.append(u.to(odt))
+        out.append(u.to(out_dtype or odt))
     return out
 
 
 @torch.library.custom_op("kfac_fast::sandwich_triton", mutates_args=())
 def _sandwich_triton(L: List[torch.Tensor], W: List[torch.Tensor], R: List[torch.Tensor], alpha: List[float],
                      V: List[Optional[torch.Tensor]], beta: List[float], transpose_L: bool,
-                     transpose_R: bool) -> List[torch.Tensor]:
+                     transpose_R: bool, out_dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     n = len(W)
     stage1, stage2, U = [], [], []
     for i in range(n):
         lo, ro = Operand.of(L[i], transpose=transpose_L), Operand.of(R[i], transpose=transpose_R)
         p, q, r, s = lo.rows, lo.cols, W[i].shape[1], ro.cols
-        u = torch.empty((p, s), dtype=W[i].dtype, device=W[i].device)
+        u = torch.empty((p, s), dtype=out_dtype or W[i].dtype, device=W[i].device)
         U.append(u)
         cin = V[i] if beta[i] != 0.0 else None
         if _left_first(p, q, r, s):
@@ -81,18 +83,18 @@ def _sandwich_triton(L: List[torch.Tensor], W: List[torch.Tensor], R: List[torch
 
 
 @_sandwich_triton.register_fake
-def _(L, W, R, alpha, V, beta, transpose_L, transpose_R):
+def _(L, W, R, alpha, V, beta, transpose_L, transpose_R, out_dtype=None):
     out = []
     for l, w, r in zip(L, W, R):
         p = l.shape[1] if transpose_L else l.shape[0]
         s = r.shape[0] if transpose_R else r.shape[1]
-        out.append(w.new_empty((p, s)))
+        out.append(w.new_empty((p, s), dtype=out_dtype or w.dtype))
     return out
 
 
 def sandwich(L: Sequence[torch.Tensor], W: Sequence[torch.Tensor], R: Sequence[torch.Tensor], *, alpha=1.0,
              V: Optional[Sequence[torch.Tensor]] = None, beta=0.0, transpose_L: bool = False,
-             transpose_R: bool = False, backend: str = "auto") -> list:
+             transpose_R: bool = False, backend: str = "auto", out_dtype: Optional[torch.dtype] = None) -> list:
     """Return ``[beta_i V_i + alpha_i op(L_i) W_i op(R_i) for each i]``, op = transpose when asked.
 
     Args:
@@ -101,9 +103,11 @@ def sandwich(L: Sequence[torch.Tensor], W: Sequence[torch.Tensor], R: Sequence[t
         alpha, beta: float or one per layer. ``beta = 0`` ignores V (NaNs included).
         V: None or a list of (p_i, s_i) matrices.
         backend: "auto", "torch" or "triton" ("native" maps to torch).
+        out_dtype: dtype of the results (default W's): fp32 results from 16-bit operands
+            (``compute_dtype``) without a rounding of the output.
 
     Returns:
-        list of (p_i, s_i) tensors in W's dtype (fp32 accumulation and intermediates).
+        list of (p_i, s_i) tensors in ``out_dtype`` (fp32 accumulation and intermediates).
     """
     L, W, R = list(L), list(W), list(R)
     n = len(W)
@@ -135,7 +139,8 @@ def sandwich(L: Sequence[torch.Tensor], W: Sequence[torch.Tensor], R: Sequence[t
                 raise
             which = "torch"
     if which != "triton":
-        return sandwich_ref(L, W, R, alpha=alpha, V=V, beta=beta, transpose_L=transpose_L, transpose_R=transpose_R)
+        return sandwich_ref(L, W, R, alpha=alpha, V=V, beta=beta, transpose_L=transpose_L, transpose_R=transpose_R,
+                            out_dtype=out_dtype)
     Vs: list = V if V is not None else [None] * n
     beta = beta if V is not None else [0.0] * n
-    return _sandwich_triton(L, W, R, alpha, Vs, beta, transpose_L, transpose_R)
+    return _sandwich_triton(L, W, R, alpha, Vs, beta, transpose_L, transpose_R, out_dtype)

@@ -203,3 +203,31 @@ def test_the_read_trap_catches_reads():
     opt = KFAC(model, loss="sigmoid_cross_entropy", generator=torch.Generator().manual_seed(0))
     with count_reads(forbid=True), pytest.raises(HostRead):
         opt.step(x, y)  # k = 1: a refresh
+
+
+def test_compiled_decisions_equal_eager_without_graph_breaks():
+    """KFAC(compile=True): the step's decisions under torch.compile(fullgraph=True) (a graph break
+    would raise) give the same trajectory as eager, rejections included."""
+    import torch._dynamo as dynamo
+
+    def run(compile):
+        model, x, y = _autoencoder()
+        opt = KFAC(model, loss="sigmoid_cross_entropy", T3=5, T2=10, compile=compile,
+                   generator=torch.Generator().manual_seed(0))
+        out = []
+        for i in range(8):
+            xb = x.clone()
+            if i == 6:
+                xb[0, 0] = float("nan")  # a rejected step
+            s = opt.step(xb, y)
+            out.append((s["rejected"], s["lambda_"]))
+        return out, [p.detach().clone() for p in model.parameters()]
+
+    dynamo.reset()
+    eager, pe = run(False)
+    comp, pc = run(True)
+    assert [r for r, _ in eager] == [r for r, _ in comp] and eager[6][0]
+    for (_, a), (_, b) in zip(eager, comp):
+        assert a == pytest.approx(b, rel=1e-12)
+    for a, b in zip(pe, pc):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

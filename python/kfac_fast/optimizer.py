@@ -19,6 +19,7 @@ The curvature blocks own their factors and inverses; kernels know nothing of thi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -38,8 +39,8 @@ from .curvature.losses import check_output, get_loss
 from .curvature.running import RunningFactors, ema_decay, snapshot
 from .curvature.statistics import finite_flags, sampled_statistics
 from .quadratic import fisher_gram, inner, solve_alpha_mu_t
-from .rules import (NU_INIT, accept, accept_t, gamma_candidates, levenberg_marquardt, levenberg_marquardt_t,
-                    rejection_increase, rejection_increase_t)
+from .rules import (NU_INIT, accept, gamma_candidates, levenberg_marquardt, levenberg_marquardt_t, rejection_increase,
+                    rejection_increase_t, REJECT_CODES, step_decision)
 from .curvature.compute_dtype import ComputeDtype, resolve_compute_dtype
 from .step_state import AdaptState, StepStats
 
@@ -134,6 +135,9 @@ class KFAC:
             ``"tf32"`` (CUDA). Default: the factor dtype. Factors and inverses stay in
             ``factor_dtype``; the exact-Fisher tangents stay in the model's dtype. See
             :mod:`kfac_fast.curvature.compute_dtype` and README "Precision" for the measured error.
+        compile: run the step's scalar decisions (:func:`kfac_fast.rules.step_decision`) under
+            ``torch.compile(fullgraph=True)``, one variant per schedule case. The model passes
+            (gradient, sampled backward, linearized forward) stay eager: see README "Fast step".
         validate: check the targets (range, classes, NaN policy) on every step. Off by default:
             they are checked on refresh iterations (k ≤ 3 and every T3), where the step reads the
             device anyway, so ordinary iterations stay free of host syncs.
@@ -165,6 +169,7 @@ class KFAC:
         ignore_nan_targets: bool = False,
         validate: bool = False,
         compute_dtype: ComputeDtype = None,
+        compile: bool = False,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -197,6 +202,8 @@ class KFAC:
         self._st = AdaptState(lam=cfg.lambda_init, nu=NU_INIT, device=self.device)
         self.gamma = float(cfg.gamma_init) if cfg.gamma_init is not None else math.sqrt(cfg.lambda_init + cfg.weight_decay)
         self.validate = bool(validate)
+        self.compile = bool(compile)
+        self._decisions: dict = {}
         self.k = 1
         self._terms_per_example = 1  # loss terms per example (P), updated by every gradient pass
         self._ordered = False
@@ -364,8 +371,6 @@ class KFAC:
         torch.clear_autocast_cache()
 
     # ------------------------------------------------------------------ rejections
-    _REASONS = {1: "non-finite loss", 2: "non-finite statistics", 3: "non-finite update δ", 4: "ρ",
-                5: "non-finite loss after the update"}
 
     def _host_rejection(self, what: str, stats: StepStats, saved: Optional[list[list[torch.Tensor]]] = None,
                         warn: bool = True) -> StepStats:
@@ -626,11 +631,7 @@ class KFAC:
         theta = [[p.detach().clone() for p in l.params()] for l in self.layers] if wants_rho else None
         self._add(delta)
         self.gamma = gamma  # before the rules: without re-scaling the LM rule adapts γ itself
-        M_ok = torch.isfinite(M) & (M < 0)
-        code = torch.where(torch.isfinite(h), torch.where(valid, 0, 2), 1)
-        code = torch.where(ok_pre | (code != 0), code, 3)
-        reject = code != 0
-        rho = h_new = None
+        h_new = None
         if measure:
             with self._phase("8 rho forward"):
                 if rho_rows is None:
@@ -639,28 +640,18 @@ class KFAC:
                     idx_r, h_r = rho_rows
                     h_new = self._objective(select(inputs, idx_r), targets.index_select(0, idx_r))
                     h = h_r
-            rho = torch.where(M_ok, (h_new - h) / M, torch.full_like(M, math.nan))
+        code, rho, st.lam, st.nu, st.rejections, st.total_rejections, st.unreported = self._decision(
+            measure, lm_due, held_out)(h, h if h_new is None else h_new, M, valid, ok_pre, st.lam, st.nu,
+                                        st.rejections, st.total_rejections, st.unreported)
+        M_ok = torch.isfinite(M) & (M < 0)
+        if measure:
             stats["rho"] = rho
-            if cfg.reject_steps:
-                code = torch.where((code == 0) & M_ok & ~accept_t(rho, rho_min=cfg.rho_min), 4, code)
-            code = torch.where((code == 0) & ~torch.isfinite(h_new), 5, code)
-            reject = code != 0
+        else:
+            rho = None
+        reject = code != 0
         if theta is not None:
             self._select_params(reject, theta)
-        # the rules: LM on accepted measured steps, Nielsen's increase on rejected ones
         accepted = ~reject
-        if cfg.rescale:
-            lam = st.lam
-            if measure and lm_due:
-                lam = torch.where(accepted & M_ok, levenberg_marquardt_t(lam, rho, cfg.omega1, lo=cfg.lambda_min,
-                                                                          hi=cfg.lambda_max), lam)
-            lam_up, nu_up = rejection_increase_t(st.lam, st.nu, omega1=cfg.omega1, hi=cfg.lambda_max)
-            st.lam = torch.where(reject, lam_up, lam)
-            st.nu = torch.where(reject, nu_up, st.nu if held_out else torch.full_like(st.nu, NU_INIT))
-        st.rejections = torch.where(reject, st.rejections + 1, st.rejections if held_out else torch.zeros_like(
-            st.rejections))
-        st.total_rejections = st.total_rejections + reject.long()
-        st.unreported = st.unreported + (reject & (code != 4)).long()
         st.has_delta0 = accepted
         # δ₀ ← δ, or 0 after a rejection: momentum restarts from the kept θ (Sec 7's δ₀ led to the
         # bad step); with δ₀ = 0 the 2×2 solve selects α alone (solve_alpha_mu_t)
@@ -703,6 +694,21 @@ class KFAC:
             self._check_rejections()
         return stats
 
+    def _decision(self, measure: bool, lm_due: bool, held_out: bool):
+        """:func:`kfac_fast.rules.step_decision` for this schedule case, compiled with
+        ``fullgraph=True`` under ``compile=True`` (one compiled variant per case, cached)."""
+        key = (measure, lm_due, held_out)
+        fn = self._decisions.get(key)
+        if fn is None:
+            cfg = self.config
+            fn = functools.partial(step_decision, measure=measure, lm_due=lm_due, held_out=held_out,
+                                   reject_steps=cfg.reject_steps, rescale=cfg.rescale, rho_min=cfg.rho_min,
+                                   omega1=cfg.omega1, lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max)
+            if self.compile:
+                fn = torch.compile(fn, fullgraph=True, dynamic=False)
+            self._decisions[key] = fn
+        return fn
+
     def _reason(self, code: int, flags: torch.Tensor, names: list, rho, h, h_new) -> Optional[str]:
         """The words for a rejection code (read lazily, from the host values)."""
         if not code:
@@ -716,7 +722,7 @@ class KFAC:
         if code == 4:
             return (f"ρ = {float(rho):.3g} < {self.config.rho_min:g} (objective {float(h):.6g} -> "
                     f"{float(h_new):.6g})")
-        return self._REASONS[code]
+        return REJECT_CODES[code]
 
     def _select_params(self, reject: torch.Tensor, saved: list[list[torch.Tensor]]) -> None:
         """θ ← where(reject, saved θ, θ): the rejection as a selection, bit for bit."""

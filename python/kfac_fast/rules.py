@@ -72,3 +72,52 @@ def rejection_increase_t(lambda_: torch.Tensor, nu: torch.Tensor, *, omega1: flo
 def accept_t(rho: torch.Tensor, *, rho_min: float) -> torch.Tensor:
     """:func:`accept` on a 0-d tensor: a bool tensor, False for a non-finite ρ."""
     return torch.isfinite(rho) & (rho >= rho_min)
+
+
+# ---------------------------------------------------------------- the whole decision of one step
+REJECT_CODES = {0: "kept", 1: "non-finite loss", 2: "non-finite statistics", 3: "non-finite update δ", 4: "ρ",
+                5: "non-finite loss after the update"}
+
+
+def step_decision(h: torch.Tensor, h_new: torch.Tensor, M: torch.Tensor, valid: torch.Tensor, ok_pre: torch.Tensor,
+                  lam: torch.Tensor, nu: torch.Tensor, rejections: torch.Tensor, total: torch.Tensor,
+                  unreported: torch.Tensor, *, measure: bool, lm_due: bool, held_out: bool, reject_steps: bool,
+                  rescale: bool, rho_min: float, omega1: float, lambda_min: float, lambda_max: float) -> tuple:
+    """Every scalar decision of one iteration (Sec 6.5 and the rejection of :mod:`kfac_fast.rules`)
+    as a pure function of 0-d tensors: no host read, no graph break (``KFAC(compile=True)``
+    compiles it with ``fullgraph=True``, one variant per schedule case).
+
+    Args:
+        h: the objective before the step (on the ρ rows where ρ uses a subset); h_new: after it
+            (ignored unless ``measure``); M: M(δ) − M(0); valid: h and the statistics finite;
+            ok_pre: ``valid`` and δ finite; lam, nu, rejections, total, unreported: the state.
+        measure: ρ was measured this iteration; lm_due: the LM rule is due (k ≡ 0 mod T1);
+            held_out: ρ is judged on the next batch (the counters wait for it).
+
+    Returns:
+        (code, ρ, λ, ν, rejections, total, unreported): ``code`` 0 for a kept step, else the
+        cause (:data:`REJECT_CODES`); ρ NaN where not measured or M(δ) ≥ 0.
+    """
+    M_ok = torch.isfinite(M) & (M < 0)
+    code = torch.where(torch.isfinite(h), torch.where(valid, 0, 2), 1)
+    code = torch.where(ok_pre | (code != 0), code, 3)
+    nan = torch.full_like(M, math.nan)
+    rho = nan
+    if measure:
+        rho = torch.where(M_ok, (h_new - h) / M, nan)
+        if reject_steps:
+            code = torch.where((code == 0) & M_ok & ~accept_t(rho, rho_min=rho_min), 4, code)
+        code = torch.where((code == 0) & ~torch.isfinite(h_new), 5, code)
+    reject = code != 0
+    if rescale:
+        kept = lam
+        if measure and lm_due:
+            kept = torch.where(~reject & M_ok, levenberg_marquardt_t(lam, rho, omega1, lo=lambda_min, hi=lambda_max),
+                               lam)
+        lam_up, nu_up = rejection_increase_t(lam, nu, omega1=omega1, hi=lambda_max)
+        lam = torch.where(reject, lam_up, kept)
+        nu = torch.where(reject, nu_up, nu if held_out else torch.full_like(nu, NU_INIT))
+    rejections = torch.where(reject, rejections + 1, rejections if held_out else torch.zeros_like(rejections))
+    total = total + reject.long()
+    unreported = unreported + (reject & (code != 4)).long()
+    return code, rho, lam, nu, rejections, total, unreported

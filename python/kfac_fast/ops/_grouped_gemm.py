@@ -339,6 +339,11 @@ def _pow2_div(values, cap: int) -> int:
     return d
 
 
+# device pointer tables by launch signature (LRU); see _launch
+_META_CACHE: dict = {}
+_META_CACHE_SIZE = 256
+
+
 def grouped_gemm(problems: Sequence[Problem], *, symmetric: bool = False, divide: bool = False,
                  gather_idx: Optional[torch.Tensor] = None) -> None:
     """Launch the grouped kernel over ``problems`` (one launch per operand-dtype combination).
@@ -426,11 +431,21 @@ def _launch(probs, adt, bdt, cdt, cidt, symmetric, divide, gather_idx):
         raise BackendUnavailableError(
             "the grouped Triton kernels run CUDA tensors only compiled; unset TRITON_INTERPRET "
             "(or set it to 0) before importing triton, or pass CPU tensors to use the interpreter")
-    # One host-to-device copy: the float32 epilogue scalars ride behind the int64 table.
-    host = torch.empty(len(ints) + len(floats) // 2, dtype=torch.int64)
-    host[:len(ints)] = torch.tensor(ints, dtype=torch.int64)
-    host[len(ints):].view(torch.float32).copy_(torch.tensor(floats, dtype=torch.float32))
-    meta = host.to(device, non_blocking=True) if device.type != "cpu" else host
+    # One host-to-device copy: the float32 epilogue scalars ride behind the int64 table; built
+    # once per pointer/shape signature (persistent factor and inverse buffers recur every
+    # step): a repeated launch reuses the device table and copies nothing.
+    key = (device, tuple(ints), tuple(floats))
+    meta = _META_CACHE.get(key)
+    if meta is None:
+        host = torch.empty(len(ints) + len(floats) // 2, dtype=torch.int64)
+        host[:len(ints)] = torch.tensor(ints, dtype=torch.int64)
+        host[len(ints):].view(torch.float32).copy_(torch.tensor(floats, dtype=torch.float32))
+        meta = host.to(device, non_blocking=True) if device.type != "cpu" else host
+        if len(_META_CACHE) >= _META_CACHE_SIZE:
+            _META_CACHE.pop(next(iter(_META_CACHE)))
+        _META_CACHE[key] = meta
+    else:
+        _META_CACHE[key] = _META_CACHE.pop(key)  # most recently used last
     fmeta = meta[len(ints):].view(torch.float32)
     idx = gather_idx if gather_idx is not None else meta  # dummy pointer when unused
     _grouped_gemm_kernel[(total,)](

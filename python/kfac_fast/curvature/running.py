@@ -5,7 +5,7 @@ a snapshot for the inverse.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -199,6 +199,51 @@ class RunningFactors:
         l = self.layers[i]
         return l.a_rows(stats.a[i]) if l.implicit_a else stats.a[i]
 
+    # ------------------------------------------------------------------ one flat buffer
+    # (data-parallel K-FAC, :mod:`kfac_fast.distributed`): every factor of one buffer set as ONE
+    # 1-D tensor of ``self.dtype``, the symmetric factors as their upper triangles only.
+    def flat_tensors(self, which: str = "pending") -> tuple[list[torch.Tensor], list[bool]]:
+        """The factor tensors of ``which`` (``"pending"`` or ``"current"``) in the flat buffer's
+        order (blocks in order; per block A, G, A_next, G_next or F) and whether each is
+        symmetric in its last two dimensions (dense Ā (a, a), G (g, g), the small dense blocks
+        F (k, b, b) with b > 1; not the diagonal Ā (a,), the diagonal kind (k, 1, 1) or the
+        cross factors Ā_{i-1,i}, G_{i,i+1}, which are rectangular)."""
+        if which not in ("pending", "current"):
+            raise ValueError(f"which must be 'pending' or 'current', got {which!r}")
+        ts, sym = [], []
+        for f in (self.pending if which == "pending" else self.current):
+            if isinstance(f, BlockFisher):
+                ts.append(f.F)
+                sym.append(f.F.shape[-1] > 1)
+                continue
+            ts.append(f.A)
+            sym.append(f.A.dim() == 2)
+            ts.append(f.G)
+            sym.append(True)
+            for t in (f.A_next, f.G_next):
+                if t is not None:
+                    ts.append(t)
+                    sym.append(False)
+        return ts, sym
+
+    def flat_numel(self) -> int:
+        """Length of :meth:`pack_flat`'s buffer: Σ n(n+1)/2 per symmetric n×n matrix, numel
+        for the others."""
+        ts, sym = self.flat_tensors()
+        return packed_numel(ts, sym)
+
+    def pack_flat(self, which: str = "pending", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every factor of ``which`` as one 1-D buffer (upper triangles of the symmetric ones),
+        shape (:meth:`flat_numel`,), dtype ``self.dtype``; written into ``out`` when given."""
+        ts, sym = self.flat_tensors(which)
+        return pack_tensors(ts, sym, out=out)
+
+    def unpack_flat_(self, flat: torch.Tensor, which: str = "pending") -> None:
+        """Write :meth:`pack_flat`'s buffer back into the factors of ``which``: the symmetric
+        factors get the upper triangle in both triangles (exactly symmetric afterwards)."""
+        ts, sym = self.flat_tensors(which)
+        unpack_tensors_(flat, ts, sym)
+
     def commit(self) -> None:
         self._cur = 1 - self._cur
         self.initialized = True
@@ -236,6 +281,95 @@ def _zeroed_unless(stats: BatchStatistics, valid: torch.Tensor) -> BatchStatisti
 
     return BatchStatistics(a=[z(t) for t in stats.a], g=[z(t) for t in stats.g], u=[z(t) for t in stats.u],
                            n_terms=stats.n_terms)
+
+
+_TRIU_CACHE: dict = {}
+
+
+def _triu(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the upper triangle (diagonal included) of an n×n matrix, row
+    by row (``torch.triu_indices`` order), cached per (n, device)."""
+    key = (n, str(device))
+    if key not in _TRIU_CACHE:
+        rc = torch.triu_indices(n, n, device=device)
+        _TRIU_CACHE[key] = (rc[0], rc[1])
+    return _TRIU_CACHE[key]
+
+
+def _packed_len(t: torch.Tensor, symmetric: bool) -> int:
+    if not symmetric:
+        return t.numel()
+    if t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+        raise ValueError(f"a symmetric tensor must be (..., n, n), got shape {tuple(t.shape)}")
+    n = t.shape[-1]
+    return t.numel() // (n * n) * (n * (n + 1) // 2)
+
+
+def packed_numel(tensors: Sequence[torch.Tensor], symmetric: Union[bool, Sequence[bool]] = False) -> int:
+    """Length of :func:`pack_tensors`' buffer."""
+    sym = [symmetric] * len(tensors) if isinstance(symmetric, bool) else list(symmetric)
+    return sum(_packed_len(t, s) for t, s in zip(tensors, sym))
+
+
+def pack_tensors(tensors: Sequence[torch.Tensor], symmetric: Union[bool, Sequence[bool]] = False, *,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tensors of one dtype and device as one 1-D buffer, in order: a tensor flagged symmetric
+    ((..., n, n), symmetric in its last two dimensions) contributes only its upper triangles,
+    (..., n(n+1)/2) row by row; any other tensor all its elements (row-major).
+
+    Raises:
+        ValueError: mixed dtypes or devices (pack each dtype separately), a symmetric flag on a
+            tensor that is not (..., n, n), or ``out`` of the wrong length.
+    """
+    tensors = list(tensors)
+    sym = [symmetric] * len(tensors) if isinstance(symmetric, bool) else list(symmetric)
+    if len(sym) != len(tensors):
+        raise ValueError(f"pack_tensors: {len(tensors)} tensors but {len(sym)} symmetric flags")
+    if not tensors:
+        return torch.empty(0) if out is None else out
+    dtype, device = tensors[0].dtype, tensors[0].device
+    for t in tensors:
+        if t.dtype != dtype or t.device != device:
+            raise ValueError(f"pack_tensors: one dtype and device per buffer, got {dtype}/{device} and "
+                             f"{t.dtype}/{t.device}; pack each dtype separately")
+    total = packed_numel(tensors, sym)
+    if out is None:
+        out = torch.empty(total, dtype=dtype, device=device)
+    elif out.dim() != 1 or out.numel() != total:
+        raise ValueError(f"pack_tensors: out must be 1-D with {total} elements, got shape {tuple(out.shape)}")
+    o = 0
+    for t, s in zip(tensors, sym):
+        k = _packed_len(t, s)
+        if s:
+            r, c = _triu(t.shape[-1], t.device)
+            out[o:o + k].view(*t.shape[:-2], r.numel()).copy_(t[..., r, c])
+        else:
+            out[o:o + k].view(t.shape).copy_(t)
+        o += k
+    return out
+
+
+def unpack_tensors_(flat: torch.Tensor, tensors: Sequence[torch.Tensor],
+                    symmetric: Union[bool, Sequence[bool]] = False) -> None:
+    """The inverse of :func:`pack_tensors`: write ``flat`` into ``tensors`` in place; a symmetric
+    tensor gets its upper triangles mirrored into the lower ones."""
+    tensors = list(tensors)
+    sym = [symmetric] * len(tensors) if isinstance(symmetric, bool) else list(symmetric)
+    total = packed_numel(tensors, sym)
+    if flat.dim() != 1 or flat.numel() != total:
+        raise ValueError(f"unpack_tensors_: expected a 1-D buffer of {total} elements, got shape {tuple(flat.shape)}")
+    o = 0
+    for t, s in zip(tensors, sym):
+        k = _packed_len(t, s)
+        v = flat[o:o + k]
+        if s:
+            r, c = _triu(t.shape[-1], t.device)
+            v = v.view(*t.shape[:-2], r.numel()).to(t.dtype)
+            t[..., r, c] = v
+            t[..., c, r] = v
+        else:
+            t.copy_(v.view(t.shape))
+        o += k
 
 
 def _record_tensors(f) -> list[torch.Tensor]:

@@ -205,6 +205,13 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                 res[f"names_{net}_{wrap}_{mode}"] = [l.name for l in pre.layers]
                 res[f"bytes_{net}_{wrap}_{mode}"] = pre.distributor.counter.snapshot()
 
+    # the tridiagonal inverse: built whole on every rank (replicated work)
+    model = mlp_model()
+    pre = DistributedKFACPreconditioner(model, mode="shard_inverses", seed=0,
+                                        **dict(PRE_KW, inverse="block_tridiagonal"))
+    res["pre_tridiagonal"] = train(pre, model, model, batches("mlp"), half)
+    res["bytes_tridiagonal"] = pre.distributor.counter.snapshot()
+
     # fewer factor reductions, with a checkpoint taken while the factors are rank-local
     data = batches("mlp")
     model = mlp_model()

@@ -332,6 +332,18 @@ def test_world_two_half_batches_equal_world_one(ranks, net, wrap, mode):
     assert ranks[0][f"names_{net}_{wrap}_{mode}"] == [f"model.{i}" for i in (0, 2, 4)] if net == "mlp" else True
 
 
+def test_tridiagonal_world_two_equals_world_one(ranks):
+    model = W.mlp_model()
+    pre = KFACPreconditioner(model, **dict(W.PRE_KW, inverse="block_tridiagonal"),
+                             generator=torch.Generator().manual_seed(0))
+    ref = W.train(pre, model, model, W.batches("mlp"), slice(0, W.M))
+    for a, b, r in zip(ranks[0]["pre_tridiagonal"], ranks[1]["pre_tridiagonal"], ref):
+        assert torch.equal(a, b) and float((a - r).abs().max()) <= 1e-10
+    # built whole on every rank: no inverse or direction traffic
+    b = ranks[0]["bytes_tridiagonal"]["payload"]
+    assert b["inverses"] == 0 and b["directions"] == 0 and b["factors"] > 0
+
+
 def test_bytes_by_kind(ranks):
     model = W.mlp_model()
     P = sum(p.numel() for p in model.parameters())

@@ -659,7 +659,9 @@ class ShardedInverse:
 
     @property
     def replicated_work(self) -> bool:
-        return self.kind == "block_tridiagonal" or self.distributor.world_size == 1 and self.mode == "shard_inverses"
+        """Whether every rank builds the whole inverse: the tridiagonal kind, or one rank in
+        ``"shard_inverses"`` mode (its own inverse object, exactly as without distribution)."""
+        return self.kind == "block_tridiagonal" or (self.distributor.world_size == 1 and self.mode == "shard_inverses")
 
     def refresh(self, records: Sequence) -> None:
         """Rebuild from ``records`` (per block a ``KroneckerFactors``/``BlockFisher``, the same on

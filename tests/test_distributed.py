@@ -402,3 +402,19 @@ def test_a_nan_on_one_rank_rejects_the_step_on_all(ranks):
         assert res["inf_grads_untouched"] and res["inf_k"] == 2
     assert "1 of 2 ranks" in ranks[0]["nan_raised"]
     assert "NaN or inf" in ranks[1]["nan_raised"]  # the rank that saw it raises its own error
+
+
+def test_demo_distributed_under_torchrun(tmp_path):
+    """The launcher example of issue 15: torchrun --nproc_per_node=2 -m kfac_fast.demo --distributed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(HERE), "python"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "kfac_fast.demo", "--distributed", "--encoder", "784,16,4", "--max-iters", "4",
+           "--dist-eval-every", "2", "--batch-size", "100", "--dist-mode", "shard_inverses", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = (tmp_path / "demo_distributed_curves.csv").read_text().splitlines()
+    assert rows[0].startswith("method,seconds,iterations,train_error") and rows[0].endswith("world_size")
+    assert len(rows) == 1 + 3 and all(r.endswith(",2") for r in rows[1:])  # iterations 0, 2, 4; world 2
+    assert p.stdout.count("data: ") == 1  # one header, from rank 0

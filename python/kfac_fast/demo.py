@@ -5,6 +5,7 @@ the same wall-clock budget (paper Sec 13), print a table and plot error against 
     python -m kfac_fast.demo --budget 300 --inverse block_tridiagonal --methods kfac,sgd,adam
     python -m kfac_fast.demo --task cnn           # the architecture demos (kfac_fast.demo_tasks):
     python -m kfac_fast.demo --task transformer   # ResNet on MNIST, transformer LM on text
+    torchrun --nproc_per_node=2 -m kfac_fast.demo --distributed   # data-parallel (gloo), see run_distributed
 
 Reported error: training reconstruction error, the mean over the training cases of the squared
 error summed over pixels (Hinton & Salakhutdinov 2006), measured on the whole training set with
@@ -158,6 +159,63 @@ def run_adam(X, args) -> Run:
     return _run_first_order(X, args, "Adam", lambda params: torch.optim.Adam(params, lr=args.adam_lr))
 
 
+def run_distributed(X, args) -> Run:
+    """Data-parallel training under ``torchrun`` (gloo): the autoencoder wrapped in
+    DistributedDataParallel, :class:`~kfac_fast.distributed_preconditioner.DistributedKFACPreconditioner`
+    (``--dist-mode``) under SGD with momentum 0.9; each rank takes its contiguous share of every
+    batch of ``--batch-size`` (so the global batch is the one-process batch). Runs
+    ``--max-iters`` iterations (default 50: a wall-clock budget would let the ranks' clocks
+    disagree on when to stop); rank 0 evaluates every ``--dist-eval-every`` iterations and
+    writes ``demo_distributed_curves.csv``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kfac_fast.distributed_preconditioner import DistributedKFACPreconditioner
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise SystemExit("--distributed needs the torchrun environment: torchrun --nproc_per_node=2 -m "
+                             "kfac_fast.demo --distributed")
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the world size {world}")
+    share = args.batch_size // world
+    model = deep_autoencoder(args.encoder, generator=torch.Generator().manual_seed(args.seed)).to(X.device)
+    ddp = DistributedDataParallel(model)
+    pre = DistributedKFACPreconditioner(ddp, loss="sigmoid_cross_entropy", damping=args.pre_damping,
+                                        mode=args.dist_mode, backend=args.backend, seed=args.seed)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.pre_lr, momentum=0.9)
+    lossf = nn.BCEWithLogitsLoss(reduction="sum")
+    gen = torch.Generator().manual_seed(args.seed)  # the same data order on every rank
+    run = Run(f"KFACPreconditioner+SGD, {world} ranks ({args.dist_mode})")
+    n, iters = X.shape[0], args.max_iters or 50
+    perm, pos, clock = torch.randperm(n, generator=gen), 0, Clock()
+    for it in range(iters + 1):
+        if rank == 0 and (it % args.dist_eval_every == 0 or it == iters):
+            err = reconstruction_error(model, X)
+            run.times.append(clock.elapsed), run.iters.append(it), run.errors.append(err)
+            print(f"iteration {it:4d}  {clock.elapsed:7.1f} s  training error {err:.2f}", flush=True)
+        if it == iters:
+            break
+        if pos + args.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos + rank * share: pos + (rank + 1) * share]
+        pos += args.batch_size
+        x = X.index_select(0, idx)
+        clock.start()
+        sgd.zero_grad(set_to_none=True)
+        (lossf(ddp(x), x) / x.shape[0]).backward()
+        pre.step(x)
+        sgd.step()
+        clock.pause()
+    if rank == 0:
+        c = pre.distributor.counter.snapshot()["payload"]
+        print("bytes per iteration on rank 0 (payload): " +
+              ", ".join(f"{k} {v / iters:.3g}" for k, v in c.items()) + " (gradient: DDP's, not counted)")
+    return run
+
+
 def _table(runs: list[Run]) -> str:
     rows = [("method", "iterations", "seconds", "train error", "best error")]
     for r in runs:
@@ -250,6 +308,12 @@ def main(argv=None) -> list[Run]:
     p.add_argument("--eval-every", type=float, default=5.0, help="seconds of training between evaluations")
     p.add_argument("--out", default="kfac_demo", help="folder for the PNG plot and CSV")
     p.add_argument("--encoder", default=None, help="encoder widths, e.g. 784,1000,500,250,30 (default: the paper's)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel KFACPreconditioner+SGD under torchrun (gloo); see run_distributed")
+    p.add_argument("--dist-mode", default="replicate_inverses", choices=["replicate_inverses", "shard_inverses"])
+    p.add_argument("--dist-eval-every", type=int, default=10, help="--distributed: iterations between evaluations")
+    p.add_argument("--pre-damping", type=float, default=0.1, help="--distributed: the preconditioner's damping")
+    p.add_argument("--pre-lr", type=float, default=1e-3, help="--distributed: SGD learning rate")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,10 +326,29 @@ def main(argv=None) -> list[Run]:
             p.error(f"--encoder must start with the input size {X.shape[1]}")
     else:
         args.encoder = MNIST_AUTOENCODER if X.shape[1] == 784 else (64, 128, 64, 32, 8)
-    print(f"data: {source}; autoencoder {'-'.join(map(str, args.encoder))} (mirrored), batch {args.batch_size}, "
-          f"{args.budget:.0f} s per method on {args.device}")
-    for info in kfac_fast.available_backends().values():
-        print(f"  backend {info}")
+    if not (args.distributed and os.environ.get("RANK", "0") != "0"):  # one header under torchrun
+        print(f"data: {source}; autoencoder {'-'.join(map(str, args.encoder))} (mirrored), batch {args.batch_size}, "
+              + (f"{args.max_iters or 50} iterations" if args.distributed else f"{args.budget:.0f} s per method")
+              + f" on {args.device}")
+        for info in kfac_fast.available_backends().values():
+            print(f"  backend {info}")
+    if args.distributed:
+        run = run_distributed(X, args)
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0 and run.iters:
+            print()
+            print(_table([run]))
+            os.makedirs(args.out, exist_ok=True)
+            csv_path = os.path.join(args.out, "demo_distributed_curves.csv")
+            with open(csv_path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(CSV_COLUMNS + list(machine) + ["world_size"])
+                for t, i, e in zip(run.times, run.iters, run.errors):
+                    w.writerow([run.method, f"{t:.3f}", i, f"{e:.4f}"] + list(machine.values()) + [dist.get_world_size()])
+            print(f"\nwrote {csv_path}")
+        dist.destroy_process_group()
+        return [run]
     runs = []
     inverses = ["block_diagonal", "block_tridiagonal"] if args.inverse == "both" else [args.inverse]
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

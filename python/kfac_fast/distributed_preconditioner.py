@@ -62,6 +62,12 @@ from .preconditioner import KFACPreconditioner
 STATE_KIND = "DistributedKFACPreconditioner"
 
 
+def _all_finite(tensors) -> bool:
+    """Whether every tensor is finite, with one host sync."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 class DistributedKFACPreconditioner(KFACPreconditioner):
     """:class:`~kfac_fast.KFACPreconditioner` over the ranks of a ``torch.distributed`` group.
 
@@ -143,14 +149,15 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         if targets is not None and (targets.dim() == 0 or targets.shape[0] != m):
             raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
         for layer in self.layers:
-            layer.grad_matrix()  # raises if backward was not called
+            if any(p.grad is None for p in layer.params()):
+                layer.grad_matrix()  # raises: backward was not called
         with t("gradient_start"):
+            # local check before averaging (a NaN on this rank is a NaN in the mean); one sync
+            local_ok = _all_finite(p.grad for l in self.layers for p in l.params())
             handle_g = None
             if self.average_gradients and d.world_size > 1:
                 grads_all = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
                 handle_g = d.start_all_reduce_mean(grads_all, kind="gradient")
-            # local check before averaging (a NaN on this rank is a NaN in the mean)
-            local_ok = all(bool(torch.isfinite(l.grad_matrix()).all()) for l in self.layers)
         failure: Optional[BaseException] = None
         with t("statistics"):
             size = max(1, int(round(self.tau1 * m)))
@@ -189,8 +196,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         with t("gradient_wait"):
             if handle_g is not None:
                 handle_g.wait()
+            # averaged gradients are the same on every rank, so is this check
+            ok = float(flags[1]) == 0 and (handle_g is None or _all_finite(p.grad for l in self.layers
+                                                                          for p in l.params()))
             grads = [l.grad_matrix() for l in self.layers]
-            ok = float(flags[1]) == 0 and all(bool(torch.isfinite(g).all()) for g in grads)
         U = None
         if refresh:
             with t("factor_wait"):

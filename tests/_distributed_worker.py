@@ -76,6 +76,12 @@ def owner_tensors(step: int) -> list:
             [torch.randn(6, dtype=D, generator=g)]]
 
 
+def balanced_directions() -> list:
+    g = torch.Generator().manual_seed(500)
+    return [torch.randn(3, 3, dtype=D, generator=g), torch.randn(9, dtype=D, generator=g),
+            torch.randn(3, 3, dtype=D, generator=g), torch.randn(9, dtype=D, generator=g)]
+
+
 OWNERS = [0, 1, 1, 0]
 SYMMETRIC = [[True, False], [True], [False], [False]]
 
@@ -186,8 +192,14 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     res["broadcast"] = blocks_bc
     dirs_vals = [ts[0] for ts in owner_tensors(1)]
     dirs = [v.clone() if OWNERS[i] == rank else torch.full_like(v, math.nan) for i, v in enumerate(dirs_vals)]
-    d.all_gather_directions(dirs, OWNERS)
+    d.all_gather_directions(dirs, OWNERS)  # shares 22 and 43 elements: per-owner broadcasts
     res["gathered"] = dirs
+    res["gathered_calls"] = (d.counter.calls["directions"], d.counter.calls["inverses"])
+    bal = balanced_directions()
+    dirs = [v.clone() if OWNERS[i] == rank else torch.full_like(v, math.nan) for i, v in enumerate(bal)]
+    d.all_gather_directions(dirs, OWNERS)  # equal shares: one padded all-gather
+    res["gathered_balanced"] = dirs
+    res["gathered_payload"] = d.counter.payload["directions"]
 
     # the preconditioner: plain and DDP-wrapped, both modes, 20 iterations
     from torch.nn.parallel import DistributedDataParallel

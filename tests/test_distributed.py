@@ -307,6 +307,12 @@ def test_broadcast_and_all_gather(ranks):
                 assert torch.equal(g, want)
         for t, g in zip([ts[0] for ts in W.owner_tensors(1)], res["gathered"]):
             assert torch.equal(g, t)
+        # unbalanced shares: one broadcast per owner (2), no padding; the 2 "inverses" calls are the test above
+        assert res["gathered_calls"] == (2, 2)
+        for t, g in zip(W.balanced_directions(), res["gathered_balanced"]):
+            assert torch.equal(g, t)
+        # payload: the broadcasts' 22 + 43 elements, then the all-gather's 2 chunks of 18
+        assert res["gathered_payload"] == (22 + 43 + 2 * 18) * 8
 
 
 def _reference_trace(net):

@@ -73,6 +73,8 @@ KINDS = ("gradient", "factors", "inverses", "directions", "scalars")
 MODES = ("replicate_inverses", "shard_inverses")
 
 Symmetric = Union[bool, Sequence[bool]]
+#: all_gather_directions pads every rank's share to the largest while p·max ≤ PAD_LIMIT·total
+PAD_LIMIT = 1.25
 
 
 # ---------------------------------------------------------------------------- byte accounting
@@ -487,25 +489,32 @@ class TorchDistributor:
                               kind: str = "directions") -> None:
         """Give every rank every block's direction from its owner, in place: ``directions[i]``
         holds the value on rank ``owners[i]`` and a buffer of the same shape and dtype elsewhere.
-        One all-gather per dtype of each rank's owned directions packed, padded to the largest
-        rank's share (the padding is counted)."""
+
+        Per dtype, each rank's owned directions travel packed in one buffer: one all-gather
+        padded to the largest rank's share when the shares are balanced (p·max ≤
+        :data:`PAD_LIMIT`·total; the padding is counted), else one broadcast per owning rank
+        (no padding: with more ranks than blocks most ranks own nothing). The choice depends
+        only on shapes and owners, so every rank makes the same one."""
         directions = list(directions)
         if len(owners) != len(directions):
             raise ValueError(f"{len(directions)} directions but {len(owners)} owners")
         for (dt, dev), idx in _by_dtype(directions).items():
             per_rank = [[i for i in idx if owners[i] == r] for r in range(self.world_size)]
             sizes = [sum(directions[i].numel() for i in ids) for ids in per_rank]
-            width = max(sizes) if sizes else 0
-            if width == 0:
+            width, total = max(sizes), sum(sizes)
+            if total == 0:
                 continue
-            mine = torch.zeros(width, dtype=dt, device=dev)
-            pack_tensors([directions[i] for i in per_rank[self.rank]], False, out=mine[:sizes[self.rank]])
-            chunks = [torch.empty(width, dtype=dt, device=dev) for _ in range(self.world_size)]
-            self._count(kind, "all_gather", mine, self.world_size)
-            self._dist.all_gather(chunks, mine, group=self.group)
-            for r, ids in enumerate(per_rank):
-                if ids:
-                    unpack_tensors_(chunks[r][:sizes[r]], [directions[i] for i in ids], False)
+            if self.world_size * width <= PAD_LIMIT * total:
+                mine = torch.zeros(width, dtype=dt, device=dev)
+                pack_tensors([directions[i] for i in per_rank[self.rank]], False, out=mine[:sizes[self.rank]])
+                chunks = [torch.empty(width, dtype=dt, device=dev) for _ in range(self.world_size)]
+                self._count(kind, "all_gather", mine, self.world_size)
+                self._dist.all_gather(chunks, mine, group=self.group)
+                for r, ids in enumerate(per_rank):
+                    if ids:
+                        unpack_tensors_(chunks[r][:sizes[r]], [directions[i] for i in ids], False)
+            else:
+                self.broadcast_from_owners([[directions[i]] for i in idx], [owners[i] for i in idx], kind=kind)
 
     # ------------------------------------------------------------------ objects (checkpoints)
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:

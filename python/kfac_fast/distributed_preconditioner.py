@@ -290,7 +290,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 else:
                     cv = lambda v, like: None if v is None else v.to(like.device, like.dtype)  # noqa: E731
                     records.append(KroneckerFactors(A=cv(dct["A"], t.A), G=cv(dct["G"], t.G),
-                                                    A_next=cv(dct.get("A_next"), t.A), G_next=cv(dct.get("G_next"), t.G),
+                                                    A_next=cv(dct.get("A_next"), t.A),
+                                                    G_next=cv(dct.get("G_next"), t.G),
                                                     name=t.name, homogeneous=t.homogeneous))
             self.inverse = self._new_inverse()
             self.inverse.refresh(records)

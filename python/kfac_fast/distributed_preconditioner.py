@@ -170,7 +170,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             except NonFiniteOutputs as exc:
                 failure = exc
         with t("scalars"):
-            flags = torch.tensor([float(failure is not None), float(not local_ok)], dtype=torch.float64)
+            # on the model's device: NCCL reduces CUDA tensors only
+            flags = torch.tensor([float(failure is not None), float(not local_ok)], dtype=torch.float64,
+                                 device=self.device)
             flags = d.reduce_scalars(flags, op="sum")
         if float(flags[0]) > 0:
             if handle_g is not None:

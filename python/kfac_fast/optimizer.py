@@ -74,6 +74,23 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
+def _make_distributor(distributor, process_group):
+    """The given distributor, a TorchDistributor when torch.distributed is initialised, else the
+    single-process no-op (kfac_fast.distributed)."""
+    if distributor is not None:
+        return distributor
+    import torch.distributed as dist
+
+    from .distributed import LocalDistributor, TorchDistributor
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchDistributor(process_group)
+    if process_group is not None:
+        raise ValueError("process_group= needs torch.distributed to be initialised "
+                         "(torch.distributed.init_process_group)")
+    return LocalDistributor()
+
+
 class _Proposal(NamedTuple):
     """One γ candidate's outcome (Sec 6.6): M(δ) − M(0), γ, its inverse, Δ, α, µ and ‖δ‖²."""
 
@@ -138,6 +155,14 @@ class KFAC:
         compile: run the step's scalar decisions (:func:`kfac_fast.rules.step_decision`) under
             ``torch.compile(fullgraph=True)``, one variant per schedule case. The model passes
             (gradient, sampled backward, linearized forward) stay eager: see README "Fast step".
+        process_group, distributor: data parallelism (issue 15). When ``torch.distributed`` is
+            initialised every rank steps on its own shard of the batch; the gradient, the pending
+            factors (one flat all-reduce of upper triangles), the Fisher Gram matrix on S₂ and the
+            objectives are averaged over the ranks (``process_group``, default the whole world),
+            so every rank takes the same decisions and the parameters stay identical. A model
+            wrapped in ``DistributedDataParallel`` is unwrapped (K-FAC reduces the gradient
+            itself). ``distributor``: a :class:`kfac_fast.distributed.Distributor` instead.
+            The default generator is then one stream per rank from a common seed.
         validate: check the targets (range, classes, NaN policy) on every step. Off by default:
             they are checked on refresh iterations (k ≤ 3 and every T3), where the step reads the
             device anyway, so ordinary iterations stay free of host syncs.
@@ -170,6 +195,8 @@ class KFAC:
         validate: bool = False,
         compute_dtype: ComputeDtype = None,
         compile: bool = False,
+        distributor=None,
+        process_group=None,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -181,6 +208,12 @@ class KFAC:
         self.config = config if config is not None else KFACConfig(**kwargs)
         if self.config.momentum and not self.config.rescale:
             raise ValueError("momentum=True needs rescale=True: α and µ come from the exact-Fisher model (Sec 7)")
+        # data parallelism (issue 15): a DistributedDataParallel wrapper is bypassed (K-FAC takes
+        # its gradient with autograd.grad, which DDP's hooks do not see, and averages it itself)
+        self.dist = _make_distributor(distributor, process_group)
+        from .distributed import unwrap_model
+
+        model = unwrap_model(model)
         self.model = model
         self.loss = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
         self.backend = backend
@@ -193,7 +226,14 @@ class KFAC:
         for name, dt in (("factor_dtype", self.factor_dtype), ("inverse_dtype", self.inverse_dtype)):
             if dt not in (torch.float32, torch.float64):
                 raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dt}")
-        self.generator = generator if generator is not None else default_generator(self.device)
+        if generator is None:
+            generator = default_generator(self.device)
+            if self.dist.world_size > 1:  # one stream per rank from a seed rank 0 draws (S₁, S₂, y differ)
+                from .distributed import rank_generator
+
+                seed = self.dist.broadcast_object(int(generator.initial_seed()), src=0)
+                generator = rank_generator(seed, self.dist.rank, self.device)
+        self.generator = generator
         self.compute_dtype = resolve_compute_dtype(compute_dtype, factor_dtype=self.factor_dtype, device=self.device)
         cfg = self.config
         # λ, ν, the rejection counters and the δ₀ flag live on the device (step_state.py); γ on
@@ -504,6 +544,13 @@ class KFAC:
                 Vi = Vi + eta * layer.param_matrix().detach().to(self.inverse_dtype)
             V.append(Vi)
             pos += n
+        if self.dist.world_size > 1:  # one flat all-reduce of ∇h (and the objectives) over the ranks
+            scal = torch.stack([h_data] + ([rho_rows[1] - l2] if rho_rows is not None else []))
+            self.dist.all_reduce_mean_(V)
+            scal = self.dist.reduce_scalars(scal, op="mean")
+            h_data = scal[0]
+            if rho_rows is not None:
+                rho_rows = (rho_rows[0], scal[1] + l2)
         return V, h_data + l2, h_data, rho_rows
 
     def _statistics(self, inputs, targets: torch.Tensor, h: torch.Tensor):
@@ -518,6 +565,8 @@ class KFAC:
                                                 targets=targets.index_select(0, idx1), generator=self.generator,
                                                 check_finite=False)
         flags, names = finite_flags(self.layers, batch_stats)
+        if self.dist.world_size > 1:  # a non-finite statistic on one rank is every rank's
+            flags = self.dist.reduce_scalars((~flags).double(), op="sum") == 0
         valid = torch.isfinite(h) & flags.to(h.device).all()
         return batch_stats, valid, flags, names
 
@@ -528,6 +577,8 @@ class KFAC:
         with self._phase("4 factor update"):
             self.factors.update(batch_stats, eps=ema_decay(self.k, self.config.ema_max), backend=self.backend,
                                 valid=valid)
+            if self.dist.world_size > 1:  # exact: current is replicated (kfac_fast.distributed)
+                self.dist.reduce_factors(self.factors, which="pending")
 
     def _refresh_if_due(self, stats: StepStats, refresh: bool):
         """Step 4: a new inverse at the current γ when k ≡ 0 (mod T3) or k ≤ 3 (Sec 8), else the
@@ -585,6 +636,8 @@ class KFAC:
         if cfg.rescale:
             with self._phase("7 fisher quadratic"):
                 gram = fisher_gram(self.model, self.layers, x2[0], self.loss, dirs, targets=x2[1])
+                if self.dist.world_size > 1:  # Γ on the union of the ranks' S₂ (equal sizes)
+                    gram = self.dist.reduce_scalars(gram, op="mean")
                 dots = [[None] * n for _ in range(n)]
                 for a in range(n):
                     for c in range(a, n):
@@ -640,6 +693,9 @@ class KFAC:
                     idx_r, h_r = rho_rows
                     h_new = self._objective(select(inputs, idx_r), targets.index_select(0, idx_r))
                     h = h_r
+                if self.dist.world_size > 1:
+                    l2 = self._l2()
+                    h_new = self.dist.reduce_scalars(h_new - l2, op="mean") + l2
         code, rho, st.lam, st.nu, st.rejections, st.total_rejections, st.unreported = self._decision(
             measure, lm_due, held_out)(h, h if h_new is None else h_new, M, valid, ok_pre, st.lam, st.nu,
                                         st.rejections, st.total_rejections, st.unreported)
@@ -762,7 +818,10 @@ class KFAC:
             return self._host_rejection("non-finite loss after the previous step (undone)", stats,
                                         saved=pend["theta"])
         with self._phase("8 rho forward"):
-            h_old = float(self._objective(inputs, targets, params=pend["theta"]))
+            h_old = self._objective(inputs, targets, params=pend["theta"])
+            if self.dist.world_size > 1:
+                h_old = self.dist.reduce_scalars(h_old, op="mean")
+            h_old = float(h_old)
         rho = (h_new_v - h_old) / float(pend["M"]) if math.isfinite(h_old) else float("nan")
         stats["rho"] = rho
         if cfg.reject_steps and not accept(rho, rho_min=cfg.rho_min):

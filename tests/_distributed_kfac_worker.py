@@ -76,7 +76,14 @@ def main():
     res["shards/params"] = [p.detach().clone() for p in model.parameters()]
     res["shards/loss"] = (first, s["loss"])
     res["shards/lambda"] = opt.lambda_
-    res["shards/state_k"] = opt.state_dict()["k"]
+    state = opt.state_dict()  # a collective: the generators of both ranks
+    res["shards/state_k"] = state["k"]
+    res["shards/n_generators"] = len(state["rank_generators"])
+    opt2 = KFAC(make_model(), loss="softmax_cross_entropy", T3=5, T2=10)
+    opt2.load_state_dict(state)
+    res["shards/resumed_same_stream"] = torch.equal(opt2.generator.get_state(), opt.generator.get_state())
+    if rank == 0:
+        torch.save(state, os.path.join(out, "kfac_state.pt"))
 
     # 3. a NaN on rank 1 only: both ranks reject the step, θ stays, then both continue
     model = make_model()

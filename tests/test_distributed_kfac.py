@@ -36,7 +36,10 @@ def ranks(tmp_path_factory):
     logs = [p.communicate(timeout=600)[0].decode() for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    res = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    for r in res:
+        r["_dir"] = str(out)
+    return res
 
 
 @pytest.mark.parametrize("inverse,momentum", W.CONFIGS)
@@ -81,3 +84,22 @@ def test_ddp_wrapped_model_has_the_plain_block_names(ranks):
     assert ranks[0]["ddp/names"] == ["model.0", "model.2", "model.4"]
     for a, b in zip(ranks[0]["ddp/params"], ranks[1]["ddp/params"]):
         assert torch.equal(a, b)
+
+
+def test_checkpoint_gathers_generators_and_resumes_on_world_one(ranks):
+    """state_dict on 2 ranks holds both generators (resumed on the same world: the same stream);
+    loaded into a single process it continues (a fresh stream), with the replicated state."""
+    from kfac_fast import KFAC
+
+    assert all(ranks[r]["shards/n_generators"] == 2 and ranks[r]["shards/resumed_same_stream"] for r in range(2))
+    state = torch.load(os.path.join(ranks[0]["_dir"], "kfac_state.pt"), weights_only=False)
+    model = W.make_model()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ranks[0]["shards/params"]):
+            p.copy_(q)
+    opt = KFAC(model, loss="softmax_cross_entropy", T3=5, T2=10)
+    opt.load_state_dict(state)
+    assert opt.k == state["k"] and opt.lambda_ == ranks[0]["shards/lambda"]
+    x, y = W.data(10)
+    s = opt.step(x, y)
+    assert s["k"] == state["k"] and all(torch.isfinite(p).all() for p in model.parameters())

@@ -886,8 +886,16 @@ class KFAC:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Everything needed to continue the same trajectory (with the model's own state_dict)."""
+        """Everything needed to continue the same trajectory (with the model's own state_dict).
+
+        Data-parallel: a collective (every rank calls it); the state is replicated except the
+        generators, whose states of all ranks are gathered into ``rank_generators``, so rank 0's
+        dict is the whole checkpoint."""
+        gens = None
+        if self.dist.world_size > 1:
+            gens = self.dist.all_gather_object(self.generator.get_state())
         return {
+            "rank_generators": gens,
             "version": STATE_VERSION,
             "kind": "KFAC",
             "config": self.config.to_dict(),
@@ -942,7 +950,19 @@ class KFAC:
         self._delta0 = None if state["delta0"] is None else [d.to(self.device, self.inverse_dtype)
                                                              for d in state["delta0"]]
         self._st.has_delta0.fill_(self._delta0 is not None)
-        self.generator.set_state(state["generator"])
+        gens = state.get("rank_generators")
+        if gens is not None and len(gens) == self.dist.world_size:
+            self.generator.set_state(gens[self.dist.rank])
+        elif gens is not None or self.dist.world_size > 1:
+            # another world size: fresh per-rank streams from a seed drawn from the saved stream
+            from .distributed import rank_generator
+
+            g = torch.Generator().manual_seed(0)
+            g.set_state(state["generator"])
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+            self.generator = rank_generator(seed, self.dist.rank, self.device)
+        else:
+            self.generator.set_state(state["generator"])
         self.rejections = int(state["rejections"])
         self._st.set("total_rejections", int(state["total_rejections"]))
         self.nu = float(state.get("nu", NU_INIT))

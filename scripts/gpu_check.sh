@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
-STAGES=",${STAGES:-tests,step,kernels,eigh,wide,bf16},"  # a subset reruns only those stages
+STAGES=",${STAGES:-tests,syncs,step,kernels,eigh,wide,bf16,precision},"  # a subset reruns only those stages
 want() { [[ $STAGES == *",$1,"* ]]; }
 stage() { echo; echo "=== $(date +%T) $*"; }
 save() { for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done; }
@@ -35,6 +35,12 @@ $PY -c "import kfac_fast; print(kfac_fast.build_info()); print(kfac_fast.availab
 if want tests; then
   stage "GPU tests (pytest -m gpu)"
   timeout "${T_TESTS:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider -rfEs tests
+fi
+
+if want syncs; then
+  stage "sync-free step: host syncs per iteration, K-FAC/SGD per compute dtype"
+  timeout "${T_SYNCS:-120}" $PY scripts/gpu_sync_check.py
+  save benchmarks/results/sync_cuda.csv
 fi
 
 if want step; then
@@ -66,5 +72,10 @@ if want bf16; then
   stage "bench_kernels bf16 (quick)"
   timeout "${T_BF16:-40}" $PY benchmarks/bench_kernels.py --device cuda --dtype bf16 --quick
   save benchmarks/results/kernels_cuda_bf16.csv
+fi
+if want precision; then
+  stage "bench_precision: direction error per compute dtype (no training part)"
+  timeout "${T_PREC:-90}" $PY benchmarks/bench_precision.py --device cuda --threads 16 --skip-training
+  save benchmarks/results/precision_cuda.csv
 fi
 stage done

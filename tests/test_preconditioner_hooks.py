@@ -409,3 +409,11 @@ def test_state_dict_round_trip_and_context():
             torch.testing.assert_close(b.grad, a.grad, **TIGHT)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in twin.modules())
     assert not pre2._hooks.armed
+
+
+def test_bare_layer_model_needs_a_wrapper():
+    with pytest.raises(ValueError, match="wrap it"):
+        KFACPreconditioner(nn.Linear(3, 2).double(), loss="squared_error", capture="hooks")
+    pre = KFACPreconditioner(nn.Linear(3, 2).double(), loss="squared_error")  # capture="pass" as before
+    with pre.paused():  # a no-op there
+        pass

@@ -306,7 +306,9 @@ class KFACPreconditioner:
         try:
             self._check_passes(passes, stray, inputs)
             ys = self._per_pass_targets(targets, len(passes))
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
+            # one host sync for all blocks: a sum is inf/NaN when an entry is (or when finite
+            # entries overflow it, ~1e38, which only a diverged run reaches)
+            if not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
                 return  # GradScaler overflow: .grad, factors and k as they were; the pass is dropped
             blocks = self._hooks.blocks
             if not self._ordered:  # forward order, from the first recorded pass
@@ -364,7 +366,8 @@ class KFACPreconditioner:
         if y is not None:
             if y.shape[:1] != z.shape[:1]:
                 raise ValueError(f"the recorded pass has {z.shape[0]} examples but its targets {tuple(y.shape)[:1]}")
-            self.loss.check_targets(z, y)
+            if not self._scale_checked:  # validated with the scale (first step given targets): your loss used them
+                self.loss.check_targets(z, y)
             return int(self.loss.count(z, y))
         can_mask = self.loss.ignore_index is not None or getattr(self.loss, "ignore_nan_targets", False)
         if can_mask and bool((rows(p.gz) == 0).all(-1).any()):

@@ -43,10 +43,11 @@ def ce(z, y):
 
 
 PROBLEMS = {
-    # name: (problem factory, KFACPreconditioner kwargs)
+    # name: (problem factory, kwargs of KFACPreconditioner and block_factors)
     "mlp": (mlp_problem, {}),
     "cnn": (cnn_problem, {"unsupported": "diagonal"}),  # Conv2d, BatchNorm2d (2x2 blocks), a diagonal parameter
     "lm": (lm_problem, {}),  # Embedding, Linear on (m, T, d), LayerNorm, ignore_index targets
+    "lm-reduce": (lm_problem, {"kfac_approx": "reduce"}),  # KFAC-reduce rows of the (m, T, d) Linear layers
 }
 
 
@@ -82,11 +83,11 @@ def all_factors(pre):
     return out
 
 
-def assert_factors_close(got, ref):
+def assert_factors_close(got, ref, keys=("A", "G", "F", "A_next", "G_next")):
     """Factor records in the same order (forward order, diagonal blocks last)."""
     assert [f.name for f in got] == [f.name for f in ref]
     for a, b in zip(got, ref):
-        for k in ("A", "G", "F"):
+        for k in keys:
             ta, tb = getattr(a, k, None), getattr(b, k, None)
             assert (ta is None) == (tb is None), (a.name, k)
             if ta is not None:
@@ -94,8 +95,9 @@ def assert_factors_close(got, ref):
 
 
 # ------------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("name", list(PROBLEMS))
-def test_empirical_hooks_equal_pass_and_block_factors(name):
+@pytest.mark.parametrize("name,inverse", [(n, "block_diagonal") for n in PROBLEMS] + [("mlp", "block_tridiagonal"),
+                                                                                      ("lm", "block_tridiagonal")])
+def test_empirical_hooks_equal_pass_and_block_factors(name, inverse):
     """Empirical Fisher: factors from the user's pass = today's step(x, y) with tau1=1, for three
     steps (ε-averaging and inverse refreshes included); the preconditioned .grad equal too; and
     the first step's factors equal block_factors' empirical factors of that batch."""
@@ -103,7 +105,7 @@ def test_empirical_hooks_equal_pass_and_block_factors(name):
     model_p, x, y = factory()
     model_h = copy.deepcopy(model_p)
     ref_model = copy.deepcopy(model_p)
-    common = dict(loss="softmax_cross_entropy", fisher="empirical", damping=0.1, T3=2, **kw)
+    common = dict(loss="softmax_cross_entropy", fisher="empirical", damping=0.1, T3=2, inverse=inverse, **kw)
     pre_p = KFACPreconditioner(model_p, tau1=1.0, **common)
     pre_h = KFACPreconditioner(model_h, capture="hooks", **common)
     ref = block_factors(ref_model, x, "softmax_cross_entropy", fisher="empirical", targets=y, **kw)
@@ -116,7 +118,7 @@ def test_empirical_hooks_equal_pass_and_block_factors(name):
         assert [l.name for l in pre_h.layers] == [l.name for l in pre_p.layers]
         assert_factors_close(pre_h.factors.current, pre_p.factors.current)
         if k == 0:
-            assert_factors_close(pre_h.factors.current, ref)
+            assert_factors_close(pre_h.factors.current, ref, keys=("A", "G", "F"))
         for (n, a), b in zip(model_p.named_parameters(), model_h.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-11, msg=lambda s: f"{n}: {s}")
     assert pre_h.k == pre_p.k == 4

@@ -419,3 +419,25 @@ def test_bare_layer_model_needs_a_wrapper():
     pre = KFACPreconditioner(nn.Linear(3, 2).double(), loss="squared_error")  # capture="pass" as before
     with pre.paused():  # a no-op there
         pass
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_is_refused(reentrant):
+    """Checkpointed layers run under no_grad in the forward and again in the backward: their
+    statistics would be zeros or strays; refused, naming the way out (capture='pass')."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=reentrant))
+
+    model = Net().double()
+    pre = KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="empirical", capture="hooks")
+    x, y = torch.randn(8, 4, dtype=D, requires_grad=reentrant), torch.randint(0, 3, (8,))
+    ce(model(x), y).backward()
+    with pytest.raises(ValueError, match="checkpointing.*capture='pass'"):
+        pre.step(targets=y)

@@ -329,8 +329,9 @@ class KFACPreconditioner:
     def _check_passes(self, passes: list, stray: list, inputs) -> None:
         if stray:
             raise ValueError(f"layer {stray[0]} ran outside a forward of the model given to KFACPreconditioner (a "
-                             "submodule called directly?); capture='hooks' opens a pass at model(...): call the model, "
-                             "or wrap that forward in `with pre.paused():` and leave its gradient out")
+                             "submodule called directly, or recomputed by activation checkpointing in the backward?); "
+                             "capture='hooks' opens a pass at model(...): call the model, wrap that forward in "
+                             "`with pre.paused():` and leave its gradient out, or use capture='pass'")
         if not passes:
             raise RuntimeError("nothing recorded since the last step: capture='hooks' needs a forward of the model with "
                                "grad enabled and its loss.backward() before pre.step() (forwards under torch.no_grad() "

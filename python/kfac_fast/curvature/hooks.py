@@ -78,6 +78,7 @@ class CapturedPass:
     gz: Optional[torch.Tensor] = None
     backward_seen: bool = False
     bad_output: Optional[str] = None
+    detached: list = field(default_factory=list)  # blocks whose output did not require grad
     handles: list = field(default_factory=list)  # its tensor hooks (they reference the pass)
 
     def unhook(self) -> None:
@@ -235,7 +236,8 @@ class HookCapture:
         p.inputs[i] = args[0].detach()
         p.order.append(i)
         p.out_meta[i] = (out.shape, out.dtype, out.device)
-        if not out.requires_grad:
+        if not out.requires_grad:  # inside torch.no_grad() within the forward (reentrant checkpointing)
+            p.detached.append(i)
             return
         if self.keep_outputs:
             p.outputs[i] = out
@@ -268,3 +270,7 @@ def check_pass(blocks: Sequence[CurvatureBlock], p: CapturedPass) -> None:
         raise TypeError(f"the model returned {p.bad_output}; capture='hooks' needs the model to return one tensor of "
                         "shape (m, ..., k) (the logits): wrap the model so that it does")
     check_calls(blocks, p.calls)
+    if p.detached:
+        raise ValueError(f"the output of layer {blocks[p.detached[0]].name} did not require grad in the recorded forward "
+                         "(run under torch.no_grad() inside the model, e.g. by activation checkpointing), so its output "
+                         "derivatives cannot be recorded; use capture='pass' for such a model")

@@ -31,7 +31,8 @@ holds one refresh per method. Reported: per method the amortised time per iterat
 mean), its median over the periods, and the median single iteration (which hides the refresh);
 ratios to KFACPreconditioner(capture="hooks").
 
-    PYTHONPATH=python python benchmarks/bench_preconditioner_peers.py            # ~4 min, 1 thread
+    PYTHONPATH=python python benchmarks/bench_preconditioner_peers.py            # 1 thread, ~10 min
+    PYTHONPATH=python python benchmarks/bench_preconditioner_peers.py --tasks autoencoder,autoencoder-nobias,cnn
     PYTHONPATH=python python benchmarks/bench_preconditioner_peers.py --quick    # smoke test
 
 Writes benchmarks/results/preconditioner_peers_cpu.csv (machine, versions, threads, load).

@@ -18,6 +18,7 @@ Where the statistics come from (``capture=``):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -211,8 +212,6 @@ class KFACPreconditioner:
     def paused(self):
         """Context manager: forwards inside it are not recorded (``capture="hooks"``), e.g. a
         validation pass with grad enabled. A no-op with ``capture="pass"``."""
-        import contextlib
-
         return self._hooks.paused() if self._hooks is not None else contextlib.nullcontext()
 
     def __enter__(self) -> "KFACPreconditioner":

@@ -7,9 +7,18 @@ Differences from :class:`kfac_fast.KFAC` (Algorithm 2):
     ``.grad`` in place by the corresponding block of F̆⁻¹∇ (or F̂⁻¹∇);
   * weight decay is your optimizer's business (applied after preconditioning).
 Like KFAC it keeps running factor averages (Sec 5) and refreshes the inverse every T3 steps.
+
+Where the statistics come from (``capture=``):
+  * ``"pass"`` (default): ``step(inputs, targets)`` runs its own forward and backward on a τ₁
+    subset of the batch (Sec 5), as it always has;
+  * ``"hooks"``: hooks record the block inputs and output derivatives of YOUR forward and
+    backward (:mod:`kfac_fast.curvature.hooks`), so ``step()`` runs no forward: the empirical
+    Fisher costs no extra pass, the MC Fisher one extra backward through your retained graph on
+    targets sampled from your outputs (no second forward).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -21,13 +30,21 @@ from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
-from .curvature.capture import forward_order
+from .curvature.capture import forward_order, internal_pass
+from .curvature.hooks import CapturedPass, HookCapture, check_pass
 from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
-from .curvature.losses import get_loss
+from .curvature.losses import check_output, get_loss, rows, sample_targets
 from .curvature.running import RunningFactors, ema_decay, snapshot
-from .curvature.statistics import sampled_statistics
+from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_targets, block_rows, concat_statistics,
+                                   sampled_statistics)
 
 FISHERS = ("mc", "empirical")
+CAPTURES = ("pass", "hooks")
+REDUCTIONS = ("mean", "sum")
+#: relative tolerance of the first-step check that your loss's output gradient matches the scale
+#: capture="hooks" assumes (loss_reduction, grad_scale, N)
+SCALE_RTOL = 1e-2
+_FREED = "Trying to backward through the graph a second time"
 
 
 class KFACPreconditioner:
@@ -42,6 +59,48 @@ class KFACPreconditioner:
             F.cross_entropy(model(x), y).backward()
             pre.step(x, y)          # .grad ← F̆⁻¹ .grad
             sgd.step()
+
+    With the statistics from your own passes (``capture="hooks"``, no extra forward)::
+
+        pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="empirical",
+                                           capture="hooks")
+        for x, y in loader:
+            sgd.zero_grad()
+            F.cross_entropy(model(x), y).backward()   # fisher="mc": .backward(retain_graph=True)
+            pre.step(targets=y)     # or pre.step(): see "N" below
+            sgd.step()
+
+    capture="hooks" in detail (:mod:`kfac_fast.curvature.hooks` for what is recorded when):
+        * every ``model(...)`` call with grad enabled is a pass; its block inputs ā and (empirical
+          Fisher) ∂L/∂s are recorded, L your loss. Forwards under ``torch.no_grad()`` are not
+          recorded, nor those inside ``with pre.paused():``, nor kfac_fast's own; a forward
+          that no backward reached is dropped. Train or eval mode does not matter.
+        * scaling: the blocks' G needs ∂(Σ loss terms)/∂s (:mod:`.curvature.blocks.base`), so the
+          recorded derivatives are multiplied by N / grad_scale (``loss_reduction="mean"``: your
+          loss is the mean over the N loss terms) or 1 / grad_scale (``"sum"``). ``grad_scale``
+          (a ``step`` argument) is whatever multiplied your loss on top: ``scaler.get_scale()``
+          of a GradScaler (the captured derivatives are not unscaled by ``scaler.unscale_``), 1/k
+          if you divide each of k accumulated micro-batch losses by k.
+        * N, the number of loss terms per pass: with ``targets`` given, the loss's own count (the
+          terms whose target is not ``ignore_index`` / not all-NaN); without, every leading
+          position of the model output (m for (m, k) outputs, m·T for (m, T, k)). Without
+          targets and with a loss that can ignore terms (softmax with ``ignore_index`` set, the
+          default; ``ignore_nan_targets``), a pass whose output gradient has an exactly zero
+          row (an ignored term) is refused: pass the targets.
+        * check: on the first step given targets the gradient your backward sent to the model
+          output is compared with ∂(Σ loss terms)/∂z: a ratio off the assumed 1/(N / grad_scale)
+          by more than 1 % (a sum loss declared as a mean, a forgotten GradScaler scale, a loss
+          other than ``loss=``) raises ValueError naming the setting to change.
+        * several forwards before one ``step()`` (gradient accumulation): their rows are pooled
+          (Ā averages every row, G divides by the total N); ``targets`` is then a list, one per
+          pass in forward order, or None.
+        * ``fisher="mc"``: ``step`` samples targets from each pass's output (``generator``) and runs
+          one backward of their summed loss through your graph: call
+          ``loss.backward(retain_graph=True)``; the graph is freed by that backward.
+        * hooks stay on the model until :meth:`remove_hooks` (or the end of a ``with pre:`` block);
+          recorded tensors are released at every ``step``.
+        * a non-finite ``.grad`` (GradScaler overflow) leaves ``.grad``, the factors and k as
+          they were and drops the recorded pass.
 
     Args:
         model: any network (blocks as for :class:`kfac_fast.KFAC`).
@@ -58,7 +117,12 @@ class KFACPreconditioner:
             backward on a τ₁ subset, Sec 5) or ``"empirical"`` (uses the given targets).
         inverse: ``"block_diagonal"`` or ``"block_tridiagonal"``.
         T3: inverse refresh period (also refreshed on the first 3 steps).
-        tau1: fraction of the batch used for the factor statistics.
+        tau1: fraction of the batch used for the factor statistics (default 1/8 with
+            ``capture="pass"``; ``capture="hooks"`` uses every row: only 1 is accepted there).
+        capture: ``"pass"`` (default: ``step(inputs, targets)`` runs its own forward and
+            backward) or ``"hooks"`` (statistics from your passes, see above).
+        loss_reduction: ``capture="hooks"`` only: ``"mean"`` (default: your loss averages the
+            loss terms, as ``F.cross_entropy`` does) or ``"sum"``.
         ema_max: ε = min(1 − 1/k, ema_max).
         backend, generator, factor_dtype: as for :class:`kfac_fast.KFAC`.
         factorization: "auto" (Cholesky for block_diagonal unless backend="native"), "eigh" or
@@ -74,7 +138,7 @@ class KFACPreconditioner:
         fisher: str = "mc",
         inverse: str = "block_diagonal",
         T3: int = 20,
-        tau1: float = 1.0 / 8,
+        tau1: Optional[float] = None,
         ema_max: float = 0.95,
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
@@ -84,8 +148,22 @@ class KFACPreconditioner:
         unsupported: str = "skip",
         ignore_index: Optional[int] = -100,
         ignore_nan_targets: bool = False,
+        capture: str = "pass",
+        loss_reduction: str = "mean",
     ):
         check_factorization(factorization, inverse)
+        if capture not in CAPTURES:
+            raise ValueError(f"unknown capture {capture!r}; choose one of {', '.join(CAPTURES)}")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"unknown loss_reduction {loss_reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        if capture == "pass" and loss_reduction != "mean":
+            raise ValueError("loss_reduction applies to capture='hooks' only (capture='pass' computes its own sum "
+                             "loss); drop it or pass capture='hooks'")
+        if tau1 is None:
+            tau1 = 1.0 if capture == "hooks" else 1.0 / 8
+        if capture == "hooks" and tau1 != 1:
+            raise ValueError(f"capture='hooks' uses every row of your pass (tau1=1), got tau1={tau1}; drop tau1 or "
+                             "use capture='pass' for the statistics of a tau1 subset")
         if fisher not in FISHERS:
             raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHERS)}")
         if inverse not in INVERSES:
@@ -116,16 +194,58 @@ class KFACPreconditioner:
         self._ordered = False
         self.factors: Optional[RunningFactors] = None
         self.inverse = None
+        self.capture = capture
+        self.loss_reduction = loss_reduction
+        self._scale_checked = False
+        self._hooks: Optional[HookCapture] = None
+        if capture == "hooks":
+            self._hooks = HookCapture(model, self.layers, record_grads=fisher == "empirical",
+                                      keep_outputs=fisher == "mc")
 
-    def step(self, inputs, targets: Optional[torch.Tensor] = None) -> None:
-        """Update the factors on (a τ₁ subset of) ``inputs`` and precondition ``.grad`` in place.
+    # ------------------------------------------------------------------ hooks
+    def remove_hooks(self) -> None:
+        """Take the ``capture="hooks"`` hooks off the model and drop what they recorded (idempotent;
+        ``step`` then raises)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+
+    def paused(self):
+        """Context manager: forwards inside it are not recorded (``capture="hooks"``), e.g. a
+        validation pass with grad enabled. A no-op with ``capture="pass"``."""
+        return self._hooks.paused() if self._hooks is not None else contextlib.nullcontext()
+
+    def __enter__(self) -> "KFACPreconditioner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
+    def step(self, inputs=None, targets=None, *, grad_scale: float = 1.0) -> None:
+        """Update the factors and precondition ``.grad`` in place (F̆⁻¹∇ per block, Sec 4.2).
+
+        ``capture="pass"``: statistics from one forward and backward of this method on a τ₁ subset
+        of ``inputs``. ``capture="hooks"``: statistics from the passes the hooks recorded since
+        the last step (no forward; with ``fisher="mc"`` one backward through your graph).
 
         Args:
-            inputs: the batch whose gradients are in ``.grad``: a tensor, tuple/list
+            inputs: ``"pass"``: the batch whose gradients are in ``.grad``: a tensor, tuple/list
                 (``model(*inputs)``) or dict (``model(**inputs)``), examples along dim 0.
-            targets: needed for ``fisher="empirical"``; for ``"mc"`` optional (its ignored
-                positions are then excluded from the sampled pass too).
+                ``"hooks"``: optional, only checked against the recorded passes' batch size.
+            targets: ``"pass"``: needed for ``fisher="empirical"``; for ``"mc"`` optional (its
+                ignored positions are then excluded from the sampled pass too). ``"hooks"``:
+                optional; gives N its mask, the MC targets their ignored terms, and the scale
+                check its reference (a list, one per pass, after several forwards).
+            grad_scale: ``"hooks"`` only: what multiplied your loss on top of ``loss_reduction``
+                (``scaler.get_scale()``, 1/k for k accumulated micro-batches), > 0.
         """
+        if self.capture == "hooks":
+            return self._step_hooks(inputs, targets, grad_scale)
+        if inputs is None:
+            raise TypeError("capture='pass' needs the batch: step(inputs, targets); construct the preconditioner "
+                            "with capture='hooks' to take the statistics from your own passes instead")
+        if grad_scale != 1.0:
+            raise ValueError("grad_scale applies to capture='hooks' only (capture='pass' recomputes the statistics "
+                             "in its own pass)")
         m = batch_size(inputs, self.device)
         if m == 0:
             raise ValueError("empty batch: inputs has 0 rows")
@@ -146,6 +266,16 @@ class KFACPreconditioner:
             grads = [grads[i] for i in order]
             stats = stats.permuted(order)
             self._ordered = True
+        self._update(stats)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            # e.g. a GradScaler overflow step: leave .grad as it is so the scaler sees inf and skips
+            self.k += 1
+            return
+        self._precondition(grads)
+        self.k += 1
+
+    def _update(self, stats: BatchStatistics) -> None:
+        """Running factors ← this batch's statistics (Sec 5); inverse refresh on k ≤ 3 and every T3."""
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.inverse_kind == "block_tridiagonal")
@@ -155,16 +285,151 @@ class KFACPreconditioner:
             self.inverse = build_block_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
                                          backend=self.backend, warm_start=self.inverse,
                                          factorization=self.factorization)
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            # e.g. a GradScaler overflow step: leave .grad as it is so the scaler sees inf and skips
-            self.k += 1
-            return
+
+    def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
         with torch.no_grad():
             for layer, u in zip(self.layers, U):
                 for p, part in zip(layer.params(), layer.from_matrix(u)):
                     p.grad.copy_(part.to(p.dtype).reshape(p.shape))
+
+    # ------------------------------------------------------------------ capture="hooks"
+    def _step_hooks(self, inputs, targets, grad_scale: float) -> None:
+        if not self._hooks.armed:
+            raise RuntimeError("the hooks of this KFACPreconditioner were removed (remove_hooks() or the end of its "
+                               "`with` block); construct a new one with capture='hooks'")
+        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a positive finite number (scaler.get_scale()), got {grad_scale!r}")
+        grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
+        passes, stray = self._hooks.take()
+        try:
+            self._check_passes(passes, stray, inputs)
+            ys = self._per_pass_targets(targets, len(passes))
+            # one host sync for all blocks: a sum is inf/NaN when an entry is (or when finite
+            # entries overflow it, ~1e38, which only a diverged run reaches)
+            if not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+                return  # GradScaler overflow: .grad, factors and k as they were; the pass is dropped
+            blocks = self._hooks.blocks
+            if not self._ordered:  # forward order, from the first recorded pass
+                order = forward_order(blocks, passes[0].recording())
+                self.layers = [blocks[i] for i in order]
+                grads = [l.grad_matrix() for l in self.layers]
+                self._ordered = True
+            parts = [self._pass_statistics(p, y, grad_scale, last=j == len(passes) - 1)
+                     for j, (p, y) in enumerate(zip(passes, ys))]
+            stats = concat_statistics(blocks, parts)
+        finally:
+            del passes  # release the recorded tensors (and the graph an MC pass kept) before the update
+        position = {id(b): i for i, b in enumerate(blocks)}
+        self._update(stats.permuted([position[id(l)] for l in self.layers]))
+        self._precondition(grads)
         self.k += 1
+
+    def _check_passes(self, passes: list, stray: list, inputs) -> None:
+        if stray:
+            raise ValueError(f"layer {stray[0]} ran outside a forward of the model given to KFACPreconditioner (a "
+                             "submodule called directly, or recomputed by activation checkpointing in the backward?); "
+                             "capture='hooks' opens a pass at model(...): call the model, wrap that forward in "
+                             "`with pre.paused():` and leave its gradient out, or use capture='pass'")
+        if not passes:
+            raise RuntimeError("nothing recorded since the last step: capture='hooks' needs a forward of the model with "
+                               "grad enabled and its loss.backward() before pre.step() (forwards under torch.no_grad() "
+                               "or pre.paused() are not recorded)")
+        for p in passes:
+            check_pass(self._hooks.blocks, p)
+            check_output(p.z, self.loss)
+        if inputs is not None:
+            m, got = batch_size(inputs, self.device), sum(int(p.z.shape[0]) for p in passes)
+            if m != got:
+                raise ValueError(f"inputs has {m} rows but the recorded forward passes had {got} examples; with "
+                                 "capture='hooks' step() uses the recorded passes (inputs are only checked)")
+
+    def _per_pass_targets(self, targets, n: int) -> list:
+        if targets is None:
+            return [None] * n
+        if isinstance(targets, torch.Tensor):
+            if n != 1:
+                raise ValueError(f"{n} forward passes were recorded since the last step (gradient accumulation); "
+                                 "pass targets as a list with one tensor per pass, in forward order, or None")
+            return [targets]
+        if isinstance(targets, (list, tuple)) and len(targets) == n and all(isinstance(t, torch.Tensor)
+                                                                            for t in targets):
+            return list(targets)
+        raise ValueError(f"targets must be a tensor (one recorded pass) or a list of {n} tensors, one per recorded "
+                         f"pass; got {type(targets).__name__}"
+                         + (f" of length {len(targets)}" if isinstance(targets, (list, tuple)) else ""))
+
+    def _loss_terms(self, p: CapturedPass, y) -> int:
+        """N of one pass: the loss's count given targets, else every leading position of z
+        (refused when an exactly zero row of ∂L/∂z betrays an ignored term)."""
+        z = p.z.detach()
+        if y is not None:
+            if y.shape[:1] != z.shape[:1]:
+                raise ValueError(f"the recorded pass has {z.shape[0]} examples but its targets {tuple(y.shape)[:1]}")
+            if not self._scale_checked:  # validated with the scale (first step given targets): your loss used them
+                self.loss.check_targets(z, y)
+            return int(self.loss.count(z, y))
+        can_mask = self.loss.ignore_index is not None or getattr(self.loss, "ignore_nan_targets", False)
+        if can_mask and bool((rows(p.gz) == 0).all(-1).any()):
+            raise ValueError("the gradient of your loss is exactly zero for some loss terms of the model output "
+                             "(targets equal to ignore_index, or all-NaN with ignore_nan_targets), so N, the number "
+                             "of terms your loss averages, is not the number of outputs: pass the targets, "
+                             "pre.step(targets=y), so that N counts the kept terms (or ignore_index=None if no term "
+                             "is ever ignored)")
+        return rows(z).shape[0]
+
+    def _check_scale(self, p: CapturedPass, y, n_terms: int, scale: float, grad_scale: float) -> None:
+        """Once, given targets: ∂L/∂z = c · ∂(Σ loss terms)/∂z with c = 1/scale (Sec 5 convention)."""
+        z = p.z.detach().requires_grad_(True)
+        with torch.enable_grad(), internal_pass():
+            h, = torch.autograd.grad(self.loss.total(z, y), z)
+        hh = float((h * h).sum())
+        if hh == 0.0 or p.gz is None:
+            return
+        c = float((p.gz.to(h.dtype) * h).sum()) / hh
+        if abs(c * scale - 1.0) > SCALE_RTOL:
+            raise ValueError(
+                f"the gradient your backward sent to the model output is {c:.4g} x d(sum of {self.loss.name} terms)/dz, "
+                f"but loss_reduction={self.loss_reduction!r}, grad_scale={grad_scale:g} and N={n_terms} mean "
+                f"{1.0 / scale:.4g}: pass loss_reduction='sum' if your loss sums the terms, "
+                "step(grad_scale=scaler.get_scale()) under a GradScaler or 1/k for k accumulated micro-batches, "
+                f"and make sure your loss is the {self.loss.name} of loss= (mean over the same N terms)")
+        self._scale_checked = True
+
+    def _pass_statistics(self, p: CapturedPass, y, grad_scale: float, *, last: bool) -> BatchStatistics:
+        """One recorded pass -> its BatchStatistics in the capture's block order, G following the
+        ∂(Σ loss terms)/∂s convention (:mod:`.curvature.blocks.base`)."""
+        blocks = self._hooks.blocks
+        n_terms = self._loss_terms(p, y)
+        scale = (n_terms if self.loss_reduction == "mean" else 1.0) / grad_scale
+        if y is not None and not self._scale_checked:
+            self._check_scale(p, y, n_terms, scale, grad_scale)
+        rec = p.recording()
+        if self.fisher == "empirical":
+            g = [(p.output_grad(i) if b.captures else p.grads[i]) for i, b in enumerate(blocks)]
+            g = [None if t is None else t * scale for t in g]
+            return block_rows(blocks, rec, g, n_terms)
+        z = p.z
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteOutputs("the model's outputs contain NaN or inf, so no targets can be sampled for the MC "
+                                   "Fisher: the parameters or inputs have diverged (lower the learning rate or raise "
+                                   "the damping)")
+        ys = sample_targets(self.loss, z.detach(), self.generator, like=y)
+        wrt = backward_targets(blocks, rec)
+        missing = [b.name for b, t in zip(blocks, wrt) if b.captures and t is None]
+        if missing:
+            raise ValueError(f"the output of layer {missing[0]} does not require grad in the recorded pass")
+        try:
+            with torch.enable_grad(), internal_pass():
+                g = list(torch.autograd.grad(self.loss.total(z, ys), wrt, retain_graph=not last, allow_unused=True))
+        except RuntimeError as exc:
+            if _FREED in str(exc):
+                raise RuntimeError("fisher='mc' with capture='hooks' runs one backward of the sampled-target loss "
+                                   "through your graph, which your backward already freed: call "
+                                   "loss.backward(retain_graph=True) before pre.step()") from exc
+            raise
+        g = [p.output_grad(i) if t is None and b.captures else t for i, (b, t) in enumerate(zip(blocks, g))]
+        return block_rows(blocks, rec, g, int(self.loss.count(z.detach(), ys)))
 
     def state_dict(self) -> dict:
         return {

@@ -9,8 +9,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import torch
-
 from .blocks import CurvatureBlock
 
 
@@ -23,6 +21,43 @@ class Recording:
     order: list = field(default_factory=list)
 
 
+_INTERNAL = [0]  # depth of kfac_fast's own passes (statistics forwards and backwards)
+
+
+@contextlib.contextmanager
+def internal_pass() -> Iterator[None]:
+    """Mark kfac_fast's own passes (the statistics forward and backward of ``KFAC`` and of
+    ``KFACPreconditioner(capture="pass")``, the MC backward of ``capture="hooks"``): the hooks of
+    :class:`~kfac_fast.curvature.hooks.HookCapture` record nothing inside."""
+    _INTERNAL[0] += 1
+    try:
+        yield
+    finally:
+        _INTERNAL[0] -= 1
+
+
+def in_internal_pass() -> bool:
+    return _INTERNAL[0] > 0
+
+
+def check_calls(layers: Sequence[CurvatureBlock], calls: Sequence[int]) -> None:
+    """Each hooked layer ran exactly once in the forward pass (ValueError naming it otherwise)."""
+    for layer, n in zip(layers, calls):
+        if not layer.captures:
+            continue
+        if n > 1:
+            raise ValueError(
+                f"layer {layer.name} was called {n} times in one forward pass; K-FAC's Kronecker "
+                "factors assume each layer is used once per forward (no weight sharing); share the weight as a plain "
+                "nn.Parameter (a diagonal block, unsupported='diagonal') or give each use its own layer"
+            )
+        if n == 0:
+            raise ValueError(
+                f"layer {layer.name} was not used in the forward pass; remove it from the model or freeze it "
+                "(requires_grad_(False)) so K-FAC does not track it"
+            )
+
+
 def forward_order(layers: Sequence[CurvatureBlock], rec: Recording) -> list[int]:
     """Block indices in the order the forward pass called them, blocks without a module hook
     (diagonal parameters) last."""
@@ -31,7 +66,8 @@ def forward_order(layers: Sequence[CurvatureBlock], rec: Recording) -> list[int]
 
 @contextlib.contextmanager
 def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> Iterator[Recording]:
-    """Hook ``layers`` for one forward pass.
+    """Hook ``layers`` for one forward pass (an :func:`internal_pass`: armed
+    :class:`~kfac_fast.curvature.hooks.HookCapture` hooks record nothing in it).
 
     Raises (after the forward): ValueError naming a layer called more than once (weight
     sharing breaks the one-use-per-forward assumption of the factors) or never called.
@@ -56,23 +92,12 @@ def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> I
     for i in hooked:
         handles.append(layers[i].module.register_forward_hook(make_hook(i)))
     try:
-        yield rec
+        with internal_pass():
+            yield rec
     finally:
         for h in handles:
             h.remove()
-    for i in hooked:
-        layer = layers[i]
-        if calls[i] > 1:
-            raise ValueError(
-                f"layer {layer.name} was called {calls[i]} times in one forward pass; K-FAC's Kronecker "
-                "factors assume each layer is used once per forward (no weight sharing); share the weight as a plain "
-                "nn.Parameter (a diagonal block, unsupported='diagonal') or give each use its own layer"
-            )
-        if calls[i] == 0:
-            raise ValueError(
-                f"layer {layer.name} was not used in the forward pass; remove it from the model or freeze it "
-                "(requires_grad_(False)) so K-FAC does not track it"
-            )
+    check_calls(layers, calls)
     if need_outputs:
         for i in hooked:
             layer = layers[i]

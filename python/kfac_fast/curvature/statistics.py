@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
-from .capture import Recording
+from .capture import Recording, internal_pass
 
 
 @dataclass
@@ -79,8 +79,37 @@ def statistics_grads(total: torch.Tensor, blocks: Sequence[CurvatureBlock], rec:
                      *, retain_graph: bool = False, grad_outputs=None, outputs=None) -> list:
     """∂total/∂(block outputs or parameters), None for a parameter the forward did not use."""
     targets = backward_targets(blocks, rec)
-    return list(torch.autograd.grad(total if outputs is None else outputs, targets, grad_outputs=grad_outputs,
-                                    retain_graph=retain_graph, allow_unused=True))
+    with internal_pass():
+        return list(torch.autograd.grad(total if outputs is None else outputs, targets, grad_outputs=grad_outputs,
+                                        retain_graph=retain_graph, allow_unused=True))
+
+
+def concat_statistics(blocks: Sequence[CurvatureBlock], parts: Sequence[BatchStatistics]) -> BatchStatistics:
+    """The statistics of several passes (gradient accumulation: micro-batches of one step) as one
+    batch: rows of every block stacked along dim 0, N summed. Ā then averages all rows and G
+    divides by the total N, as for one batch holding every micro-batch.
+
+    Raises:
+        ValueError: a convolution (``implicit_a``) whose input differs in size between passes
+            (its raw inputs cannot be stacked).
+    """
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(i: int, ts: list, what: str):
+        if all(t is None for t in ts):
+            return None
+        b = blocks[i]
+        if what == "a" and b.implicit_a and len({tuple(t.shape[1:]) for t in ts}) > 1:
+            raise ValueError(f"layer {b.name}: the passes to accumulate have inputs of different sizes "
+                             f"{sorted({tuple(t.shape[1:]) for t in ts})}; call step() after each backward instead")
+        return torch.cat(ts, 0)
+
+    n = len(blocks)
+    return BatchStatistics(a=[cat(i, [s.a[i] for s in parts], "a") for i in range(n)],
+                           g=[cat(i, [s.g[i] for s in parts], "g") for i in range(n)],
+                           u=[cat(i, [s.u[i] for s in parts], "u") for i in range(n)],
+                           n_terms=sum(int(s.n_terms) for s in parts))
 
 
 def finite_flags(blocks: Sequence[CurvatureBlock], stats: BatchStatistics) -> tuple[torch.Tensor, list[str]]:
@@ -124,7 +153,7 @@ def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, 
     from .capture import capture
     from .losses import check_output, sample_targets
 
-    with torch.enable_grad(), buffers_kept(model):
+    with torch.enable_grad(), buffers_kept(model), internal_pass():
         with capture(blocks) as rec:
             z = call(model, batch)
         check_output(z, loss)

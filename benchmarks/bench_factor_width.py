@@ -5,10 +5,11 @@ an odd width can run far slower than the aligned d (the reason ASDL, whose A lea
 out, was ahead of KFACPreconditioner on the autoencoder with biases in
 bench_preconditioner_peers.py). This compares, on the autoencoder's layer widths and batch:
 
-  padded    ``ops.factor_update(homogeneous=True)``: cat([X, 1]) then F.addmm_(X̄ᵀ, X̄)
-  aligned   the same result from aligned pieces: T = XᵀX (d × d, contiguous temporary), then
-            F[:d, :d] ← εF[:d, :d] + s·T, the last row/column from the column sums of X and m
-            (the candidate for ops.factor_update; checked equal to the padded result)
+  padded    ``ops.factor_update_ref(homogeneous=True)`` (the reference): cat([X, 1]) then
+            F.addmm_(X̄ᵀ, X̄)
+  aligned   ``ops.factor_update(homogeneous=True, backend="torch")``, the torch backend since
+            this measurement: T = XᵀX (d × d), F[:d, :d] ← εF[:d, :d] + s·T, the last row/column
+            from the column sums of X and m (checked equal to the padded result)
   bias-free ``ops.factor_update(homogeneous=False)`` on X: the cost floor (d × d only)
 
 interleaved (padded, aligned, bias-free in turn), medians over repeats, 1 thread.
@@ -34,17 +35,6 @@ from kfac_fast import ops  # noqa: E402
 from kfac_fast.models import MNIST_AUTOENCODER  # noqa: E402
 
 
-def aligned_update(F: torch.Tensor, X: torch.Tensor, *, eps: float, scale: float) -> None:
-    """F ← eps·F + scale·X̄ᵀX̄ with X̄ = [X, 1], from d-wide pieces. F: (d+1, d+1), X: (m, d)."""
-    d = X.shape[1]
-    T = X.T @ X
-    s = X.sum(0)
-    F[:d, :d].mul_(eps).add_(T, alpha=scale)
-    F[:d, d].mul_(eps).add_(s, alpha=scale)
-    F[d, :d].mul_(eps).add_(s, alpha=scale)
-    F[d, d].mul_(eps).add_(X.shape[0] * scale)
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1000)
@@ -61,8 +51,8 @@ def main(argv=None) -> list[dict]:
         Fp, Fa, Fb = torch.eye(d + 1), torch.eye(d + 1), torch.eye(d)
         eps, scale = 0.95, 0.05 / args.batch
         variants = {
-            "padded": lambda: ops.factor_update([Fp], [X], eps=eps, scale=scale, homogeneous=True, backend="torch"),
-            "aligned": lambda: aligned_update(Fa, X, eps=eps, scale=scale),
+            "padded": lambda: ops.factor_update_ref([Fp], [X], eps=eps, scale=scale, homogeneous=True),
+            "aligned": lambda: ops.factor_update([Fa], [X], eps=eps, scale=scale, homogeneous=True, backend="torch"),
             "bias-free": lambda: ops.factor_update([Fb], [X], eps=eps, scale=scale, homogeneous=False, backend="torch"),
         }
         times = {k: [] for k in variants}

@@ -186,3 +186,23 @@ def test_factor_update_cuda(dtype):
     cross_factor_update(ref, X, Y, eps=0.9, scale=1.0 / m, homogeneous_x=True, homogeneous_y=False, backend="torch")
     for F, R in zip(Fs, ref):
         assert_close_scaled(F, R, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [None, 5, "idx"])
+def test_torch_backend_aligned_pieces_equal_the_reference(dtype, rows):
+    """The torch backend builds a homogeneous factor from d-wide pieces on CPU (XᵀX, column
+    sums, m): the same result as the (d+1)-wide reference, eps = 0 ignoring NaNs in F."""
+    g = torch.Generator().manual_seed(3)
+    X = [torch.randn(13, d, generator=g, dtype=dtype) for d in (1, 7, 400, 385)]
+    r = torch.tensor([0, 3, 4, 9, 12]) if rows == "idx" else rows
+    for eps in (0.0, 0.9):
+        F1 = [torch.randn(d + 1, d + 1, generator=g, dtype=dtype) for d in (1, 7, 400, 385)]
+        if eps == 0.0:
+            F1[1][0, 0] = float("nan")
+        F2 = [f.clone() for f in F1]
+        factor_update(F1, X, eps=eps, scale=[0.1, 0.2, 0.3, 0.4], homogeneous=True, rows=r, backend="torch")
+        factor_update_ref(F2, X, eps=eps, scale=[0.1, 0.2, 0.3, 0.4], homogeneous=True, rows=r)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip(F1, F2):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)

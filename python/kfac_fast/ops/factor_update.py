@@ -54,6 +54,32 @@ def factor_update_ref(factors: Sequence[torch.Tensor], inputs: Sequence[torch.Te
         F.addmm_(Xb.T, Xb, beta=e, alpha=s)
 
 
+_ALIGNED_MIN_D = 384
+
+
+def _factor_update_torch(factors, inputs, *, eps, scale, homogeneous, rows: Rows = None) -> None:
+    """The torch backend: :func:`factor_update_ref`'s result, but on CPU a homogeneous factor is
+    updated from d-wide pieces: T = XᵀX on the aligned width, the bias row and column from the
+    column sums of X, the corner from m, for d ≥ 384: there the (d+1)-wide GEMM of the
+    reference ran 1.06-1.26x slower than these pieces (d = 500-1000), while for d ≤ 250 the
+    extra passes cost more than they save (bench_factor_width.py, factor_width_cpu.csv)."""
+    for F, X, e, s, h in zip(factors, inputs, eps, scale, homogeneous):
+        if not h or F.device.type != "cpu" or F.shape[0] - 1 < _ALIGNED_MIN_D:
+            factor_update_ref([F], [X], eps=e, scale=s, homogeneous=h, rows=rows)
+            continue
+        Xr = _bar(X, False, rows, F.dtype)
+        d, m = Xr.shape[1], Xr.shape[0]
+        T = torch.mm(Xr.T, Xr)
+        c = Xr.sum(0)
+        for view, val in ((F[:d, :d], T), (F[:d, d], c), (F[d, :d], c), (F[d, d], None)):
+            if val is None:
+                val = torch.tensor(float(m), dtype=F.dtype)
+            if e == 0:  # eps = 0 ignores the old F, NaNs included
+                view.copy_(val * s)
+            else:
+                view.mul_(e).add_(val, alpha=s)
+
+
 def cross_factor_update_ref(factors: Sequence[torch.Tensor], X: Sequence[torch.Tensor], Y: Sequence[torch.Tensor],
                             *, eps, scale, homogeneous_x, homogeneous_y, rows: Rows = None) -> None:
     """Reference: per pair ``F.addmm_(X̄ᵀ, Ȳ, beta=eps, alpha=scale)``."""
@@ -192,7 +218,7 @@ def factor_update(factors: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor
     which, dev = _check_common_auto("factor_update", factors, inputs, inputs, homogeneous, homogeneous, backend)
     idx, k = _check_rows(rows, [x.shape[0] for x in inputs], dev)
     if which == "torch":
-        factor_update_ref(factors, inputs, eps=eps, scale=scale, homogeneous=homogeneous, rows=rows)
+        _factor_update_torch(factors, inputs, eps=eps, scale=scale, homogeneous=homogeneous, rows=rows)
         return
     _factor_update_triton(factors, inputs, [float(e) for e in eps], [float(s) for s in scale], homogeneous, idx, k)
 

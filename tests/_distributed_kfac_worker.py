@@ -141,6 +141,17 @@ def main():
     res["ddp/names"] = [l.name for l in opt.layers]
     res["ddp/params"] = [p.detach().clone() for p in net.parameters()]
 
+    # 6. KFACPreconditioner under torch.distributed is the data-parallel one
+    from kfac_fast import KFACPreconditioner
+
+    pre = KFACPreconditioner(make_model(), loss="softmax_cross_entropy")
+    res["pre/type"] = type(pre).__name__
+    try:
+        KFACPreconditioner(make_model(), loss="softmax_cross_entropy", capture="hooks")
+        res["pre/hooks_error"] = None
+    except ValueError as exc:
+        res["pre/hooks_error"] = str(exc)
+
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

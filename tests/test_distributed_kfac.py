@@ -103,3 +103,8 @@ def test_checkpoint_gathers_generators_and_resumes_on_world_one(ranks):
     x, y = W.data(10)
     s = opt.step(x, y)
     assert s["k"] == state["k"] and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_kfac_preconditioner_under_torch_distributed_is_the_distributed_one(ranks):
+    assert ranks[0]["pre/type"] == ranks[1]["pre/type"] == "DistributedKFACPreconditioner"
+    assert "not data-parallel yet" in ranks[0]["pre/hooks_error"]

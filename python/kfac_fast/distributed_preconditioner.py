@@ -117,6 +117,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             dev = next(inner.parameters()).device
             generator = rank_generator(seed, d.rank, dev)
         self.seed = seed
+        if kwargs.get("capture", "pass") == "hooks":
+            raise ValueError("capture='hooks' is not data-parallel yet: the statistics of the user's own passes "
+                             "are not reduced over the ranks; use capture='pass' (the default) with "
+                             "torch.distributed")
         super().__init__(inner, loss=loss, generator=generator, **kwargs)
         self.timer = PhaseTimer()
         self.inverse: Optional[ShardedInverse] = None

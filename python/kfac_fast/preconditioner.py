@@ -47,6 +47,14 @@ SCALE_RTOL = 1e-2
 _FREED = "Trying to backward through the graph a second time"
 
 
+def _world_size(process_group=None) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
 class KFACPreconditioner:
     """Replace ``.grad`` of every K-FAC block's parameters by the K-FAC direction.
 
@@ -128,6 +136,17 @@ class KFACPreconditioner:
         factorization: "auto" (Cholesky for block_diagonal unless backend="native"), "eigh" or
             "cholesky": how the damped factor inverses are computed at each refresh.
     """
+
+    def __new__(cls, *args, **kwargs):
+        # Data parallelism (issue 15): with torch.distributed initialised over more than one
+        # rank, KFACPreconditioner(...) is the DistributedKFACPreconditioner (factors reduced,
+        # inverse work sharded, every rank the same direction), not a per-rank preconditioner
+        # whose ranks would silently drift apart.
+        if cls is KFACPreconditioner and _world_size(kwargs.get("process_group")) > 1:
+            from .distributed_preconditioner import DistributedKFACPreconditioner
+
+            return super().__new__(DistributedKFACPreconditioner)
+        return super().__new__(cls)
 
     def __init__(
         self,

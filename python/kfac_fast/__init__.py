@@ -24,6 +24,8 @@ _LAZY = {
     "KFAC": ".optimizer",
     "KFACPreconditioner": ".preconditioner",
     "register_block": ".curvature.blocks",
+    "DistributedKFACPreconditioner": ".distributed_preconditioner",
+    "distributed": ".distributed",
 }
 
 
@@ -60,4 +62,6 @@ __all__ = [
     "KFAC",
     "KFACPreconditioner",
     "register_block",
+    "DistributedKFACPreconditioner",
+    "distributed",
 ]

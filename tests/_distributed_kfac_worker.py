@@ -31,16 +31,18 @@ def data(seed: int, rows: int = M):
     return x, y
 
 
-CONFIGS = [("block_diagonal", True), ("block_diagonal", False), ("block_tridiagonal", True)]
+CONFIGS = [("block_diagonal", True, "replicate_inverses"), ("block_diagonal", False, "replicate_inverses"),
+           ("block_tridiagonal", True, "replicate_inverses"), ("block_diagonal", True, "shard_inverses"),
+           ("block_diagonal", True, "replicated_work")]
 
 
-def same_batch_run(inverse, momentum):
+def same_batch_run(inverse, momentum, mode="replicate_inverses"):
     """Every rank the same batch and the same generator seed: the world-1 trajectory."""
     from kfac_fast import KFAC
 
     model = make_model()
     opt = KFAC(model, loss="softmax_cross_entropy", inverse=inverse, momentum=momentum, T3=5, T2=10,
-               generator=torch.Generator().manual_seed(0))
+               generator=torch.Generator().manual_seed(0), distributed_mode=mode)
     x, y = data(1)
     traj = []
     for _ in range(ITERS):
@@ -59,8 +61,8 @@ def main():
 
     res = {}
     # 1. the same batch and seed on every rank
-    for inverse, momentum in CONFIGS:
-        res[f"same/{inverse}/{momentum}"] = same_batch_run(inverse, momentum)
+    for inverse, momentum, mode in CONFIGS:
+        res[f"same/{inverse}/{momentum}/{mode}"] = same_batch_run(inverse, momentum, mode)
 
     # 2. shards with the default per-rank streams: identical parameters on every rank
     torch.manual_seed(1234)  # the common seed rank 0 broadcasts (other ranks' global RNG may differ)
@@ -82,6 +84,10 @@ def main():
     opt2 = KFAC(make_model(), loss="softmax_cross_entropy", T3=5, T2=10)
     opt2.load_state_dict(state)
     res["shards/resumed_same_stream"] = torch.equal(opt2.generator.get_state(), opt.generator.get_state())
+    res["shards/inverse_type"] = type(opt.inverse).__name__
+    V = [torch.ones(l.g_dim, l.a_dim, dtype=D) for l in opt.layers]
+    res["shards/resumed_apply_equal"] = all(torch.equal(a, b) for a, b in zip(opt.inverse.apply(V),
+                                                                              opt2.inverse.apply(V)))
     if rank == 0:
         torch.save(state, os.path.join(out, "kfac_state.pt"))
 

@@ -42,11 +42,13 @@ def ranks(tmp_path_factory):
     return res
 
 
-@pytest.mark.parametrize("inverse,momentum", W.CONFIGS)
-def test_same_batch_and_seed_reproduces_world_one(ranks, inverse, momentum):
+@pytest.mark.parametrize("inverse,momentum,mode", W.CONFIGS)
+def test_same_batch_and_seed_reproduces_world_one(ranks, inverse, momentum, mode):
+    """Every distributed_mode: the blocks' owners build (and broadcast, or apply and gather) the
+    same inverse world 1 builds whole."""
     ref = W.same_batch_run(inverse, momentum)  # this process: world 1
     for r in range(2):
-        got = ranks[r][f"same/{inverse}/{momentum}"]
+        got = ranks[r][f"same/{inverse}/{momentum}/{mode}"]
         for it, (a, b) in enumerate(zip(got, ref)):
             for x, y in zip(a, b):
                 rel = float((x - y).norm() / y.norm().clamp_min(1e-300))
@@ -92,6 +94,8 @@ def test_checkpoint_gathers_generators_and_resumes_on_world_one(ranks):
     from kfac_fast import KFAC
 
     assert all(ranks[r]["shards/n_generators"] == 2 and ranks[r]["shards/resumed_same_stream"] for r in range(2))
+    # the sharded inverse is checkpointed as its records and rebuilt by the owners on load
+    assert ranks[0]["shards/inverse_type"] == "ShardedInverse" and ranks[0]["shards/resumed_apply_equal"]
     state = torch.load(os.path.join(ranks[0]["_dir"], "kfac_state.pt"), weights_only=False)
     model = W.make_model()
     with torch.no_grad():

@@ -707,20 +707,66 @@ class ShardedInverse:
             self.local = self.build([records[i] for i in own], self.local) if own else None
         self._own = own
         if self.mode == "replicate_inverses":
-            kinds = [record_kind(r) for r in records]
-            parts, syms = [], []
-            for i, (r, k) in enumerate(zip(records, kinds)):
-                b, s = _part_buffers(r, k)
-                if owners[i] == d.rank:
-                    for buf, src in zip(b, _parts_of(self.local, own.index(i), k)):
-                        buf.copy_(src)
-                parts.append(b)
-                syms.append(s)
-            with self.timer("refresh_comm"):
-                d.broadcast_from_owners(parts, owners, symmetric=syms, kind="inverses")
-            self.parts = parts
-            self._kinds = kinds
+            self._share_parts()
             # self.local stays: the next refresh's warm start (eigenbases with factorization="eigh")
+
+    def _share_parts(self) -> None:
+        """replicate mode: the owners broadcast every block's damped inverses (a collective)."""
+        d, records, owners, own = self.distributor, self.records, self.owners, self._own
+        kinds = [record_kind(r) for r in records]
+        parts, syms = [], []
+        for i, (r, k) in enumerate(zip(records, kinds)):
+            b, sy = _part_buffers(r, k)
+            if owners[i] == d.rank:
+                for buf, src in zip(b, _parts_of(self.local, own.index(i), k)):
+                    buf.copy_(src)
+            parts.append(b)
+            syms.append(sy)
+        with self.timer("refresh_comm"):
+            d.broadcast_from_owners(parts, owners, symmetric=syms, kind="inverses")
+        self.parts = parts
+        self._kinds = kinds
+
+    # the attributes KFAC reads from an inverse (its γ, fallbacks, compute_dtype)
+    @property
+    def damping(self) -> float:
+        return float(getattr(self, "_damping", getattr(self.local, "damping", 0.0)))
+
+    @property
+    def fallbacks(self) -> list:
+        return list(getattr(self.local, "fallbacks", []) or [])
+
+    @property
+    def compute_dtype(self):
+        return getattr(self.local, "compute_dtype", None)
+
+    @compute_dtype.setter
+    def compute_dtype(self, value) -> None:
+        if self.local is not None:
+            self.local.compute_dtype = value
+
+    def with_damping(self, damping: float) -> "ShardedInverse":
+        """The same blocks at another γ (KFAC's candidates, Sec 6.6): every owner re-damps its
+        blocks (``local.with_damping``); replicate mode re-broadcasts them (a collective), shard
+        mode sends nothing until ``apply``. ``self`` is left as it was."""
+        import copy
+
+        new = copy.copy(self)
+        new._damping = float(damping)
+        new.local = None if self.local is None else self.local.with_damping(damping)
+        if new.local is not None and self.local is not None:
+            new.local.compute_dtype = self.local.compute_dtype
+        if not self.replicated_work and self.mode == "replicate_inverses":
+            new._share_parts()
+        return new
+
+    def state_dict(self) -> dict:
+        """The records and γ it was built from: a checkpoint rebuilds it with :meth:`refresh`
+        (the owners are recomputed for the world size of the run that loads it)."""
+        from .curvature.factors import record_to_dict
+
+        return {"sharded": True, "mode": self.mode, "kind": self.kind, "damping": self.damping,
+                "records": [record_to_dict(r) for r in self.records]}
 
     def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every block's preconditioned direction (g_dim, a_dim), the same on every rank; a

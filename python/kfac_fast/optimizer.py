@@ -74,6 +74,9 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
+DISTRIBUTED_MODES = ("replicate_inverses", "shard_inverses", "replicated_work")
+
+
 def _make_distributor(distributor, process_group):
     """The given distributor, a TorchDistributor when torch.distributed is initialised, else the
     single-process no-op (kfac_fast.distributed)."""
@@ -163,6 +166,13 @@ class KFAC:
             wrapped in ``DistributedDataParallel`` is unwrapped (K-FAC reduces the gradient
             itself). ``distributor``: a :class:`kfac_fast.distributed.Distributor` instead.
             The default generator is then one stream per rank from a common seed.
+        distributed_mode: how the inverse refresh is shared out over the ranks:
+            ``"replicate_inverses"`` (default: each block built by its owner, greedy LPT on n³,
+            and broadcast; every rank preconditions every block), ``"shard_inverses"`` (owners
+            keep their blocks and precondition them, the directions are all-gathered every
+            iteration: least memory) or ``"replicated_work"`` (every rank builds everything:
+            no inverse traffic). The γ candidates of Sec 6.6 are re-damped by the owners. The
+            block-tridiagonal inverse is built whole on every rank in every mode.
         validate: check the targets (range, classes, NaN policy) on every step. Off by default:
             they are checked on refresh iterations (k ≤ 3 and every T3), where the step reads the
             device anyway, so ordinary iterations stay free of host syncs.
@@ -197,6 +207,7 @@ class KFAC:
         compile: bool = False,
         distributor=None,
         process_group=None,
+        distributed_mode: str = "replicate_inverses",
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -211,6 +222,10 @@ class KFAC:
         # data parallelism (issue 15): a DistributedDataParallel wrapper is bypassed (K-FAC takes
         # its gradient with autograd.grad, which DDP's hooks do not see, and averages it itself)
         self.dist = _make_distributor(distributor, process_group)
+        if distributed_mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"unknown distributed_mode {distributed_mode!r}; choose one of "
+                             f"{', '.join(DISTRIBUTED_MODES)}")
+        self.distributed_mode = distributed_mode
         from .distributed import unwrap_model
 
         model = unwrap_model(model)
@@ -840,6 +855,29 @@ class KFAC:
                 self._adapt_gamma(rho)
         return None
 
+    def _build_inverse(self, records: list, gamma: float):
+        """The inverse over ``records`` at γ: one process builds it whole; data-parallel with
+        ``distributed_mode`` "replicate_inverses"/"shard_inverses" the blocks are built by
+        their owners (greedy LPT on n³, :class:`kfac_fast.distributed.ShardedInverse`)."""
+        fact = resolve_factorization(self.config.factorization, self.config.inverse, self.backend)
+        kind = self.config.inverse
+
+        def build(recs, warm):
+            return build_block_inverse(kind, recs, damping=gamma, backend=self.backend, warm_start=warm,
+                                       factorization=fact)
+
+        if self.dist.world_size == 1 or self.distributed_mode == "replicated_work":
+            return build(records, self.inverse)
+        from .distributed import ShardedInverse
+
+        inv = ShardedInverse(self.dist, mode=self.distributed_mode, kind=kind, build=build, backend=self.backend)
+        prev = self.inverse
+        if isinstance(prev, ShardedInverse):  # its owned blocks warm-start the new ones
+            inv.local, inv.owners = prev.local, prev.owners
+        inv._damping = float(gamma)
+        inv.refresh(records)
+        return inv
+
     def _refresh(self, gamma: float):
         """New approximate inverse from the pending factors (Sec 4 + 6.3), with fallbacks.
 
@@ -849,10 +887,7 @@ class KFAC:
         """
         facs = snapshot(self.factors.pending, dtype=self.inverse_dtype)
         try:
-            inv = build_block_inverse(self.config.inverse, facs, damping=gamma, backend=self.backend,
-                                warm_start=self.inverse,
-                                factorization=resolve_factorization(self.config.factorization, self.config.inverse,
-                                                                    self.backend))
+            inv = self._build_inverse(facs, gamma)
             failures = list(inv.fallbacks)
             inv.compute_dtype = self.compute_dtype
         except ValueError as exc:
@@ -941,7 +976,15 @@ class KFAC:
         self._ensure_state()
         if state["factors"] is not None:
             self.factors.load(state["factors"])
-        self.inverse = load_inverse(self.config.inverse, state["inverse"], self.factors.current, self.backend)
+        inv_state = state["inverse"]
+        if inv_state is not None and inv_state.get("sharded"):  # rebuilt from its records (any world size)
+            from .curvature.block_inverse import records_from_dicts
+
+            self.inverse = None
+            self.inverse = self._build_inverse(records_from_dicts(inv_state["records"], self.factors.current),
+                                               float(inv_state["damping"]))
+        else:
+            self.inverse = load_inverse(self.config.inverse, inv_state, self.factors.current, self.backend)
         if self.inverse is not None:
             self.inverse.compute_dtype = self.compute_dtype
         self.k = int(state["k"])

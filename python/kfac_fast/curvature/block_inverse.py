@@ -40,6 +40,22 @@ def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
     return ((Q / w.unsqueeze(-2)) @ Q.transpose(-1, -2)).to(S.dtype), False
 
 
+def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
+    """Factor records from their checkpoint dicts (``record_to_dict``), with the names, kinds and
+    devices of ``template`` (the running factors)."""
+    records = []
+    for t, d in zip(template, dicts):
+        if isinstance(t, BlockFisher):
+            records.append(BlockFisher(F=d["F"].to(t.F.device), name=t.name, kind=t.kind))
+        else:
+            dev = t.A.device
+            records.append(KroneckerFactors(
+                A=d["A"].to(dev), G=d["G"].to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
+                G_next=None if d.get("G_next") is None else d["G_next"].to(dev), name=t.name,
+                homogeneous=t.homogeneous))
+    return records
+
+
 class BlockInverse:
     """F̆⁻¹ (or F̂⁻¹ on the Kronecker chain) over a list of factor records of any kind.
 
@@ -223,16 +239,7 @@ class BlockInverse:
         if not state.get("composite"):
             state = {"kind": kind, "damping": state["damping"], "pi": state["pi"], "factorization": None,
                      "kron": state, "records": [factors_to_dict(t) for t in template]}
-        records = []
-        for t, d in zip(template, state["records"]):
-            if isinstance(t, BlockFisher):
-                records.append(BlockFisher(F=d["F"].to(t.F.device), name=t.name, kind=t.kind))
-            else:
-                dev = t.A.device
-                records.append(KroneckerFactors(
-                    A=d["A"].to(dev), G=d["G"].to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
-                    G_next=None if d.get("G_next") is None else d["G_next"].to(dev), name=t.name,
-                    homogeneous=t.homogeneous))
+        records = records_from_dicts(state["records"], template)
         kron_idx = [i for i, f in enumerate(records) if _is_dense_kron(f)]
         kron = None
         if state["kron"] is not None:

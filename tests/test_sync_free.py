@@ -231,3 +231,53 @@ def test_compiled_decisions_equal_eager_without_graph_breaks():
         assert a == pytest.approx(b, rel=1e-12)
     for a, b in zip(pe, pc):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_tau1_one_reuses_the_gradient_forward(monkeypatch):
+    """τ₁ = 1: the sampled-target backward runs through the gradient pass's graph: one forward
+    per iteration fewer than a separate statistics pass, and the factors are the empirical-Fisher
+    factors of the batch with the targets sampled in that step."""
+    import kfac_fast.curvature.losses as losses
+    from kfac_fast.curvature import kronecker_factors
+
+    def forwards(reuse: bool) -> int:
+        model, x, y = _autoencoder()
+        calls = []
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        with monkeypatch.context() as mp:
+            mp.setattr(KFAC, "_reuse_forward", lambda self: reuse)
+            opt = KFAC(model, loss="sigmoid_cross_entropy", tau1=1.0, T3=50, T2=50,
+                       generator=torch.Generator().manual_seed(0))
+            for _ in range(4):
+                opt.step(x, y)
+            calls.clear()
+            opt.step(x, y)
+        return len(calls)
+
+    assert forwards(False) - forwards(True) == 1
+
+    model, x, y = _autoencoder()
+    opt = KFAC(model, loss="sigmoid_cross_entropy", tau1=1.0, ema_max=0.0, T3=50, T2=50,
+               generator=torch.Generator().manual_seed(0))
+    opt.step(x, y)  # k = 1 orders the layers with its own statistics pass
+    drawn = []
+    real = losses.sample_targets
+
+    def spy(loss, z, generator=None, like=None):
+        out = real(loss, z, generator, like=like)
+        drawn.append(out.clone())
+        return out
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(losses, "sample_targets", spy)
+    s = opt.step(x, y)  # reuses the gradient forward; ema_max = 0: the factors are this batch's
+    monkeypatch.setattr(losses, "sample_targets", real)
+    assert not s["rejected"] and len(drawn) == 1
+    probe = _autoencoder()[0]
+    with torch.no_grad():
+        for p, t in zip(probe.parameters(), theta):
+            p.copy_(t)
+    want = kronecker_factors(probe, x, "sigmoid_cross_entropy", fisher="empirical", targets=drawn[0])
+    for f, w in zip(opt.factors.current, want):
+        torch.testing.assert_close(f.A, w.A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f.G, w.G, rtol=1e-5, atol=1e-6)

@@ -269,6 +269,7 @@ class KFAC:
         # read (one transfer) only when the bound reaches max_rejections, or on refresh iterations
         self._unread_bound = 0
         self._last_stats: Optional[StepStats] = None
+        self._reuse = None  # (outputs, recording) of a gradient pass whose graph the statistics reuse
         # rho_batch="next": the last step, to be checked on the next batch (θ_k, M(δ_k), whether the LM rule is due)
         self._pending: Optional[dict] = None
         self.profile = profile
@@ -504,6 +505,7 @@ class KFAC:
         if self._pending is not None:  # rho_batch="next": the previous step, judged on this batch
             verdict = self._check_pending(inputs, targets, h, stats)
             if verdict is not None:
+                self._reuse = None  # release the gradient pass's graph
                 return verdict
         batch_stats, valid, flags, names = self._statistics(inputs, targets, h)
         if refresh:  # the new inverse is built from the pending factors, so they come first
@@ -531,13 +533,18 @@ class KFAC:
                 self._ordered = True
                 self.factors = None
                 self._ensure_state()
+            elif self._reuse_forward():
+                # τ₁ = 1: the statistics come from this forward's graph (one forward fewer)
+                with capture(self.layers) as rec:
+                    z = call(self.model, inputs)
+                self._reuse = (z, rec)
             else:
                 z = call(self.model, inputs)
             check_output(z, self.loss)
             if validate:
                 self.loss.check_targets(z, targets)
             h_data = self.loss.mean(z, targets)
-            grads = torch.autograd.grad(h_data, params, allow_unused=True)
+            grads = torch.autograd.grad(h_data, params, allow_unused=True, retain_graph=self._reuse is not None)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             m = z.shape[0]
             # loss terms per example (P): the row minimums of S₂ and the ρ subset count terms
@@ -573,17 +580,41 @@ class KFAC:
         terms stay ignored). Returns (statistics, valid, flags, names): ``valid`` is a 0-d bool
         device tensor, False when h or any statistic is non-finite; ``flags`` says which."""
         cfg = self.config
-        idx1 = self._subset(batch_size(inputs), cfg.tau1)
-        x1 = select(inputs, idx1)
-        with self._phase("3 sampled backward"):
-            batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
-                                                targets=targets.index_select(0, idx1), generator=self.generator,
-                                                check_finite=False)
+        if self._reuse is not None:
+            with self._phase("3 sampled backward"):
+                batch_stats = self._statistics_from_gradient_pass(targets)
+        else:
+            idx1 = self._subset(batch_size(inputs), cfg.tau1)
+            x1 = select(inputs, idx1)
+            with self._phase("3 sampled backward"):
+                batch_stats, _ = sampled_statistics(self.model, self.layers, x1, self.loss, fisher="mc",
+                                                    targets=targets.index_select(0, idx1), generator=self.generator,
+                                                    check_finite=False)
         flags, names = finite_flags(self.layers, batch_stats)
         if self.dist.world_size > 1:  # a non-finite statistic on one rank is every rank's
             flags = self.dist.reduce_scalars((~flags).double(), op="sum") == 0
         valid = torch.isfinite(h) & flags.to(h.device).all()
         return batch_stats, valid, flags, names
+
+    def _reuse_forward(self) -> bool:
+        """Whether the statistics backward reuses the gradient forward's graph: with τ₁ = 1 S₁ is
+        the whole batch, so a second forward would recompute the same graph. (With τ₁ < 1 a
+        backward through the whole batch costs more than a forward and backward on τ₁m rows.)"""
+        return self.config.tau1 >= 1.0
+
+    def _statistics_from_gradient_pass(self, targets: torch.Tensor):
+        """Step 2 on the gradient pass's retained graph: targets sampled from its outputs (Sec 5;
+        ignored terms stay ignored), one backward of their summed loss to the recorded block
+        outputs. The graph is released afterwards."""
+        from .curvature.losses import sample_targets
+        from .curvature.statistics import block_rows, statistics_grads
+
+        z, rec = self._reuse
+        self._reuse = None
+        y = sample_targets(self.loss, torch.nan_to_num(z.detach(), nan=0.0, posinf=0.0, neginf=0.0),
+                           self.generator, like=targets)
+        grads = statistics_grads(self.loss.total(z, y), self.layers, rec)
+        return block_rows(self.layers, rec, grads, self.loss.count(z, y))
 
     def _update_factors(self, batch_stats, valid: torch.Tensor) -> None:
         """Step 3: every block's running statistics with ε = min(1 − 1/k, ema_max) into the

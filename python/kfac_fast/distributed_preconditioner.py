@@ -272,19 +272,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         if state.get("kind") != STATE_KIND or state.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"not a {STATE_KIND} state_dict of this version (got kind {state.get('kind')!r}); a "
                              "plain KFACPreconditioner state loads into KFACPreconditioner")
-        by_name = {l.name: l for l in self.layers}
-        if sorted(by_name) != sorted(state["layers"]):
-            raise ValueError(f"state_dict is from a different model: layers {state['layers']} vs {sorted(by_name)}")
-        self.layers = [by_name[n] for n in state["layers"]]
-        self._ordered = state["ordered"]
-        self.k = int(state["k"])
-        self.damping = float(state["damping"])
-        self.factors = None
+        self._load_layers_and_factors(state)
         self.inverse = None
-        if state["factors"] is not None:
-            self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
-            self.factors.load(state["factors"])
         self._synced = True
         if state.get("inverse_records") is not None:
             if self.factors is None:

@@ -458,9 +458,9 @@ class KFACPreconditioner:
             "inverse": inverse_state(self.inverse), "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "KFACPreconditioner" or state.get("version") not in READABLE_VERSIONS:
-            raise ValueError("not a KFACPreconditioner state_dict of this version")
+    def _load_layers_and_factors(self, state: dict) -> None:
+        """The block order, k, γ and the running factors of a checkpoint (shared with the
+        data-parallel subclass)."""
         by_name = {l.name: l for l in self.layers}
         if sorted(by_name) != sorted(state["layers"]):
             raise ValueError(f"state_dict is from a different model: layers {state['layers']} vs {sorted(by_name)}")
@@ -473,5 +473,11 @@ class KFACPreconditioner:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.inverse_kind == "block_tridiagonal")
             self.factors.load(state["factors"])
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "KFACPreconditioner" or state.get("version") not in READABLE_VERSIONS:
+            raise ValueError("not a KFACPreconditioner state_dict of this version")
+        self._load_layers_and_factors(state)
+        if self.factors is not None:
             self.inverse = load_inverse(self.inverse_kind, state["inverse"], self.factors.current, self.backend)
         self.generator.set_state(state["generator"])

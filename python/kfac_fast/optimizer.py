@@ -784,7 +784,7 @@ class KFAC:
                     self._adapt_gamma(float(rho))
                     stats["gamma"] = self.gamma
                 if held_out:
-                    self._pending = {"theta": theta, "M": M, "lm_due": lm_due}
+                    self._pending = {"theta": theta, "M": float(M), "lm_due": lm_due}  # "next" reads the host anyway
             self._check_rejections(force=True)
         elif refresh:
             self._check_rejections(force=True)
@@ -980,7 +980,7 @@ class KFAC:
             "nu": self.nu,
             "pending": None if self._pending is None else {
                 "theta": [[t.clone() for t in ps] for ps in self._pending["theta"]],
-                "M": float(self._pending["M"]), "lm_due": self._pending["lm_due"]},
+                "M": self._pending["M"], "lm_due": self._pending["lm_due"]},
             "inverse_fallbacks": self.inverse_fallbacks,
         }
 

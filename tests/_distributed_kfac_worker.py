@@ -145,6 +145,21 @@ def main():
     for _ in range(6):
         opt.step(x, y)
     res["ddp/names"] = [l.name for l in opt.layers]
+    # BatchNorm under DDP: rank 0's running statistics reach every rank before each gradient pass
+    torch.manual_seed(6)
+    bn_net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).to(D)
+    opt_bn = KFAC(nn.parallel.DistributedDataParallel(bn_net), loss="softmax_cross_entropy", T3=5, T2=10,
+                  generator=torch.Generator().manual_seed(rank))
+    seen = []
+    bn_net[1].register_forward_pre_hook(lambda m, a: seen.append(m.running_mean.clone()))
+    firsts, afters = [], []
+    for _ in range(3):
+        seen.clear()
+        opt_bn.step(x, y)
+        firsts.append(seen[0])  # the gradient pass's forward: after the broadcast
+        afters.append(bn_net[1].running_mean.clone())  # after this rank's own update
+    res["ddp/bn_at_gradient_pass"] = firsts
+    res["ddp/bn_after_step"] = afters
     res["ddp/params"] = [p.detach().clone() for p in net.parameters()]
 
     # 6. KFACPreconditioner under torch.distributed is the data-parallel one

@@ -84,6 +84,12 @@ def test_reduced_mc_factors_equal_the_union_of_the_ranks_samples(ranks):
 
 def test_ddp_wrapped_model_has_the_plain_block_names(ranks):
     assert ranks[0]["ddp/names"] == ["model.0", "model.2", "model.4"]
+    # BatchNorm statistics: each rank's gradient pass updates them from its own shard; the next
+    # step starts from rank 0's (broadcast, as DDP does before every forward)
+    assert not torch.equal(ranks[0]["ddp/bn_after_step"][0], ranks[1]["ddp/bn_after_step"][0])
+    for a, b in zip(ranks[0]["ddp/bn_at_gradient_pass"], ranks[1]["ddp/bn_at_gradient_pass"]):
+        assert torch.equal(a, b)
+    assert torch.equal(ranks[1]["ddp/bn_at_gradient_pass"][1], ranks[0]["ddp/bn_after_step"][0])
     for a, b in zip(ranks[0]["ddp/params"], ranks[1]["ddp/params"]):
         assert torch.equal(a, b)
 

@@ -68,7 +68,7 @@ import torch
 from .curvature.running import RunningFactors, pack_tensors, packed_numel, unpack_tensors_
 
 #: communication kinds the byte counter reports
-KINDS = ("gradient", "factors", "inverses", "directions", "scalars")
+KINDS = ("gradient", "factors", "inverses", "directions", "scalars", "buffers")
 #: the two ways of giving every rank the preconditioned directions (see the module docstring)
 MODES = ("replicate_inverses", "shard_inverses")
 

@@ -226,8 +226,14 @@ class KFAC:
             raise ValueError(f"unknown distributed_mode {distributed_mode!r}; choose one of "
                              f"{', '.join(DISTRIBUTED_MODES)}")
         self.distributed_mode = distributed_mode
+        from torch.nn.parallel import DistributedDataParallel
+
         from .distributed import unwrap_model
 
+        # DDP broadcasts rank 0's buffers (BatchNorm statistics) before each forward; K-FAC does
+        # the same before its gradient pass when the model came wrapped with broadcast_buffers
+        self._broadcast_buffers = isinstance(model, DistributedDataParallel) and bool(
+            getattr(model, "broadcast_buffers", True))
         model = unwrap_model(model)
         self.model = model
         self.loss = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
@@ -524,6 +530,10 @@ class KFAC:
         θ_k): their loss at θ_k comes from this pass for free.
         """
         params = self._params()
+        if self._broadcast_buffers and self.dist.world_size > 1:
+            bufs = [b for b in self.model.buffers()]
+            if bufs:
+                self.dist.broadcast_from_owners([bufs], [0], kind="buffers")
         with self._phase("1-2 gradient"), torch.enable_grad():
             if not self._ordered:
                 with capture(self.layers, need_outputs=False) as rec:

@@ -41,7 +41,6 @@ def main():
                 torch.cuda.set_sync_debug_mode("warn")
                 t0 = time.perf_counter()
                 opt.step(x, x)
-                t1 = time.perf_counter()
                 torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
             t2 = time.perf_counter()
@@ -49,7 +48,6 @@ def main():
             if it >= 5:
                 syncs["refresh" if refresh else "ordinary"].append(n)
                 times.append(t2 - t0)
-            del t1
         sgd_model = deep_autoencoder(generator=torch.Generator().manual_seed(0)).to(dev)
         sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         st = []

@@ -535,6 +535,12 @@ def _factor_device(factors: RunningFactors) -> torch.device:
     return ts[0].device if ts else torch.device("cpu")
 
 
+def common_seed(distributor) -> int:
+    """A seed drawn from torch's global RNG on rank 0 and broadcast: the same on every rank (the
+    common seed of :func:`rank_generator`'s streams)."""
+    return int(distributor.broadcast_object(int(torch.randint(0, 2 ** 62, (1,)).item()), 0))
+
+
 def default_distributor(process_group=None) -> Union[LocalDistributor, TorchDistributor]:
     """:class:`TorchDistributor` when ``torch.distributed`` is initialised (or a group is given),
     else :class:`LocalDistributor`."""
@@ -668,7 +674,7 @@ class ShardedInverse:
     """
 
     def __init__(self, distributor, *, mode: str, kind: str, build: Callable[[list, Any], Any],
-                 backend: str = "auto", timer: Optional[PhaseTimer] = None):
+                 backend: str = "auto", timer: Optional[PhaseTimer] = None, damping: Optional[float] = None):
         self.distributor = distributor
         self.mode = check_mode(mode)
         self.kind = kind
@@ -679,6 +685,7 @@ class ShardedInverse:
         self.owners: Optional[list[int]] = None
         self.local = None  # this rank's inverse (its owned blocks; all of them when replicated work)
         self.parts: Optional[list] = None  # replicate mode: per block its damped inverses
+        self._damping = damping  # γ the blocks are built at (a rank may own none of them)
 
     @property
     def replicated_work(self) -> bool:
@@ -730,7 +737,7 @@ class ShardedInverse:
     # the attributes KFAC reads from an inverse (its γ, fallbacks, compute_dtype)
     @property
     def damping(self) -> float:
-        return float(getattr(self, "_damping", getattr(self.local, "damping", 0.0)))
+        return float(self._damping if self._damping is not None else getattr(self.local, "damping", 0.0))
 
     @property
     def fallbacks(self) -> list:

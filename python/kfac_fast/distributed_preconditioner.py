@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .batch import batch_size, select
+from .batch import select
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .curvature.capture import forward_order
 from .curvature.factors import BlockFisher, KroneckerFactors, record_to_dict
@@ -54,6 +54,7 @@ from .distributed import (
     ShardedInverse,
     check_mode,
     default_distributor,
+    common_seed,
     rank_generator,
     unwrap_model,
 )
@@ -112,8 +113,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         d = self.distributor
         if generator is None:
             if seed is None:
-                seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-                seed = int(d.broadcast_object(seed, 0))
+                seed = common_seed(d)
             dev = next(inner.parameters()).device
             generator = rank_generator(seed, d.rank, dev)
         self.seed = seed
@@ -145,13 +145,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 ranks raise; nothing is committed).
         """
         d, t = self.distributor, self.timer
-        m = batch_size(inputs, self.device)
-        if m == 0:
-            raise ValueError("empty batch: inputs has 0 rows")
-        if self.fisher == "empirical" and targets is None:
-            raise ValueError("fisher='empirical' needs the targets: step(inputs, targets)")
-        if targets is not None and (targets.dim() == 0 or targets.shape[0] != m):
-            raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
+        m = self._check_batch(inputs, targets)
         for layer in self.layers:
             if any(p.grad is None for p in layer.params()):
                 layer.grad_matrix()  # raises: backward was not called

@@ -42,6 +42,7 @@ from .quadratic import fisher_gram, inner, solve_alpha_mu_t
 from .rules import (NU_INIT, accept, gamma_candidates, levenberg_marquardt, levenberg_marquardt_t, rejection_increase,
                     rejection_increase_t, REJECT_CODES, step_decision)
 from .curvature.compute_dtype import ComputeDtype, resolve_compute_dtype
+from .distributed import MODES, ShardedInverse, common_seed, default_distributor, rank_generator, unwrap_model
 from .step_state import AdaptState, StepStats
 
 __all__ = ["KFAC", "StepRejected", "levenberg_marquardt"]
@@ -74,24 +75,7 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
-DISTRIBUTED_MODES = ("replicate_inverses", "shard_inverses", "replicated_work")
-
-
-def _make_distributor(distributor, process_group):
-    """The given distributor, a TorchDistributor when torch.distributed is initialised, else the
-    single-process no-op (kfac_fast.distributed)."""
-    if distributor is not None:
-        return distributor
-    import torch.distributed as dist
-
-    from .distributed import LocalDistributor, TorchDistributor
-
-    if dist.is_available() and dist.is_initialized():
-        return TorchDistributor(process_group)
-    if process_group is not None:
-        raise ValueError("process_group= needs torch.distributed to be initialised "
-                         "(torch.distributed.init_process_group)")
-    return LocalDistributor()
+DISTRIBUTED_MODES = MODES + ("replicated_work",)
 
 
 class _Proposal(NamedTuple):
@@ -221,14 +205,12 @@ class KFAC:
             raise ValueError("momentum=True needs rescale=True: α and µ come from the exact-Fisher model (Sec 7)")
         # data parallelism (issue 15): a DistributedDataParallel wrapper is bypassed (K-FAC takes
         # its gradient with autograd.grad, which DDP's hooks do not see, and averages it itself)
-        self.dist = _make_distributor(distributor, process_group)
+        self.dist = distributor if distributor is not None else default_distributor(process_group)
         if distributed_mode not in DISTRIBUTED_MODES:
             raise ValueError(f"unknown distributed_mode {distributed_mode!r}; choose one of "
                              f"{', '.join(DISTRIBUTED_MODES)}")
         self.distributed_mode = distributed_mode
         from torch.nn.parallel import DistributedDataParallel
-
-        from .distributed import unwrap_model
 
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) before each forward; K-FAC does
         # the same before its gradient pass when the model came wrapped with broadcast_buffers
@@ -247,13 +229,11 @@ class KFAC:
         for name, dt in (("factor_dtype", self.factor_dtype), ("inverse_dtype", self.inverse_dtype)):
             if dt not in (torch.float32, torch.float64):
                 raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dt}")
-        if generator is None:
+        if generator is None and self.dist.world_size > 1:
+            # one stream per rank from a seed rank 0 draws (S₁, S₂ and the sampled targets differ)
+            generator = rank_generator(common_seed(self.dist), self.dist.rank, self.device)
+        elif generator is None:
             generator = default_generator(self.device)
-            if self.dist.world_size > 1:  # one stream per rank from a seed rank 0 draws (S₁, S₂, y differ)
-                from .distributed import rank_generator
-
-                seed = self.dist.broadcast_object(int(generator.initial_seed()), src=0)
-                generator = rank_generator(seed, self.dist.rank, self.device)
         self.generator = generator
         self.compute_dtype = resolve_compute_dtype(compute_dtype, factor_dtype=self.factor_dtype, device=self.device)
         cfg = self.config
@@ -444,9 +424,7 @@ class KFAC:
         if cfg.rescale:
             st.lam, st.nu = rejection_increase_t(st.lam, st.nu, omega1=cfg.omega1, hi=cfg.lambda_max)
         else:
-            g2, nu = rejection_increase(self.gamma ** 2, float(st.nu), omega1=cfg.omega1, hi=cfg.gamma_max ** 2)
-            self.gamma = math.sqrt(g2)
-            st.set("nu", nu)
+            self._host_rules_after_reject(stats)
         st.rejections += 1
         st.total_rejections += 1
         st.has_delta0.fill_(False)
@@ -531,7 +509,7 @@ class KFAC:
         """
         params = self._params()
         if self._broadcast_buffers and self.dist.world_size > 1:
-            bufs = [b for b in self.model.buffers()]
+            bufs = list(self.model.buffers())
             if bufs:
                 self.dist.broadcast_from_owners([bufs], [0], kind="buffers")
         with self._phase("1-2 gradient"), torch.enable_grad():
@@ -577,12 +555,12 @@ class KFAC:
             V.append(Vi)
             pos += n
         if self.dist.world_size > 1:  # one flat all-reduce of ∇h (and the objectives) over the ranks
-            scal = torch.stack([h_data] + ([rho_rows[1] - l2] if rho_rows is not None else []))
+            scal = torch.stack([h_data] + ([rho_rows[1]] if rho_rows is not None else []))
             self.dist.all_reduce_mean_(V)
-            scal = self.dist.reduce_scalars(scal, op="mean")
+            scal = self.dist.reduce_scalars(scal, op="mean")  # ½η‖θ‖² is the same on every rank
             h_data = scal[0]
             if rho_rows is not None:
-                rho_rows = (rho_rows[0], scal[1] + l2)
+                rho_rows = (rho_rows[0], scal[1])
         return V, h_data + l2, h_data, rho_rows
 
     def _statistics(self, inputs, targets: torch.Tensor, h: torch.Tensor):
@@ -749,13 +727,11 @@ class KFAC:
                     idx_r, h_r = rho_rows
                     h_new = self._objective(select(inputs, idx_r), targets.index_select(0, idx_r))
                     h = h_r
-                if self.dist.world_size > 1:
-                    l2 = self._l2()
-                    h_new = self.dist.reduce_scalars(h_new - l2, op="mean") + l2
+                if self.dist.world_size > 1:  # ½η‖θ‖² is the same on every rank
+                    h_new = self.dist.reduce_scalars(h_new, op="mean")
         code, rho, st.lam, st.nu, st.rejections, st.total_rejections, st.unreported = self._decision(
             measure, lm_due, held_out)(h, h if h_new is None else h_new, M, valid, ok_pre, st.lam, st.nu,
                                         st.rejections, st.total_rejections, st.unreported)
-        M_ok = torch.isfinite(M) & (M < 0)
         if measure:
             stats["rho"] = rho
         else:
@@ -790,7 +766,7 @@ class KFAC:
             if bool(reject):
                 self._host_rules_after_reject(stats)
             else:
-                if not cfg.rescale and measure and lm_due and bool(M_ok):
+                if not cfg.rescale and measure and lm_due and bool(torch.isfinite(M) & (M < 0)):
                     self._adapt_gamma(float(rho))
                     stats["gamma"] = self.gamma
                 if held_out:
@@ -801,7 +777,6 @@ class KFAC:
             if bool(reject) and int(code) != 4:
                 warnings.warn(f"K-FAC step {k} rejected ({stats['reason']}); λ raised to {self.lambda_:.3g}",
                               RuntimeWarning)
-                st.unreported.zero_()
         else:
             self._check_rejections()
         return stats
@@ -909,13 +884,11 @@ class KFAC:
 
         if self.dist.world_size == 1 or self.distributed_mode == "replicated_work":
             return build(records, self.inverse)
-        from .distributed import ShardedInverse
-
-        inv = ShardedInverse(self.dist, mode=self.distributed_mode, kind=kind, build=build, backend=self.backend)
+        inv = ShardedInverse(self.dist, mode=self.distributed_mode, kind=kind, build=build, backend=self.backend,
+                             damping=gamma)
         prev = self.inverse
         if isinstance(prev, ShardedInverse):  # its owned blocks warm-start the new ones
             inv.local, inv.owners = prev.local, prev.owners
-        inv._damping = float(gamma)
         inv.refresh(records)
         return inv
 
@@ -1039,8 +1012,6 @@ class KFAC:
             self.generator.set_state(gens[self.dist.rank])
         elif gens is not None or self.dist.world_size > 1:
             # another world size: fresh per-rank streams from a seed drawn from the saved stream
-            from .distributed import rank_generator
-
             g = torch.Generator().manual_seed(0)
             g.set_state(state["generator"])
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))

@@ -265,13 +265,7 @@ class KFACPreconditioner:
         if grad_scale != 1.0:
             raise ValueError("grad_scale applies to capture='hooks' only (capture='pass' recomputes the statistics "
                              "in its own pass)")
-        m = batch_size(inputs, self.device)
-        if m == 0:
-            raise ValueError("empty batch: inputs has 0 rows")
-        if self.fisher == "empirical" and targets is None:
-            raise ValueError("fisher='empirical' needs the targets: step(inputs, targets)")
-        if targets is not None and (targets.dim() == 0 or targets.shape[0] != m):
-            raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
+        m = self._check_batch(inputs, targets)
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
         size = max(1, int(round(self.tau1 * m)))
         idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
@@ -457,6 +451,18 @@ class KFACPreconditioner:
             "factors": None if self.factors is None else self.factors.state(),
             "inverse": inverse_state(self.inverse), "generator": self.generator.get_state(),
         }
+
+    def _check_batch(self, inputs, targets: Optional[torch.Tensor]) -> int:
+        """The rows m of a ``step(inputs, targets)`` batch, after the checks both
+        ``capture="pass"`` preconditioners share."""
+        m = batch_size(inputs, self.device)
+        if m == 0:
+            raise ValueError("empty batch: inputs has 0 rows")
+        if self.fisher == "empirical" and targets is None:
+            raise ValueError("fisher='empirical' needs the targets: step(inputs, targets)")
+        if targets is not None and (targets.dim() == 0 or targets.shape[0] != m):
+            raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
+        return m
 
     def _load_layers_and_factors(self, state: dict) -> None:
         """The block order, k, γ and the running factors of a checkpoint (shared with the

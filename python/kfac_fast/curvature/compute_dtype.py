@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 ComputeDtype = Union[None, torch.dtype, str]
-ACCEPTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ACCEPTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_compute_dtype(value: ComputeDtype, *, factor_dtype: torch.dtype, device: torch.device) -> ComputeDtype:
@@ -36,15 +36,12 @@ def resolve_compute_dtype(value: ComputeDtype, *, factor_dtype: torch.dtype, dev
         if factor_dtype != torch.float32:
             raise ValueError("compute_dtype='tf32' needs float32 factors")
         return "tf32"
+    if value == torch.float64:
+        raise ValueError("compute_dtype=torch.float64 needs float64 factors (factor_dtype=torch.float64)")
     if value not in ACCEPTED:
         raise ValueError(f"compute_dtype must be one of torch.float32, torch.bfloat16, torch.float16 or 'tf32', "
                          f"got {value}")
-    if value == torch.float64:
-        raise ValueError("compute_dtype=torch.float64 needs float64 factors (factor_dtype=torch.float64)")
-    if factor_dtype == torch.float64 and value != torch.float32:
-        # fp64 factors with 16-bit operands are allowed: the products accumulate in fp32
-        pass
-    return value
+    return value  # with fp64 factors too: 16-bit operands, fp32 accumulation
 
 
 def operand_dtype(cd: ComputeDtype) -> Optional[torch.dtype]:

@@ -106,8 +106,8 @@ class Config:
 
     def __init__(self, name, world, threads, mode, rank, dist_world, X, batch):
         from kfac_fast.distributed import LocalDistributor, TorchDistributor
-        from kfac_fast.distributed_preconditioner import DistributedKFACPreconditioner
-        from kfac_fast.models import deep_autoencoder
+        from kfac_fast.preconditioner import DistributedKFACPreconditioner
+        from kfac_fast.demo.models import deep_autoencoder
 
         self.name, self.world, self.threads, self.mode = name, world, threads, mode
         self.active = world > 1 or rank == 0
@@ -191,7 +191,7 @@ def worker(rank: int, port: int, rounds: int, period: int, warmup: int, batch: i
     barrier while rank 0 runs the one-process configurations."""
     import torch.distributed as dist
 
-    from kfac_fast.data import load_mnist
+    from kfac_fast.demo.data import load_mnist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     X, _ = load_mnist()

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, print_table, write_csv  # noqa: E402
 
 from kfac_fast import ops  # noqa: E402
-from kfac_fast.models import MNIST_AUTOENCODER  # noqa: E402
+from kfac_fast.demo.models import MNIST_AUTOENCODER  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

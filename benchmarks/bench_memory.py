@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import kfac_fast  # noqa: E402
 from _common import machine_info, print_table, write_csv  # noqa: E402
-from kfac_fast.models import deep_autoencoder  # noqa: E402
+from kfac_fast.demo.models import deep_autoencoder  # noqa: E402
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ from _common import machine_info, print_table, write_csv  # noqa: E402
 import kfac_fast  # noqa: E402
 from kfac_fast.curvature.block_inverse import BlockInverse  # noqa: E402
 from kfac_fast.curvature.running import snapshot  # noqa: E402
-from kfac_fast.data import load_mnist  # noqa: E402
-from kfac_fast.models import deep_autoencoder, reconstruction_error  # noqa: E402
+from kfac_fast.demo.data import load_mnist  # noqa: E402
+from kfac_fast.demo.models import deep_autoencoder, reconstruction_error  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -58,8 +58,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, print_table, time_fn, write_csv  # noqa: E402
 
 import kfac_fast  # noqa: E402
-from kfac_fast.data import load_mnist  # noqa: E402
-from kfac_fast.models import MNIST_AUTOENCODER, deep_autoencoder  # noqa: E402
+from kfac_fast.demo.data import load_mnist  # noqa: E402
+from kfac_fast.demo.models import MNIST_AUTOENCODER, deep_autoencoder  # noqa: E402
 
 METHODS = ("SGD", "kfac_fast hooks", "kfac_fast pass", "KAISA inverse", "KAISA eigen", "ASDL", "curvlinops")
 
@@ -104,7 +104,7 @@ def autoencoder_nobias_task(args):
 
 
 def cnn_task(args):
-    from kfac_fast.demo_tasks import cnn_task as demo_cnn
+    from kfac_fast.demo.tasks import cnn_task as demo_cnn
 
     t = demo_cnn(SimpleNamespace(train_rows=0, device="cpu", batch_size=args.batch_cnn, seed=args.seed))
 

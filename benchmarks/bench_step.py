@@ -44,8 +44,8 @@ from _common import RESULTS_DIR, machine_info, print_table, time_fn, write_csv  
 
 import kfac_fast  # noqa: E402
 from kfac_fast.config import KFACConfig  # noqa: E402
-from kfac_fast.data import load_mnist  # noqa: E402
-from kfac_fast.models import MNIST_AUTOENCODER, deep_autoencoder, reconstruction_error  # noqa: E402
+from kfac_fast.demo.data import load_mnist  # noqa: E402
+from kfac_fast.demo.models import MNIST_AUTOENCODER, deep_autoencoder, reconstruction_error  # noqa: E402
 
 PHASES = ("1-2 gradient", "3 sampled backward", "4 factor update", "5 inverse refresh", "6 precondition",
           "7 fisher quadratic", "8 rho forward")

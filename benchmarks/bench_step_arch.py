@@ -45,14 +45,14 @@ PHASES = ("1-2 gradient", "3 sampled backward", "4 factor update", "5 inverse re
 def make_task(name: str, quick: bool):
     g = torch.Generator().manual_seed(0)
     if name == "cnn":
-        from kfac_fast.data import load_mnist_images
-        from kfac_fast.models_cnn import small_resnet
+        from kfac_fast.demo.data import load_mnist_images
+        from kfac_fast.demo.models_cnn import small_resnet
 
         X, y, _ = load_mnist_images()
         m = 32 if quick else 128
         return (lambda: small_resnet(1, 10, seed=0)), X[:m], y[:m], f"SmallResNet (BatchNorm), MNIST 28x28, batch {m}"
-    from kfac_fast.data import load_text_corpus, padded_lm_batch
-    from kfac_fast.models_lm import causal_transformer_lm
+    from kfac_fast.demo.data import load_text_corpus, padded_lm_batch
+    from kfac_fast.demo.models_lm import causal_transformer_lm
 
     corpus = load_text_corpus()
     m, T = (8, 32) if quick else (32, 64)

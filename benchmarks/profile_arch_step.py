@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, print_table, write_csv  # noqa: E402
 
 import kfac_fast  # noqa: E402
-from kfac_fast import demo_tasks  # noqa: E402
+from kfac_fast.demo import tasks as demo_tasks  # noqa: E402
 
 
 def profile_task(name: str, args) -> dict:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from _common import machine_info, print_table, write_csv  # noqa: E402
 
 import kfac_fast  # noqa: E402
-from kfac_fast.models import deep_autoencoder  # noqa: E402
+from kfac_fast.demo.models import deep_autoencoder  # noqa: E402
 
 
 def main():

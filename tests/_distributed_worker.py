@@ -152,7 +152,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     from kfac_fast.curvature.running import RunningFactors
     from kfac_fast.distributed import TorchDistributor
-    from kfac_fast.distributed_preconditioner import DistributedKFACPreconditioner
+    from kfac_fast.preconditioner import DistributedKFACPreconditioner
 
     res = {}
     d = TorchDistributor()

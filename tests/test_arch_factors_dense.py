@@ -136,7 +136,7 @@ def block_factors_api():
     try:
         from kfac_fast.curvature import block_factors
     except ImportError:
-        from kfac_fast.curvature.factors import block_factors
+        from kfac_fast.curvature.batch_factors import block_factors
     return block_factors
 
 

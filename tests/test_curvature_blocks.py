@@ -10,7 +10,7 @@ from kfac_fast.curvature.blocks import (DIAGONAL, KRONECKER, CurvatureBlock, Lin
                                         registered_blocks)
 from kfac_fast.curvature.blocks import registry as block_registry
 from kfac_fast.curvature.capture import capture
-from kfac_fast.curvature.factors import per_example_derivatives
+from kfac_fast.curvature.batch_factors import per_example_derivatives
 from kfac_fast.curvature.losses import get_loss
 from kfac_fast.curvature.running import RunningFactors
 from kfac_fast.curvature.statistics import BatchStatistics

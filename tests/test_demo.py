@@ -48,8 +48,8 @@ def _check_csv_metadata(path, runs):
 def test_data_and_model():
     import torch
 
-    from kfac_fast.data import load_mnist
-    from kfac_fast.models import deep_autoencoder, reconstruction_error
+    from kfac_fast.demo.data import load_mnist
+    from kfac_fast.demo.models import deep_autoencoder, reconstruction_error
 
     X, source = load_mnist()
     assert X.min() >= 0 and X.max() <= 1 and X.shape[0] >= 1000

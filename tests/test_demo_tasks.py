@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kfac_fast.data import IGNORE_INDEX, load_mnist_images, load_text_corpus, padded_lm_batch
-from kfac_fast.models_cnn import ResidualBlock, classification_loss, small_resnet
-from kfac_fast.models_lm import causal_transformer_lm, lm_loss
+from kfac_fast.demo.data import IGNORE_INDEX, load_mnist_images, load_text_corpus, padded_lm_batch
+from kfac_fast.demo.models_cnn import ResidualBlock, classification_loss, small_resnet
+from kfac_fast.demo.models_lm import causal_transformer_lm, lm_loss
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +182,8 @@ def test_baselines_smoke_loss_decreases(tmp_path, task):
 
 def test_sweep_writes_csv(tmp_path):
     pytest.importorskip("matplotlib")
-    from kfac_fast import demo, demo_tasks
+    from kfac_fast import demo
+    from kfac_fast.demo import tasks as demo_tasks
 
     rows = demo.main(TINY["cnn"] + ["--sweep", "--methods", "sgd", "--budget", "120", "--max-iters", "2",
                                     "--eval-every", "1000", "--quiet", "--out", str(tmp_path)])

@@ -33,7 +33,7 @@ from kfac_fast.distributed import (
     rank_generator,
     rank_seed,
 )
-from kfac_fast.distributed_preconditioner import DistributedKFACPreconditioner
+from kfac_fast.preconditioner import DistributedKFACPreconditioner
 
 import _distributed_worker as W
 

@@ -336,8 +336,8 @@ def test_fuzz_inverses_are_finite_and_backends_agree(widths, m, damping, dtype, 
 # ---------------------------------------------------------------- soak
 @pytest.mark.slow
 def test_soak_autoencoder_2000_iterations():
-    from kfac_fast.data import load_mnist
-    from kfac_fast.models import deep_autoencoder, reconstruction_error
+    from kfac_fast.demo.data import load_mnist
+    from kfac_fast.demo.models import deep_autoencoder, reconstruction_error
 
     X, _ = load_mnist()
     model = deep_autoencoder((X.shape[1], 64, 16), generator=torch.Generator().manual_seed(0))

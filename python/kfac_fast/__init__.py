@@ -24,7 +24,7 @@ _LAZY = {
     "KFAC": ".optimizer",
     "KFACPreconditioner": ".preconditioner",
     "register_block": ".curvature.blocks",
-    "DistributedKFACPreconditioner": ".distributed_preconditioner",
+    "DistributedKFACPreconditioner": ".preconditioner",
     "distributed": ".distributed",
 }
 

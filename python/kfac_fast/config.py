@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from .curvature.inverses import INVERSE_KINDS
+from .curvature.inverse_kinds import INVERSE_KINDS
 
 RHO_LOW_BOUND = 0.25  # rho_min < 1/4, the LM rule's lower threshold (Sec 6.5)
 RHO_BATCHES = ("same", "next")

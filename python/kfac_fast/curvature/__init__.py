@@ -7,7 +7,8 @@ from .block_tridiagonal import BlockTridiagonal
 from .blocks import (Conv2dBlock, CurvatureBlock, DiagonalBlock, EmbeddingBlock, LinearBlock, ScaleShiftBlock,
                      find_blocks, register_block)
 from .damping import pi_trace
-from .factors import BlockFisher, KroneckerFactors, block_factors, kronecker_factors
+from .batch_factors import block_factors, kronecker_factors
+from .factors import BlockFisher, KroneckerFactors
 from .kron_sum import KronSumInverse, kron_sum_inverse, kron_sum_inverse_identity
 from .layers import LinearLayer, find_layers
 from .losses import LOSSES, PredictiveDistribution, get_loss

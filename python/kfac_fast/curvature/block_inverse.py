@@ -20,6 +20,7 @@ import torch
 
 from .damping import _pi_from_traces, check_damping
 from .factors import BlockFisher, KroneckerFactors, factors_to_dict, record_to_dict
+from .inverse_kinds import INVERSE_KINDS, build_inverse
 
 
 def _is_dense_kron(f) -> bool:
@@ -70,8 +71,6 @@ class BlockInverse:
 
     def __init__(self, records: Sequence, *, kind: str = "block_diagonal", damping: float, pi="trace",
                  backend: str = "auto", warm_start=None, factorization: str = "eigh", _kron=None):
-        from .inverses import build_inverse
-
         self.records = list(records)
         self.kind = kind
         self.damping = check_damping(damping)
@@ -234,8 +233,6 @@ class BlockInverse:
         """From :meth:`state_dict` (or a checkpoint of format ≤ 3: a bare block-diagonal or
         tridiagonal state over Kronecker blocks), on the devices of ``template`` (the running
         factors, which give the names)."""
-        from .inverses import INVERSE_KINDS
-
         if not state.get("composite"):
             state = {"kind": kind, "damping": state["damping"], "pi": state["pi"], "factorization": None,
                      "kron": state, "records": [factors_to_dict(t) for t in template]}

@@ -3,7 +3,7 @@ the same wall-clock budget (paper Sec 13), print a table and plot error against 
 
     python -m kfac_fast.demo                      # defaults: 90 s per method, batch 1000
     python -m kfac_fast.demo --budget 300 --inverse block_tridiagonal --methods kfac,sgd,adam
-    python -m kfac_fast.demo --task cnn           # the architecture demos (kfac_fast.demo_tasks):
+    python -m kfac_fast.demo --task cnn           # the architecture demos (kfac_fast.demo.tasks):
     python -m kfac_fast.demo --task transformer   # ResNet on MNIST, transformer LM on text
     torchrun --nproc_per_node=2 -m kfac_fast.demo --distributed   # data-parallel (gloo), see run_distributed
 
@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import math
 import os
-import platform
-import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +24,9 @@ from torch import nn
 
 import kfac_fast
 from kfac_fast.config import KFACConfig
-from kfac_fast.data import load_mnist
-from kfac_fast.models import MNIST_AUTOENCODER, deep_autoencoder, reconstruction_error
+from .common import Clock, machine_info, progress
+from .data import load_mnist
+from .models import MNIST_AUTOENCODER, deep_autoencoder, reconstruction_error
 
 
 @dataclass
@@ -41,36 +38,11 @@ class Run:
     note: str = ""
 
 
-class Clock:
-    """Wall clock that can be paused (evaluation is not charged to the method)."""
-
-    def __init__(self):
-        self.elapsed = 0.0
-        self._t = None
-
-    def start(self):
-        self._t = time.perf_counter()
-
-    def pause(self):
-        self.elapsed += time.perf_counter() - self._t
-        self._t = None
-
-
-def _progress(total: float, desc: str):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=round(total), desc=desc, unit="s", file=sys.stdout, leave=True,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s {postfix}")
-    except ImportError:  # pragma: no cover
-        return None
-
-
 def _train(method: str, step_fn, model, X, *, budget, batch_size, gen, eval_every: float,
            max_iters: int | None = None) -> Run:
     run = Run(method)
     clock = Clock()
-    bar = _progress(budget, f"{method:>24s}")
+    bar = progress(budget, f"{method:>24s}")
     err = reconstruction_error(model, X)
     run.times.append(0.0), run.iters.append(0), run.errors.append(err)
     next_eval, it, n = eval_every, 0, X.shape[0]
@@ -161,7 +133,7 @@ def run_adam(X, args) -> Run:
 
 def run_distributed(X, args) -> Run:
     """Data-parallel training under ``torchrun`` (gloo): the autoencoder wrapped in
-    DistributedDataParallel, :class:`~kfac_fast.distributed_preconditioner.DistributedKFACPreconditioner`
+    DistributedDataParallel, :class:`~kfac_fast.preconditioner.DistributedKFACPreconditioner`
     (``--dist-mode``) under SGD with momentum 0.9; each rank takes its contiguous share of every
     batch of ``--batch-size`` (so the global batch is the one-process batch). Runs
     ``--max-iters`` iterations (default 50: a wall-clock budget would let the ranks' clocks
@@ -170,7 +142,7 @@ def run_distributed(X, args) -> Run:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from kfac_fast.distributed_preconditioner import DistributedKFACPreconditioner
+    from kfac_fast.preconditioner import DistributedKFACPreconditioner
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -249,41 +221,10 @@ def _plot(runs: list[Run], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_info(device: str) -> dict:
-    """Where and when the curves were measured: appended to every CSV row (after the data columns)."""
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": f"{_cpu_model()} ({os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": f"{device} ({name})" if dev.type == "cuda" else str(dev),
-    }
-
-
 CSV_COLUMNS = ["method", "seconds", "iterations", "train_error"]
 
 
 def main(argv=None) -> list[Run]:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", default="autoencoder")
-    task, _ = pre.parse_known_args(argv)
-    if task.task != "autoencoder":
-        from kfac_fast import demo_tasks
-
-        return demo_tasks.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="autoencoder", choices=["autoencoder", "cnn", "transformer"],
                    help="autoencoder (default, this page); cnn / transformer: see "
@@ -376,7 +317,3 @@ def main(argv=None) -> list[Run]:
     _plot(runs, png, f"MNIST deep autoencoder ({source}), batch {args.batch_size}")
     print(f"\nwrote {png} and {csv_path}")
     return runs
-
-
-if __name__ == "__main__":
-    main()

@@ -37,10 +37,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import kfac_fast
-from kfac_fast.data import IGNORE_INDEX, load_mnist_images, load_text_corpus, padded_lm_batch
-from kfac_fast.demo import Clock, _progress, machine_info  # shared with the autoencoder demo
-from kfac_fast.models_cnn import classification_loss, small_resnet
-from kfac_fast.models_lm import causal_transformer_lm
+from .common import Clock, machine_info, progress
+from .data import IGNORE_INDEX, load_mnist_images, load_text_corpus, padded_lm_batch
+from .models_cnn import classification_loss, small_resnet
+from .models_lm import causal_transformer_lm
 
 TASKS = ("cnn", "transformer")
 METHODS = ("kfac", "kfac-pre", "sgd", "adamw")
@@ -205,7 +205,7 @@ def train(trainers: list[Trainer], args) -> list[Run]:
     """Run every trainer to its budget. Interleaved (default): one iteration of each method in
     turn, so a shared machine's changing load slows all methods alike; ``--sequential``: one
     method after the other (as the autoencoder demo)."""
-    bar = None if args.quiet else _progress(args.budget * len(trainers), f"{len(trainers)} runs")
+    bar = None if args.quiet else progress(args.budget * len(trainers), f"{len(trainers)} runs")
     groups = [trainers] if args.interleave else [[t] for t in trainers]
     for group in groups:
         while not all(t.done for t in group):

@@ -7,6 +7,7 @@ Public surface:
     linalg                               -- the eigendecomposition engine
     KFAC, KFACPreconditioner             -- optimizers (Algorithm 2; gradient preconditioner)
     register_block                       -- K-FAC for another module type (curvature.blocks)
+    causal_lm_targets                    -- targets for a causal LM from Hugging Face-style labels
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ _LAZY = {
     "KFAC": ".optimizer",
     "KFACPreconditioner": ".preconditioner",
     "register_block": ".curvature.blocks",
+    "causal_lm_targets": ".curvature.losses",
     "DistributedKFACPreconditioner": ".preconditioner",
     "distributed": ".distributed",
 }
@@ -62,6 +64,7 @@ __all__ = [
     "KFAC",
     "KFACPreconditioner",
     "register_block",
+    "causal_lm_targets",
     "DistributedKFACPreconditioner",
     "distributed",
 ]

@@ -6,6 +6,7 @@ tensor (flags, strings, None) is passed through unchanged.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Union
 
 import torch
@@ -75,15 +76,36 @@ def repeat(batch: Batch, n: int) -> Batch:
     return map_tensors(batch, lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
 
 
+def model_output(out: Any) -> Any:
+    """The outputs z (m, ..., k) in what a model returned: the tensor itself, or the ``logits``
+    of an output object (Hugging Face's ``ModelOutput``: an attribute ``logits``, also reachable
+    as ``out["logits"]``) or of a mapping with a ``"logits"`` key. Anything else is returned as
+    it is, for the loss's own check to refuse with the fix."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    return logits if isinstance(logits, torch.Tensor) else out
+
+
 def call(model: nn.Module, batch: Batch) -> Any:
-    """``model(x)``, ``model(*batch)`` or ``model(**batch)``."""
+    """The outputs of ``model(x)``, ``model(*batch)`` or ``model(**batch)`` (see
+    :func:`model_output`)."""
     if isinstance(batch, torch.Tensor):
-        return model(batch)
+        return model_output(model(batch))
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        return model_output(model(*batch))
     if isinstance(batch, dict):
-        return model(**batch)
+        return model_output(model(**batch))
     raise TypeError(f"unsupported batch type {type(batch).__name__}")
+
+
+def functional_call(model: nn.Module, params: dict, batch: Batch) -> Any:
+    """The outputs of ``model`` on ``batch`` with ``params`` (name -> tensor) in place of its
+    own (``torch.func.functional_call``, non-strict: parameters not named keep their values)."""
+    args, kwargs = call_args(batch)
+    return model_output(torch.func.functional_call(model, params, args, kwargs, strict=False))
 
 
 def call_args(batch: Batch) -> tuple[tuple, dict]:

@@ -11,7 +11,7 @@ from .batch_factors import block_factors, kronecker_factors
 from .factors import BlockFisher, KroneckerFactors
 from .kron_sum import KronSumInverse, kron_sum_inverse, kron_sum_inverse_identity
 from .layers import LinearLayer, find_layers
-from .losses import LOSSES, PredictiveDistribution, get_loss
+from .losses import LOSSES, PredictiveDistribution, causal_lm_targets, get_loss
 
 __all__ = [
     "BlockDiagonal",
@@ -36,6 +36,7 @@ __all__ = [
     "kron_sum_inverse",
     "kron_sum_inverse_identity",
     "kronecker_factors",
+    "causal_lm_targets",
     "pi_trace",
     "register_block",
 ]

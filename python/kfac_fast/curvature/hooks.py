@@ -49,6 +49,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..batch import model_output
 from .blocks import CurvatureBlock
 from .capture import Recording, check_calls, in_internal_pass
 
@@ -209,6 +210,7 @@ class HookCapture:
         p, self._current = self._current, None
         if out is None:  # the forward raised
             return
+        out = model_output(out)
         if not isinstance(out, torch.Tensor):
             p.bad_output = type(out).__name__
             p.backward_seen = True  # reported by the consumer, not dropped silently

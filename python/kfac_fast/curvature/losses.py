@@ -298,8 +298,31 @@ def get_loss(loss, *, ignore_index: Optional[int] = -100, ignore_nan_targets: bo
 def check_output(z: torch.Tensor, loss: PredictiveDistribution) -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{loss.name} expects the model to return one tensor of shape (m, ..., k), "
-                        f"got {type(z).__name__}; wrap the model so that it returns the logits")
+                        f"got {type(z).__name__} (an object with a tensor attribute `logits`, such as Hugging Face's "
+                        f"ModelOutput, is accepted); wrap the model so that it returns the outputs")
     if z.dim() < 2:
         raise ValueError(f"{loss.name} expects model outputs of shape (m, ..., k), got {tuple(z.shape)}")
 
 
+
+
+def causal_lm_targets(labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    """Targets aligned with a causal LM's outputs from Hugging Face-style ``labels``.
+
+    A ``*ForCausalLM`` model given ``labels`` (m, T) scores position t's logits against
+    ``labels[:, t + 1]`` (it shifts inside its loss). K-FAC reads one target per output
+    position, so the targets are the labels shifted left by one, with ``ignore_index`` at the
+    last position (no next token): ``targets[:, t] = labels[:, t + 1]``, shape (m, T), for
+    ``loss="softmax_cross_entropy"`` with the same ``ignore_index``.
+
+    Example::
+
+        batch = {"input_ids": ids, "attention_mask": mask}
+        opt.step(batch, kfac_fast.causal_lm_targets(labels))   # model returns .logits (m, T, V)
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        raise ValueError("causal_lm_targets expects integer labels of shape (m, T), got "
+                         f"{type(labels).__name__ if not isinstance(labels, torch.Tensor) else (labels.dtype, tuple(labels.shape))}")
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out

@@ -1,22 +1,23 @@
 """K-FAC, Algorithm 2 of Martens & Grosse (2015): orchestration only.
 
-Per iteration k (``KFAC.step``), with the module that holds each step:
-  1. forward/backward on the mini-batch S' for h and ∇h (with the ℓ2 term η)          Sec 9       phases/statistics.py
-  2. forward + backward with targets sampled from the model on S₁ (|S₁| = τ₁|S'|)    Sec 5       phases/statistics.py
-  3. running factors Ā, G (and cross factors) with ε = min(1 − 1/k, ema_max)          Sec 5       phases/statistics.py
-  4. inverse refresh when k ≡ 0 (mod T3) or k ≤ 3, with factored Tikhonov damping γ   Sec 4, 6.3  phases/refresh.py
-  5. proposal Δ = −F̆⁻¹∇h (or F̂⁻¹), for each γ candidate (every T2: γ, ω₂γ, γ/ω₂)    Sec 6.6     phases/proposal.py
-  6. δ = αΔ + µδ₀ minimising the exact-Fisher quadratic model M on S₂ (Appendix C)   Sec 6.4, 7  phases/proposal.py
-  7. λ by the Levenberg-Marquardt rule every T1 (one extra forward for ρ)             Sec 6.5     phases/commit.py
-  8. θ ← θ + δ                                                                                    phases/commit.py
+Per iteration k (``KFAC.step``):
+  1. forward/backward on the mini-batch S' for h and ∇h (with the ℓ2 term η)          Sec 9
+  2. forward + backward with targets sampled from the model on S₁ (|S₁| = τ₁|S'|)    Sec 5
+  3. running factors Ā, G (and cross factors) with ε = min(1 − 1/k, ema_max)          Sec 5
+  4. inverse refresh when k ≡ 0 (mod T3) or k ≤ 3, with factored Tikhonov damping γ   Sec 4, 6.3, 8
+  5. proposal Δ = −F̆⁻¹∇h (or F̂⁻¹), for each γ candidate (every T2: γ, ω₂γ, γ/ω₂)    Sec 6.6
+  6. δ = αΔ + µδ₀ minimising the exact-Fisher quadratic model M on S₂ (Appendix C)   Sec 6.4, 7
+  7. λ by the Levenberg-Marquardt rule every T1 (one extra forward for ρ)             Sec 6.5
+  8. θ ← θ + δ
 
-The rules that adapt λ and γ and reject bad steps, in their device and host forms, are one part
-the optimizer holds (``KFAC.adapt``, :mod:`kfac_fast.phases.adaptation`); checkpoints and the
-memory report are :mod:`kfac_fast.phases.checkpoint_io`. The phases 1-8 are mixins of ``KFAC``
-because they share its model, layers, factors, inverse, δ₀ and generator (the order of the RNG
-draws across phases is part of the trajectory); each module names what it reads and writes. This
-file keeps the construction, the host view of the device state, the helpers on θ and ``step``.
-The ``profile`` phases follow the task list of Sec 8 instead.
+Each step lives in one module of :mod:`kfac_fast.phases`: ``statistics`` (1-3), ``refresh`` (4),
+``proposal`` (5-6), ``commit`` (7-8). The rules that adapt λ and γ and reject bad steps, in their
+device and host forms, are one part the optimizer holds (``KFAC.adapt``, ``phases.adaptation``);
+checkpoints and the memory report are ``phases.checkpoint_io``. The phases 1-8 are mixins of
+``KFAC`` because they share its model, layers, factors, inverse, δ₀ and generator (the order of
+the RNG draws across phases is part of the trajectory); each module names what it reads and
+writes. This file keeps the construction, the host view of the device state, the helpers on θ
+and ``step``. The ``profile`` phases follow the task list of Sec 8 instead.
 
 The curvature blocks own their factors and inverses; kernels know nothing of this class.
 """
@@ -425,26 +426,29 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
         """
         self._check_batch(inputs, targets)
         self._ensure_state()
-        k = self.k
-        cfg = self.config
-        refresh = self._refresh_due()
-        stats = StepStats(k=k, rho=None, rejected=False, refreshed=False)
+        refresh = self._refresh_due()  # Sec 8: k ≡ 0 (mod T3) or k ≤ 3
+        stats = StepStats(k=self.k, rho=None, rejected=False, refreshed=False)
         self._phases = {}
+        # 1. h and ∇h on S' (Sec 9)
         V, h, h_data, rho_rows = self._gradient(inputs, targets, validate=self.validate or refresh)
         stats.update(loss=h_data, objective=h)
-        if self._pending is not None:  # rho_batch="next": the previous step, judged on this batch
+        if self._pending is not None:  # rho_batch="next": the previous step's 7-8, judged on this batch
             verdict = self._check_pending(inputs, targets, h, stats)
             if verdict is not None:
                 self._reuse = None  # release the gradient pass's graph
                 return verdict
+        # 2. the statistics on S₁ with targets sampled from the model (Sec 5)
         batch_stats, valid, flags, names = self._statistics(inputs, targets, h)
-        if refresh:  # the new inverse is built from the pending factors, so they come first
+        # 3. the running factors: before the refresh that reads them, else in the commit (after δ)
+        if refresh:
             self._update_factors(batch_stats, valid)
+        # 4. the damped inverse at γ (Sec 4, 6.3)
         base = self._refresh_if_due(stats, refresh)
+        # 5-6. Δ per γ candidate, δ = αΔ + µδ₀ from the exact-Fisher model (Sec 6.4, 6.6, 7)
         best = self._proposals(inputs, targets, base, V)
+        # 7-8. θ ← θ + δ, ρ and λ (Sec 6.5); the step kept or undone
         return self._commit(inputs, targets, h, best, stats, rho_rows, valid, (flags, names), refresh,
                             None if refresh else batch_stats)
-
 
     # ------------------------------------------------------------------ memory and checkpoints
     def memory_report(self) -> dict[str, int]:

@@ -5,8 +5,9 @@ held-out check of ``rho_batch="next"``.
 δ₀, the running factors, the inverse, γ and k, the whole state the other phases read. The rules it
 applies (the device decision and its host twins) belong to :class:`kfac_fast.phases.adaptation.Adaptation`
 (``adapt``); this phase saves θ, measures h(θ + δ) and selects what stays. It reads ``config``,
-``layers``, ``dist``, ``device``, ``profile`` and the helpers ``_objective``, ``_add``,
-``_restore``, ``_update_factors``, ``_phase`` of ``KFAC``.
+``layers``, ``dist``, ``device``, ``profile``, ``_phases`` and the helpers ``_objective``,
+``_add``, ``_restore``, ``_update_factors``, ``_phase`` of ``KFAC``; besides the state above it
+writes ``_pending`` (``rho_batch="next"``) and ``_last_stats``.
 """
 from __future__ import annotations
 

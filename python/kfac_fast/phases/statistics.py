@@ -4,9 +4,10 @@
 state: the first gradient pass reorders the optimizer's ``layers`` (forward order) and rebuilds
 its running factors, and the τ₁ = 1 path hands the gradient pass's graph (``_reuse``) to the
 statistics backward; the subsets S₁ and the sampled targets draw from the optimizer's one
-generator, in an order that is part of the trajectory. It reads ``model``, ``layers``, ``loss``,
-``config``, ``dist``, ``generator``, ``factors``, ``k`` and the helpers ``_params``, ``_l2``,
-``_subset``, ``_examples_for``, ``_phase`` of ``KFAC``.
+generator, in an order that is part of the trajectory. It reads ``model``, ``loss``, ``config``,
+``dist``, ``generator``, ``inverse_dtype``, ``k`` and the helpers ``_params``, ``_l2``, ``_subset``,
+``_examples_for``, ``_ensure_state``, ``_phase`` of ``KFAC``; it writes ``layers``, ``_ordered``,
+``_terms_per_example``, ``_reuse`` and the pending running factors.
 """
 from __future__ import annotations
 

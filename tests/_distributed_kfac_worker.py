@@ -116,23 +116,23 @@ def main():
         drawn.append(y_s.clone())
         return y_s
 
-    import kfac_fast.optimizer as optimizer
+    import kfac_fast.phases.statistics as statistics_phase  # where the step calls sampled_statistics
 
     batches = []
-    real_stats = optimizer.sampled_statistics
+    real_stats = statistics_phase.sampled_statistics
 
     def spy_stats(model, blocks, batch, *a, **kw):
         batches.append(batch.clone())  # S₁ (a permutation of the rows with tau1 = 1)
         return real_stats(model, blocks, batch, *a, **kw)
 
     statistics.sample_targets = spy
-    optimizer.sampled_statistics = spy_stats
+    statistics_phase.sampled_statistics = spy_stats
     model = make_model()
     opt = KFAC(model, loss="softmax_cross_entropy", tau1=1.0, generator=torch.Generator().manual_seed(7 + rank))
     x, y = data(30 + rank)
     opt.step(x, y)
     statistics.sample_targets = real
-    optimizer.sampled_statistics = real_stats
+    statistics_phase.sampled_statistics = real_stats
     res["mc/x"], res["mc/y_sampled"] = batches[0], drawn[0]
     res["mc/factors"] = [(f.A.clone(), f.G.clone()) for f in opt.factors.current]
 

@@ -335,10 +335,10 @@ def test_every_backend_agrees_with_torch_on_every_block_kind(task, backend):
 def test_row_minimums_count_loss_terms(monkeypatch, T, expect_s2, expect_rho):
     """tau2_min_rows and rho_rows count loss terms: a sequence of T tokens is T terms, so S₂ and the
     ρ subset need ceil(256 / T) sequences (or the tau2 share of the batch, if larger)."""
-    import kfac_fast.optimizer as optmod
+    import kfac_fast.phases.proposal as proposal_phase  # where the step calls fisher_gram
 
     seen = {}
-    real_gram, real_obj = optmod.fisher_gram, KFAC._objective
+    real_gram, real_obj = proposal_phase.fisher_gram, KFAC._objective
 
     def spy_gram(model, layers, inputs, loss, dirs, **kw):
         seen["s2"] = inputs.shape[0]
@@ -348,7 +348,7 @@ def test_row_minimums_count_loss_terms(monkeypatch, T, expect_s2, expect_rho):
         seen["rho"] = inputs.shape[0]
         return real_obj(self, inputs, targets, params)
 
-    monkeypatch.setattr(optmod, "fisher_gram", spy_gram)
+    monkeypatch.setattr(proposal_phase, "fisher_gram", spy_gram)
     monkeypatch.setattr(KFAC, "_objective", spy_obj)
     model, ids, tgt = lm_problem(m=64, T=T, vocab=11)
     if T == 64:

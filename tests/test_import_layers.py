@@ -111,7 +111,7 @@ def test_cycle_finder_finds_a_cycle():
 # Layers, top to bottom: a module may import its own layer or lower ones only.
 LAYERS = [
     ("demo", ["kfac_fast.demo"]),
-    ("optimizer", ["kfac_fast.optimizer", "kfac_fast.kfac", "kfac_fast.preconditioner",
+    ("optimizer", ["kfac_fast.optimizer", "kfac_fast.phases", "kfac_fast.preconditioner",
                    "kfac_fast.step_size", "kfac_fast.rules",
                    "kfac_fast.step_state", "kfac_fast.quadratic", "kfac_fast._sequential_jvp",
                    "kfac_fast.config", "kfac_fast.checkpoint", "kfac_fast.schedules", "kfac_fast._parts"]),

@@ -158,16 +158,16 @@ def test_consecutive_rho_rejections_raise(monkeypatch):
 @pytest.mark.parametrize("m,tau2,min_rows,expect", [(48, 0.25, 0, 12), (48, 0.25, 20, 20), (48, 0.25, 256, 48),
                                                     (400, 0.25, 64, 100)])
 def test_s2_has_at_least_tau2_min_rows(monkeypatch, m, tau2, min_rows, expect):
-    import kfac_fast.optimizer as optmod
+    import kfac_fast.phases.proposal as proposal_phase  # where the step calls fisher_gram
 
     rows = []
-    real = optmod.fisher_gram
+    real = proposal_phase.fisher_gram
 
     def spy(model, layers, inputs, loss, dirs, **kw):
         rows.append(inputs.shape[0])
         return real(model, layers, inputs, loss, dirs, **kw)
 
-    monkeypatch.setattr(optmod, "fisher_gram", spy)
+    monkeypatch.setattr(proposal_phase, "fisher_gram", spy)
     model, x, y = _problem(m=m)
     opt = KFAC(model, loss="softmax_cross_entropy", tau2=tau2, tau2_min_rows=min_rows)
     opt.step(x, y)

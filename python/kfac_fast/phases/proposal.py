@@ -1,0 +1,95 @@
+"""Steps 5-6 of Algorithm 2: the proposal Δ per γ candidate (Sec 6.6) and its re-scaling δ = αΔ + µδ₀
+by the exact-Fisher quadratic model M on S₂ (Sec 6.4, 7, Appendix C).
+
+``ProposalPhase`` is a mixin of :class:`kfac_fast.optimizer.KFAC`: S₂ draws from the optimizer's
+generator, the Fisher-vector products run through its ``model`` and ``layers``, and momentum reads
+its δ₀. It reads ``config``, ``model``, ``layers``, ``loss``, ``dist``, ``device``, ``adapt``
+(λ and the γ candidates), ``_delta0``, ``k`` and the helpers ``_subset``, ``_examples_for``,
+``_phase``. It writes nothing: the chosen :class:`Proposal` goes to the commit phase.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from ..batch import batch_size, select
+from ..quadratic import fisher_gram, inner, solve_alpha_mu_t
+
+__all__ = ["Proposal", "ProposalPhase"]
+
+
+class Proposal(NamedTuple):
+    """One γ candidate's outcome (Sec 6.6): M(δ) − M(0), γ, its inverse, Δ, α, µ and ‖δ‖²."""
+
+    M: float
+    gamma: float
+    inv: Any
+    Delta: list
+    alpha: float
+    mu: float
+    norm2: float
+
+
+class ProposalPhase:
+    """Steps 5-6: Δ = −F̆⁻¹∇h per γ candidate, α and µ from M, the candidate with the lowest M."""
+
+    def _proposals(self, inputs, targets: torch.Tensor, base, V: list[torch.Tensor]) -> "Proposal":
+        """Steps 5-6 per γ candidate (Sec 6.6: every T2 iterations γ, ω₂γ, γ/ω₂): the proposal
+        Δ = −F̆⁻¹∇h (or F̂⁻¹∇h) and its re-scaling; returns the candidate with the lowest M.
+        Only the γ choice reads the host (on T2 iterations, which are refresh iterations)."""
+        cfg = self.config
+        candidates = self.adapt.candidates(self.k)
+        idx2 = self._subset(batch_size(inputs), cfg.tau2, self._examples_for(cfg.tau2_min_rows))
+        x2 = (select(inputs, idx2), targets.index_select(0, idx2))
+        use_mom = cfg.momentum and self._delta0 is not None
+        props = []
+        for gamma in candidates:
+            with self._phase("5 inverse refresh"):
+                try:
+                    inv = base if gamma == base.damping else base.with_damping(gamma)
+                except ValueError:  # e.g. the tridiagonal Σ not positive definite at this γ: skip it
+                    continue
+            with self._phase("6 precondition"):
+                Delta = [-u for u in inv.apply(V)]
+            alpha, mu, M, norm2 = self._rescale(V, Delta, x2, use_mom)
+            props.append(Proposal(M, gamma, inv, Delta, alpha, mu, norm2))
+        if len(props) == 1:
+            return props[0]
+        Ms = torch.stack([p.M for p in props]).tolist()  # the γ choice: one read, on T2 iterations only
+        best = 0
+        for i, M in enumerate(Ms):
+            if math.isfinite(M) and (not math.isfinite(Ms[best]) or M < Ms[best]):
+                best = i
+        return props[best]
+
+    def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: tuple, use_mom: bool):
+        """Step 6: α (and µ with momentum, Sec 7) minimising the exact-Fisher model M on S₂
+        (Sec 6.4, Appendix C). Returns (α, µ, M(δ) − M(0), ‖δ‖²) with δ = αΔ + µδ₀, all 0-d
+        float64 device tensors (the 2×2 solve is closed-form selections: no host sync)."""
+        cfg = self.config
+        dirs = [Delta] + ([self._delta0] if use_mom else [])
+        n = len(dirs)
+        if cfg.rescale:
+            with self._phase("7 fisher quadratic"):
+                gram = fisher_gram(self.model, self.layers, x2[0], self.loss, dirs, targets=x2[1])
+                if self.dist.world_size > 1:  # Γ on the union of the ranks' S₂ (equal sizes)
+                    gram = self.dist.reduce_scalars(gram, op="mean")
+                dots = [[None] * n for _ in range(n)]
+                for a in range(n):
+                    for c in range(a, n):
+                        dots[a][c] = dots[c][a] = inner(dirs[a], dirs[c])
+                dots = torch.stack([torch.stack(row) for row in dots])
+                b = torch.stack([inner(V, d) for d in dirs])
+                alpha, mu, M = solve_alpha_mu_t(gram, dots, b, self.adapt.state.lam + cfg.weight_decay,
+                                                mu_max=cfg.mu_max)
+                coef = torch.stack([alpha, mu][:n])
+                norm2 = coef @ dots @ coef  # ‖αΔ + µδ₀‖², from the same numbers
+        else:
+            # no exact-Fisher model: δ = Δ and M is K-FAC's own prediction, ½∇hᵀΔ (exact for
+            # the damped approximate model, as Δ minimises it)
+            one = torch.ones((), dtype=torch.float64, device=self.device)
+            alpha, mu = one, torch.zeros_like(one)
+            norm2, M = inner(Delta, Delta), 0.5 * inner(V, Delta)
+        return alpha, mu, M, norm2

@@ -272,7 +272,9 @@ def test_sdist_is_complete(sdist):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
         pkg_info = t.extractfile(next(m for m in t.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
     for need in ("pyproject.toml", "CMakeLists.txt", "csrc/bindings.cpp", "python/kfac_fast/__init__.py",
-                 "python/kfac_fast/_native.py", "requirements-build.txt"):
+                 "python/kfac_fast/_native.py", "requirements-build.txt", "cmake/embed_fatbins.cmake",
+                 "csrc/compat/manylinux_compat.h", "csrc/compat/manylinux_compat.cpp", "csrc/compat/exports.map",
+                 "csrc/cuda/driver.cpp"):
         assert need in names, f"sdist lacks {need}"
     assert any(n.startswith("csrc/cuda/") and n.endswith(".cu") for n in names), "sdist lacks csrc/cuda/*.cu"
     assert any(n.startswith("csrc/cpu/") and n.endswith(".cpp") for n in names), "sdist lacks csrc/cpu/*.cpp"

@@ -163,12 +163,13 @@ DeviceScope::DeviceScope(const void* device_ptr, const char* where) {
   }
   check(r, where, "device of the tensor's memory");
   check(a.CtxPushCurrent(primary_context(ordinal, where)), where, "cuCtxPushCurrent");
+  api_ = &a;
   device_ = ordinal;
 }
 
 DeviceScope::~DeviceScope() {
   CUcontext popped = nullptr;
-  api().CtxPopCurrent(&popped);
+  if (api_) api_->CtxPopCurrent(&popped);
 }
 
 CUfunction kernel(const DeviceScope& scope, const char* module, const char* name, const char* where) {

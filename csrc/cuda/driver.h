@@ -58,6 +58,7 @@ class DeviceScope {
   int device() const { return device_; }
 
  private:
+  const Api* api_ = nullptr;
   int device_ = -1;
 };
 

@@ -33,6 +33,9 @@ std::string cuda_archs() {
   return "";
 #endif
 }
+#ifndef KFAC_FAST_WITH_CUDA
+std::string cuda_driver_status() { return "built without CUDA"; }
+#endif
 }  // namespace kfac_fast
 
 static DType to_dtype(int code) {
@@ -47,6 +50,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cuda_version", &cuda_version);
   m.def("cuda_archs", &cuda_archs);
+  m.def(
+      "cuda_driver_status",
+      []() {
+        py::gil_scoped_release nogil;
+        return cuda_driver_status();
+      },
+      "The CUDA driver as the CUDA kernels would use it: 'driver X.Y, N device(s)', or why there is "
+      "none (no libcuda.so.1, cuInit error). Loads the driver on first call; never raises.");
 
   m.def(
       "symmetrize_cpu",

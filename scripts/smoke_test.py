@@ -2,7 +2,9 @@
 
 Checks: import from site-packages, backend report, native ops (symmetrize, eigh) through their
 custom ops, one K-FAC step, and that the compiled module links neither libtorch nor a CUDA
-runtime or driver library (no libtorch, libc10, libcudart, libcuda in ``ldd``).
+runtime or driver library (no libtorch, libc10, libcudart, libcuda in ``ldd``). A CUDA build
+reports the driver it would use (it opens libcuda.so.1 only then); without a GPU its CUDA entry
+point raises the driver's reason.
 With ``--triton`` it also runs Triton kernels (grouped sandwich and factor update) in the Triton
 interpreter on CPU tensors (sets TRITON_INTERPRET=1 before triton is imported; needs triton).
 """
@@ -36,6 +38,16 @@ if args.expect_cuda == "yes":
     assert info["cuda"] != "none", info
 elif args.expect_cuda == "no":
     assert info["cuda"] == "none", info
+from kfac_fast._native import native  # noqa: E402
+
+mod = native()
+print("CUDA driver:", mod.cuda_driver_status())
+if info["cuda"] != "none" and not torch.cuda.is_available():
+    try:
+        mod.symmetrize_cuda(1, 1, 1, 2, 0, 0)
+        raise AssertionError("symmetrize_cuda on a bogus pointer did not raise")
+    except mod.NativeError as exc:
+        print("CUDA entry point without a GPU:", exc)
 A = torch.randn(3, 7, 7, dtype=torch.float64)
 torch.testing.assert_close(symmetrize(A, backend="native"), symmetrize_ref(A))
 from kfac_fast.linalg import eigh  # noqa: E402

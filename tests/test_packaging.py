@@ -1,11 +1,13 @@
 """Release artifacts of scripts/build_wheels.sh: the repaired wheel and the sdist in wheelhouse/.
 
-Checks, for the repaired wheel: a manylinux tag (file name and WHEEL), nothing grafted by
-auditwheel (no ``kfac_fast.libs/``), the ``readelf -d`` NEEDED entries of ``_C*.so`` (only
-glibc/libstdc++/libgcc; never libtorch, libc10, libcudart, libcuda), no RPATH/RUNPATH into a build
-machine's folders, glibc symbol versions no newer than the tag promises, the build record, and the ``Requires-Dist`` bound on torch (present,
-justified by the APIs the code uses, satisfied by the installed torch). For the sdist: sources
-present, build outputs absent.
+Checks, for the repaired wheel: a manylinux tag (file name and WHEEL) no newer than
+manylinux_2_28 (torch's own policy), nothing grafted by auditwheel (no ``kfac_fast.libs/``), the
+``readelf -d`` NEEDED entries of ``_C*.so`` (only glibc/libstdc++/libgcc; never libtorch, libc10,
+libcudart, libcuda: a CUDA build opens libcuda.so.1 with dlopen at the first CUDA op), no
+RPATH/RUNPATH into a build machine's folders, every imported symbol version (GLIBC, GLIBCXX,
+CXXABI, GCC) within manylinux_2_28 and within the tag, only ``PyInit__C`` exported, the build
+record, and the ``Requires-Dist`` bound on torch (present, justified by the APIs the code uses,
+satisfied by the installed torch). For the sdist: sources present, build outputs absent.
 
 The wheelhouse is $KFAC_FAST_WHEELHOUSE (default: wheelhouse/ of the repository). Without one the
 tests skip, unless KFAC_FAST_REQUIRE_WHEEL=1 (scripts/test.sh sets it), which makes them fail.
@@ -38,6 +40,17 @@ ALLOWED_NEEDED = {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "libstdc++.so.6", "
                   "libpthread.so.0", "libdl.so.2", "librt.so.1"}
 BANNED_NEEDED = re.compile(r"libtorch|libc10|libcudart|libcuda\b|libcuda\.so|libcublas|libnvrtc|libpython")
 MANYLINUX = re.compile(r"^manylinux_(\d+)_(\d+)_x86_64$")
+# The release target: torch's own wheels are manylinux_2_28 (glibc >= 2.28: RHEL 8, Ubuntu 20.04).
+TARGET_GLIBC = (2, 28)
+# The newest symbol version of each library that manylinux_2_28 allows on x86_64, from
+# auditwheel's policy/manylinux-policy.json ("symbol_versions", auditwheel 6.8.2): glibc 2.28 and
+# the libstdc++/libgcc of its toolchain (GCC 8's GLIBCXX_3.4.25 is already out: the policy stops at
+# GLIBCXX_3.4.24 and CXXABI_1.3.11). test_pinned_limits_match_auditwheel_policy re-reads the JSON
+# wherever auditwheel is installed. Non-numeric versions (CXXABI_FLOAT128, CXXABI_TM_1) are allowed.
+MANYLINUX_2_28_MAX = {"GLIBC": (2, 28), "GLIBCXX": (3, 4, 24), "CXXABI": (1, 3, 11), "GCC": (7, 0, 0)}
+# What _C may export: the module's init function only (csrc/compat/exports.map), so its local
+# copies of libstdc++ functions never stand in for libstdc++'s own.
+ALLOWED_EXPORTS = {"PyInit__C"}
 
 
 # ---------------------------------------------------------------------------- checkers
@@ -84,6 +97,38 @@ def glibc_problems(glibc_versions: set[tuple[int, int]], plat: str) -> list[str]
     return [f"references GLIBC_{a}.{b} > tag {plat}" for a, b in sorted(glibc_versions) if (a, b) > limit]
 
 
+def target_tag_problems(plat: str) -> list[str]:
+    """The wheel's manylinux tag must be manylinux_2_28 or older (what torch supports)."""
+    m = MANYLINUX.match(plat)
+    if not m:
+        return [f"{plat!r} is not a manylinux tag"]
+    if (int(m.group(1)), int(m.group(2))) > TARGET_GLIBC:
+        return [f"tag {plat} is newer than manylinux_{TARGET_GLIBC[0]}_{TARGET_GLIBC[1]} (torch's policy)"]
+    return []
+
+
+def symbol_version_problems(versions: dict[str, set[str]]) -> list[str]:
+    """Imported symbol versions ({"GLIBCXX_3.4.29": {symbols}}) beyond manylinux_2_28's limits."""
+    problems = []
+    for version, symbols in sorted(versions.items()):
+        m = re.fullmatch(r"(GLIBC|GLIBCXX|CXXABI|GCC)_([\d.]+)", version)
+        if not m:
+            if not re.fullmatch(r"CXXABI_(FLOAT128|TM_1)", version):
+                problems.append(f"unknown symbol version {version} ({', '.join(sorted(symbols)[:3])})")
+            continue
+        lib, number = m.group(1), tuple(int(x) for x in m.group(2).split("."))
+        limit = MANYLINUX_2_28_MAX[lib]
+        if number > limit:
+            problems.append(f"{version} > manylinux_2_28's {lib}_{'.'.join(map(str, limit))}: "
+                            f"{', '.join(sorted(symbols)[:5])}")
+    return problems
+
+
+def export_problems(exported: set[str]) -> list[str]:
+    """Defined dynamic symbols other than the module's init function."""
+    return [f"exports {name}" for name in sorted(exported - ALLOWED_EXPORTS)]
+
+
 def torch_requirement_problems(requires_dist: list[str]) -> list[str]:
     """The Requires-Dist entry for torch must exist and carry a lower bound >= TORCH_API_FLOOR."""
     reqs = [Requirement(r) for r in requires_dist]
@@ -113,6 +158,21 @@ def glibc_versions_of(so: Path) -> set[tuple[int, int]]:
     return {(int(a), int(b)) for a, b in re.findall(r"\bUND\s+\S+@GLIBC_(\d+)\.(\d+)", out)}
 
 
+def symbol_versions_of(so: Path) -> dict[str, set[str]]:
+    """{version: imported symbols} of the undefined dynamic symbols that carry a version."""
+    versions: dict[str, set[str]] = {}
+    for name, version in re.findall(r"\bUND\s+([^\s@]+)@(\S+)", readelf(["--dyn-syms", "-W"], so)):
+        versions.setdefault(version, set()).add(name)
+    return versions
+
+
+def exports_of(so: Path) -> set[str]:
+    """Defined GLOBAL/WEAK dynamic symbols (what other objects could bind to)."""
+    out = readelf(["--dyn-syms", "-W"], so)
+    return {m.group(1).split("@")[0] for m in re.finditer(
+        r"^\s*\d+:\s+\S+\s+\d+\s+\S+\s+(?:GLOBAL|WEAK)\s+DEFAULT\s+(?!UND)\S+\s+(\S+)", out, re.M)}
+
+
 def extract_so(whl: Path, dest: Path) -> Path:
     with zipfile.ZipFile(whl) as z:
         names = [n for n in z.namelist() if re.fullmatch(r"kfac_fast/_C[^/]*\.so", n)]
@@ -140,6 +200,9 @@ def all_problems(whl: Path, tmp: Path) -> list[str]:
     problems += runpath_problems(readelf(["-d", "-W"], so))
     plat = whl.name[:-len(".whl")].split("-")[-1].split(".")[0]
     problems += glibc_problems(glibc_versions_of(so), plat)
+    problems += target_tag_problems(plat)
+    problems += symbol_version_problems(symbol_versions_of(so))
+    problems += export_problems(exports_of(so))
     problems += torch_requirement_problems(requires_dist(wheel_text(whl, "METADATA")))
     return problems
 
@@ -209,7 +272,9 @@ def test_sdist_is_complete(sdist):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
         pkg_info = t.extractfile(next(m for m in t.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
     for need in ("pyproject.toml", "CMakeLists.txt", "csrc/bindings.cpp", "python/kfac_fast/__init__.py",
-                 "python/kfac_fast/_native.py", "requirements-build.txt"):
+                 "python/kfac_fast/_native.py", "requirements-build.txt", "cmake/embed_fatbins.cmake",
+                 "csrc/compat/manylinux_compat.h", "csrc/compat/manylinux_compat.cpp", "csrc/compat/exports.map",
+                 "csrc/cuda/driver.cpp"):
         assert need in names, f"sdist lacks {need}"
     assert any(n.startswith("csrc/cuda/") and n.endswith(".cu") for n in names), "sdist lacks csrc/cuda/*.cu"
     assert any(n.startswith("csrc/cpu/") and n.endswith(".cpp") for n in names), "sdist lacks csrc/cpu/*.cpp"
@@ -233,10 +298,53 @@ def test_checkers_reject_bad_inputs():
     assert glibc_problems({(2, 17), (2, 34)}, "manylinux_2_28_x86_64") == [
         "references GLIBC_2.34 > tag manylinux_2_28_x86_64"]
     assert not glibc_problems({(2, 17), (2, 34)}, "manylinux_2_34_x86_64")
+    assert target_tag_problems("manylinux_2_34_x86_64")
+    assert not target_tag_problems("manylinux_2_28_x86_64") and not target_tag_problems("manylinux_2_17_x86_64")
+    # What GCC 12 on glibc 2.36 emits without csrc/compat (the manylinux_2_34 wheel of before).
+    too_new = {"GLIBC_2.34": {"pthread_once", "dlopen"}, "GLIBC_2.32": {"__libc_single_threaded"},
+               "GLIBCXX_3.4.29": {"_ZSt28__throw_bad_array_new_lengthv"},
+               "CXXABI_1.3.13": {"_ZNSt15__exception_ptr13exception_ptr9_M_addrefEv"}, "GLIBCXX_3.4.25": {"x"},
+               "CXXABI_1.3.12": {"y"}, "GLIBC_2.29": {"exp"}, "GCC_12.0.0": {"z"}, "FOO_1.0": {"w"}}
+    assert len(symbol_version_problems(too_new)) == len(too_new)
+    assert not symbol_version_problems({"GLIBC_2.28": {"fcntl64"}, "GLIBC_2.2.5": {"pthread_once"},
+                                        "GLIBCXX_3.4.24": {"a"}, "CXXABI_1.3.11": {"b"}, "GCC_7.0.0": {"c"},
+                                        "CXXABI_FLOAT128": {"d"}, "CXXABI_TM_1": {"e"}})
+    assert export_problems({"PyInit__C", "_ZNSt15__exception_ptr13exception_ptr9_M_addrefEv"}) == [
+        "exports _ZNSt15__exception_ptr13exception_ptr9_M_addrefEv"]
+    assert not export_problems({"PyInit__C"})
     assert torch_requirement_problems(["torch", "numpy>=1.23"])
     assert torch_requirement_problems(["torch>=2.0"])
     assert torch_requirement_problems(["numpy>=1.23"])
     assert not torch_requirement_problems(["torch>=2.4", "numpy>=1.23"])
+
+
+def test_pinned_limits_match_auditwheel_policy():
+    """MANYLINUX_2_28_MAX is the newest numeric version per library in auditwheel's policy."""
+    try:
+        import auditwheel
+    except ImportError:
+        pytest.skip("auditwheel not installed here (scripts/build_wheels.sh's interpreter has it)")
+    policy_file = Path(auditwheel.__file__).parent / "policy" / "manylinux-policy.json"
+    policies = {p["name"]: p for p in json.loads(policy_file.read_text())}
+    allowed = policies["manylinux_2_28"]["symbol_versions"]["x86_64"]
+    newest = {lib: max(tuple(int(x) for x in v.split(".")) for v in versions if re.fullmatch(r"[\d.]+", v))
+              for lib, versions in allowed.items() if lib in MANYLINUX_2_28_MAX}
+    assert newest == MANYLINUX_2_28_MAX
+    for lib in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2"):
+        assert lib in policies["manylinux_2_28"]["lib_whitelist"], lib
+
+
+def test_cuda_build_opens_the_driver_lazily(wheel, tmp_path):
+    """A CUDA build names libcuda.so.1 for dlopen, never as NEEDED, and carries fatbins, no runtime."""
+    record = json.loads(wheel_text(wheel, "kfac_fast_build.json"))
+    if record["cuda"] == "none":
+        pytest.skip("CPU-only wheel")
+    so = extract_so(wheel, tmp_path)
+    data = so.read_bytes()
+    assert b"libcuda.so.1\0" in data
+    assert not [n for n in needed_of(so) if "cuda" in n]
+    assert data.count(b"\x50\xed\x55\xba") >= 2, "expected the embedded fatbins (magic 0xBA55ED50)"
+    assert b"cudaGetErrorString" not in data and b"libcudart" not in data, "CUDA runtime code linked in"
 
 
 def test_checker_rejects_the_unrepaired_wheel(tmp_path):

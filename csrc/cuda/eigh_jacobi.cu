@@ -13,24 +13,24 @@
 // Matrices with n <= kSharedN keep B in shared memory; larger ones work in global memory
 // (simple and correct, not fast: intended for the many small factors of convolutional
 // layers; large factors are better served by cuSOLVER through backend="torch").
-#include <cuda_runtime.h>
-
-#include <algorithm>
+//
+// Device code only: nvcc compiles this file into a fatbin embedded in _C; the host side
+// (argument checks, launch through the driver API, status read-back) is eigh_jacobi_host.cpp.
 #include <cfloat>
-#include <string>
-#include <vector>
+#include <cstdint>
 
-#include "kfac_fast/common.h"
+#include "kfac_fast/cuda_kernels.h"
 
 namespace kfac_fast {
 namespace cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kSharedN = 64;
+constexpr int kThreads = kJacobiThreads;
+constexpr int kSharedN = kJacobiSharedN;
 
-enum Status : int { kOk = 0, kNonFinite = 1, kNoConvergence = 2, kBadWarm = 3 };
+enum Status : int { kOk = kJacobiOk, kNonFinite = kJacobiNonFinite, kNoConvergence = kJacobiNoConvergence,
+                    kBadWarm = kJacobiBadWarm };
 
 __device__ __forceinline__ void round_pair(int r, int i, int m, int* p, int* q) {
   int a, b;
@@ -58,9 +58,17 @@ __device__ double block_sum(double v, double* red) {
   return out;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    jacobi_kernel(const int64_t* __restrict__ meta, int count, double tol, int64_t max_sweeps,
-                  int64_t* __restrict__ sweeps_out, int64_t* __restrict__ status_out) {
+}  // namespace
+
+}  // namespace cuda
+}  // namespace kfac_fast
+
+using namespace kfac_fast::cuda;
+
+// meta = [B ptrs | Vt ptrs | sizes] (count entries each); one block of kJacobiThreads per matrix.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    kfac_fast_jacobi_kernel(const int64_t* __restrict__ meta, int count, double tol, int64_t max_sweeps,
+                            int64_t* __restrict__ sweeps_out, int64_t* __restrict__ status_out) {
   const int mat = blockIdx.x;
   const int tid = threadIdx.x;
   double* Bg = reinterpret_cast<double*>(meta[mat]);
@@ -203,67 +211,3 @@ __global__ void __launch_bounds__(kThreads)
     sweeps_out[mat] = sweeps;
   }
 }
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw Error(std::string("eigh (cuda): ") + what + ": " + cudaGetErrorString(err));
-}
-
-}  // namespace
-
-std::vector<int64_t> eigh_jacobi(const std::vector<std::uintptr_t>& B, const std::vector<std::uintptr_t>& Vt,
-                                 const std::vector<int64_t>& n, double tol, int64_t max_sweeps, std::intptr_t stream) {
-  const int count = static_cast<int>(n.size());
-  if (B.size() != n.size() || Vt.size() != n.size()) throw Error("eigh_jacobi: B, Vt and n must have the same length");
-  if (!(tol >= 0.0) || !(tol < 1e300)) throw Error("eigh_jacobi: tol must be a finite number >= 0");
-  if (max_sweeps < 0) throw Error("eigh_jacobi: max_sweeps must be >= 0");
-  if (count == 0) return {};
-  int64_t max_smem_doubles = 0;
-  for (int i = 0; i < count; ++i) {
-    if (n[i] < 0) throw Error("eigh_jacobi: matrix " + std::to_string(i) + " has negative size");
-    if (n[i] > 65536) throw Error("eigh_jacobi (cuda): matrix " + std::to_string(i) + " is larger than 65536");
-    const int64_t m = n[i] + (n[i] & 1);
-    const int64_t need = m + (n[i] <= kSharedN ? n[i] * n[i] : 0);
-    max_smem_doubles = std::max(max_smem_doubles, need);
-  }
-  const size_t smem = static_cast<size_t>(max_smem_doubles) * sizeof(double);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-
-  // meta = [B ptrs | Vt ptrs | sizes | sweeps out | status out]
-  std::vector<int64_t> host(5 * static_cast<size_t>(count), 0);
-  for (int i = 0; i < count; ++i) {
-    host[i] = static_cast<int64_t>(B[i]);
-    host[count + i] = static_cast<int64_t>(Vt[i]);
-    host[2 * count + i] = n[i];
-  }
-  int64_t* dev = nullptr;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&dev), host.size() * sizeof(int64_t), s), "cudaMallocAsync");
-  struct Free {
-    int64_t* p;
-    cudaStream_t s;
-    ~Free() { cudaFreeAsync(p, s); }
-  } guard{dev, s};
-  check(cudaMemcpyAsync(dev, host.data(), 3 * count * sizeof(int64_t), cudaMemcpyHostToDevice, s), "upload");
-  if (smem > 48 * 1024) {
-    check(cudaFuncSetAttribute(jacobi_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-          "shared memory attribute");
-  }
-  jacobi_kernel<<<count, kThreads, smem, s>>>(dev, count, tol, max_sweeps, dev + 3 * count, dev + 4 * count);
-  check(cudaGetLastError(), "kernel launch");
-  check(cudaMemcpyAsync(host.data() + 3 * count, dev + 3 * count, 2 * count * sizeof(int64_t), cudaMemcpyDeviceToHost,
-                        s),
-        "download");
-  check(cudaStreamSynchronize(s), "kernel execution");
-  for (int i = 0; i < count; ++i) {
-    const int64_t st = host[4 * count + i];
-    if (st == kOk) continue;
-    std::string head = "eigh: matrix " + std::to_string(i) + " (size " + std::to_string(n[i]) + "): ";
-    if (st == kNonFinite) throw Error(head + "contains NaN or inf (after projection onto warm_start, if given)");
-    if (st == kBadWarm) throw Error(head + "warm_start eigenvectors contain NaN or inf");
-    throw Error(head + "Jacobi did not converge in max_sweeps=" + std::to_string(max_sweeps) +
-                " sweeps; raise max_sweeps or tol");
-  }
-  return std::vector<int64_t>(host.begin() + 3 * count, host.begin() + 4 * count);
-}
-
-}  // namespace cuda
-}  // namespace kfac_fast

@@ -1,12 +1,14 @@
-// CUDA symmetrization (A + A^T) / 2 on the caller's stream.
-#include <cuda_runtime.h>
-#include "kfac_fast/common.h"
+// CUDA symmetrization (A + A^T) / 2. Device code only (embedded fatbin); the launch on the
+// caller's stream is in symmetrize_host.cpp.
+#include <cstdint>
+
+#include "kfac_fast/cuda_kernels.h"
 
 namespace kfac_fast {
 namespace cuda {
 
 template <typename T>
-__global__ void symmetrize_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t n) {
+__device__ __forceinline__ void symmetrize_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t n) {
   const int64_t b = blockIdx.z;
   const int64_t i = blockIdx.y * blockDim.y + threadIdx.y;
   const int64_t j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -18,19 +20,16 @@ __global__ void symmetrize_kernel(const T* __restrict__ in, T* __restrict__ out,
   S[j * n + i] = v;
 }
 
-void symmetrize(const void* in, void* out, int64_t batch, int64_t n, DType dtype, std::intptr_t stream) {
-  if (batch == 0 || n == 0) return;
-  dim3 block(16, 16);
-  dim3 grid((unsigned)((n + 15) / 16), (unsigned)((n + 15) / 16), (unsigned)batch);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (dtype == DType::Float32) {
-    symmetrize_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(in), static_cast<float*>(out), n);
-  } else {
-    symmetrize_kernel<double><<<grid, block, 0, s>>>(static_cast<const double*>(in), static_cast<double*>(out), n);
-  }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw Error(std::string("symmetrize launch failed: ") + cudaGetErrorString(err));
-}
-
 }  // namespace cuda
 }  // namespace kfac_fast
+
+// Blocks of 16 x 16 threads, grid (ceil(n/16), ceil(n/16), batch).
+extern "C" __global__ void kfac_fast_symmetrize_f32(const float* __restrict__ in, float* __restrict__ out,
+                                                    int64_t n) {
+  kfac_fast::cuda::symmetrize_kernel<float>(in, out, n);
+}
+
+extern "C" __global__ void kfac_fast_symmetrize_f64(const double* __restrict__ in, double* __restrict__ out,
+                                                    int64_t n) {
+  kfac_fast::cuda::symmetrize_kernel<double>(in, out, n);
+}

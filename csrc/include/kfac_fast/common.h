@@ -25,6 +25,9 @@ struct Error : std::runtime_error {
 bool built_with_cuda();
 std::string cuda_version();
 std::string cuda_archs();
+// One line on the CUDA driver as _C sees it (loads libcuda.so.1 and runs cuInit on first use);
+// in a build without CUDA, says so. Never throws.
+std::string cuda_driver_status();
 
 namespace cpu {
 // out[i, j] = (in[i, j] + in[j, i]) / 2 for a batch of `batch` n x n matrices,

@@ -29,7 +29,8 @@ def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], input
 
 
 def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], inputs,
-                            directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                            directions: Sequence[Sequence[torch.Tensor]], *,
+                            provider: Optional[str] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(z, [J·v_1, …, J·v_n]): the model output on ``inputs`` (m, ..., k) and its exact
     Jacobian-vector products with n parameter directions, each given as one (g_dim, a_dim)
     matrix per block (Appendix C).
@@ -37,11 +38,12 @@ def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], 
     The products come from the J·v provider chosen for the model
     (:func:`kfac_fast.curvature.linearize.jvp`): the hand-written ``nn.Sequential`` MLP path,
     forward-mode AD, forward-mode AD with attention on its math backend, or reverse-over-reverse,
-    all with the same result. ``inputs`` is a batch (tensor, tuple or dict); module buffers are
+    all with the same result (``provider`` names one to force it; None: the per-model choice).
+    ``inputs`` is a batch (tensor, tuple or dict); module buffers are
     left as they were. z and J·v come in the dtype the model computes in (under autocast, its
     low-precision dtype): :func:`fisher_gram` takes them to float32 or wider.
     """
-    return linearize.jvp(model, layers, inputs, directions)
+    return linearize.jvp(model, layers, inputs, directions, provider=provider)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -58,6 +60,7 @@ def fisher_gram(
     directions: Sequence[Sequence[torch.Tensor]],
     *,
     targets: Optional[torch.Tensor] = None,
+    provider: Optional[str] = None,
 ) -> torch.Tensor:
     """Gram matrix Γ_ab = v_aᵀ F v_b (F = mini-batch exact Fisher of the mean loss on ``inputs``).
 
@@ -65,9 +68,10 @@ def fisher_gram(
     (Jv_a)ᵀ F_R (Jv_b), averaged over the N loss terms (Appendix C): the rows of (m, ..., k)
     outputs, without the terms ``targets`` marks as ignored. z and J v_a enter F_R in float32 or
     wider (the model's pass itself runs under the caller's autocast, if any). Returns a (n, n)
-    float64 tensor on the inputs' device.
+    float64 tensor on the inputs' device. ``provider``: the J·v provider to force (a name from
+    :data:`kfac_fast.curvature.linearize.PROVIDERS`); None uses the one chosen for the model.
     """
-    z, Jv = linearized_forward_many(model, layers, inputs, directions)
+    z, Jv = linearized_forward_many(model, layers, inputs, directions, provider=provider)
     zz = rows(_at_least_fp32(z))
     Jv = [rows(_at_least_fp32(jv)) for jv in Jv]
     n = len(directions)

@@ -13,7 +13,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as Fn
 from torch import nn
 
 from kfac_fast.curvature import find_blocks, get_loss, linearize
@@ -221,7 +220,8 @@ def test_multihead_attention_in_both_modes():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.mha, self.head = nn.Embedding(7, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 7)
+            self.emb, self.head = nn.Embedding(7, 8), nn.Linear(8, 7)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, t):
             h = self.emb(t)

@@ -2,9 +2,9 @@
 under CPU bf16 autocast: the model's passes run under the caller's autocast, the curvature
 (inverse build and application, factor accumulation) and the exact-Fisher quadratic forms in
 float32."""
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 import torch

@@ -72,7 +72,8 @@ def _load_jvp_decompositions() -> None:
     global _JVP_DECOMPOSITIONS_LOADED
     if not _JVP_DECOMPOSITIONS_LOADED:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated",
+                                    category=DeprecationWarning)
             from torch._decomp import decompositions_for_jvp  # noqa: F401
         _JVP_DECOMPOSITIONS_LOADED = True
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from kfac_fast._sequential_jvp import sequential_plan
+from kfac_fast.curvature.sequential_jvp import sequential_plan
 from kfac_fast.curvature import find_layers, get_loss
 from kfac_fast.quadratic import fisher_gram
 

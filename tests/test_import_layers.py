@@ -113,7 +113,7 @@ LAYERS = [
     ("demo", ["kfac_fast.demo"]),
     ("optimizer", ["kfac_fast.optimizer", "kfac_fast.phases", "kfac_fast.preconditioner",
                    "kfac_fast.step_size", "kfac_fast.rules",
-                   "kfac_fast.step_state", "kfac_fast.quadratic", "kfac_fast._sequential_jvp",
+                   "kfac_fast.step_state", "kfac_fast.quadratic",
                    "kfac_fast.config", "kfac_fast.checkpoint", "kfac_fast.schedules", "kfac_fast._parts"]),
     ("distributed", ["kfac_fast.distributed"]),
     ("curvature", ["kfac_fast.curvature"]),

@@ -39,7 +39,7 @@ def _h_and_grad(model, x, y, loss):
     h = data + 0.5 * ETA * sum((p ** 2).sum() for p in params)
     grads = torch.autograd.grad(h, params)
     blocks = [torch.cat([grads[2 * i], grads[2 * i + 1][:, None]], 1) for i in range(len(params) // 2)]
-    return float(data), float(h), blocks
+    return float(data.detach()), float(h.detach()), blocks
 
 
 def _problem(loss, seed=0):

@@ -1,8 +1,8 @@
 """The exact-Fisher quadratic model M(δ) (paper Sec 6.4, 7) and Appendix C.
 
 M(δ) = ½ δᵀ(F + (λ+η)I)δ + ∇hᵀδ + h(θ), with F estimated on a mini-batch. Quadratic forms
-uᵀFv are computed as (Ju)ᵀ F_R (Jv) from Jacobian-vector products (forward-mode AD), never
-a full F·v (Appendix C).
+uᵀFv are computed as (Ju)ᵀ F_R (Jv) from Jacobian-vector products (the J·v providers of
+:mod:`kfac_fast.curvature.linearize`), never a full F·v (Appendix C).
 """
 from __future__ import annotations
 
@@ -14,68 +14,42 @@ import torch
 from torch import nn
 
 
-from ._sequential_jvp import sequential_jvp, sequential_plan
-from .batch import buffers_kept, call_args
+from .curvature import linearize
 from .curvature.blocks import CurvatureBlock
 from .curvature.losses import PredictiveDistribution, rows
 
 
 def linearized_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs,
                        direction: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, J·v) for a parameter direction v given as per-block (g_dim, a_dim) matrices.
-
-    Forward-mode AD through the model (Appendix C: "a linearized version of the standard
-    forward pass"), see :func:`linearized_forward_many`.
-    """
+    """(z, J·v) for a parameter direction v given as per-block (g_dim, a_dim) matrices
+    (Appendix C: "a linearized version of the standard forward pass"), see
+    :func:`linearized_forward_many`."""
     z, (jv,) = linearized_forward_many(model, layers, inputs, [direction])
     return z, jv
 
 
-def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, direction, names: dict) -> tuple:
-    """(z, J·v) with every block parameter a dual tensor (``functional_call``): works for any
-    block kind and any model, one pass per direction. ``names``: parameter id -> name."""
-    import torch.autograd.forward_ad as fwAD
-
-    args, kwargs = call_args(inputs)
-    with torch.no_grad(), fwAD.dual_level():
-        params = {}
-        for layer, D in zip(layers, direction):
-            for p, t in zip(layer.params(), layer.from_matrix(D)):
-                params[names[id(p)]] = fwAD.make_dual(p.detach(), t.to(p.dtype).reshape(p.shape))
-        out = torch.func.functional_call(model, params, args, kwargs, strict=False)
-        z, jv = fwAD.unpack_dual(out)
-        if jv is None:
-            jv = torch.zeros_like(z)
-        return z.clone(), jv.clone()
-
-
 def linearized_forward_many(model: nn.Module, layers: Sequence[CurvatureBlock], inputs,
-                            directions: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(z, [J·v_1, …, J·v_n]): one linearized forward pass per direction (Appendix C).
+                            directions: Sequence[Sequence[torch.Tensor]], *,
+                            provider: Optional[str] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(z, [J·v_1, …, J·v_n]): the model output on ``inputs`` (m, ..., k) and its exact
+    Jacobian-vector products with n parameter directions, each given as one (g_dim, a_dim)
+    matrix per block (Appendix C).
 
-    Every block parameter enters ``torch.func.functional_call`` as a dual tensor whose tangent
-    is the direction's block (``block.from_matrix``), so the result is the exact Jacobian-vector
-    product of the model as it computes, for every block kind and any model: modules applied
-    to inputs shared by the whole batch (a position embedding on ``arange(T)``), BatchNorm in
-    training mode, parameters without a module. (Stacking the n directions as n copies of the
-    batch would pay the per-operation overhead once, but silently mixes the copies' tangents
-    in exactly those cases.) Plain ``nn.Sequential`` networks of Linear layers and elementwise
-    activations take a hand-written path with the same result (:mod:`kfac_fast._sequential_jvp`).
-    ``inputs`` is a batch (tensor, tuple or dict); module buffers are left as they were.
+    The products come from the J·v provider chosen for the model
+    (:func:`kfac_fast.curvature.linearize.jvp`): the hand-written ``nn.Sequential`` MLP path,
+    forward-mode AD, forward-mode AD with attention on its math backend, or reverse-over-reverse,
+    all with the same result (``provider`` names one to force it; None: the per-model choice).
+    ``inputs`` is a batch (tensor, tuple or dict); module buffers are
+    left as they were. z and J·v come in the dtype the model computes in (under autocast, its
+    low-precision dtype): :func:`fisher_gram` takes them to float32 or wider.
     """
-    n = len(directions)
-    if n == 0:
-        raise ValueError("linearized_forward_many needs at least one direction")
-    if isinstance(inputs, torch.Tensor):
-        plan = sequential_plan(model, layers)
-        if plan is not None:
-            fast = sequential_jvp(plan, layers, inputs, directions)
-            if fast is not None:
-                return fast
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    with buffers_kept(model):
-        zs = [_dual_forward(model, layers, inputs, d, names) for d in directions]
-    return zs[0][0], [jv for _, jv in zs]
+    return linearize.jvp(model, layers, inputs, directions, provider=provider)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Outputs and tangents enter F_R and the quadratic forms in float32 (or float64): under
+    autocast the model computes them in bfloat16 / float16."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def fisher_gram(
@@ -86,17 +60,20 @@ def fisher_gram(
     directions: Sequence[Sequence[torch.Tensor]],
     *,
     targets: Optional[torch.Tensor] = None,
+    provider: Optional[str] = None,
 ) -> torch.Tensor:
     """Gram matrix Γ_ab = v_aᵀ F v_b (F = mini-batch exact Fisher of the mean loss on ``inputs``).
 
-    One forward-mode pass for all directions together gives every J v_a; every entry is then
+    One linearized pass (:func:`linearized_forward_many`) gives every J v_a; every entry is then
     (Jv_a)ᵀ F_R (Jv_b), averaged over the N loss terms (Appendix C): the rows of (m, ..., k)
-    outputs, without the terms ``targets`` marks as ignored. Returns a (n, n) float64 tensor on
-    the inputs' device.
+    outputs, without the terms ``targets`` marks as ignored. z and J v_a enter F_R in float32 or
+    wider (the model's pass itself runs under the caller's autocast, if any). Returns a (n, n)
+    float64 tensor on the inputs' device. ``provider``: the J·v provider to force (a name from
+    :data:`kfac_fast.curvature.linearize.PROVIDERS`); None uses the one chosen for the model.
     """
-    z, Jv = linearized_forward_many(model, layers, inputs, directions)
-    zz = rows(z)
-    Jv = [rows(jv) for jv in Jv]
+    z, Jv = linearized_forward_many(model, layers, inputs, directions, provider=provider)
+    zz = rows(_at_least_fp32(z))
+    Jv = [rows(_at_least_fp32(jv)) for jv in Jv]
     n = len(directions)
     mask = loss.mask(targets)
     w = None if mask is None else mask.to(torch.float64)
@@ -110,8 +87,13 @@ def fisher_gram(
 
 
 def inner(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_i <u_i, v_i> over layers (each dot in the tensors' dtype), as a float64 0-d tensor."""
-    return sum(torch.dot(a.reshape(-1), b.reshape(-1)).double() for a, b in zip(u, v))
+    """Σ_i <u_i, v_i> over layers, as a float64 0-d tensor: each dot in the wider of the two
+    tensors' dtypes and at least float32 (a 16-bit block, e.g. from a bf16 model, is widened)."""
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        return torch.dot(a.reshape(-1).to(dt), b.reshape(-1).to(dt)).double()
+
+    return sum(dot(a, b) for a, b in zip(u, v))
 
 
 @dataclass

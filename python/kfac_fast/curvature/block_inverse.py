@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
 from .factors import BlockFisher, KroneckerFactors, factors_to_dict, record_to_dict
 from .inverse_kinds import INVERSE_KINDS, build_inverse
@@ -83,20 +84,21 @@ class BlockInverse:
             f = self.records[i]
             if not isinstance(f, (KroneckerFactors, BlockFisher)):
                 raise TypeError(f"record {i}: expected KroneckerFactors or BlockFisher, got {type(f).__name__}")
-        if _kron is not None:
-            self.kron = _kron
-        elif self.kron_idx:
-            ws = warm_start.kron if isinstance(warm_start, BlockInverse) else warm_start
-            facs = [self.records[i] for i in self.kron_idx]
-            if kind == "block_diagonal":
-                # cross factors (if any) are not needed here
-                facs = [KroneckerFactors(A=f.A, G=f.G, name=f.name, homogeneous=f.homogeneous) for f in facs]
-            self.kron = build_inverse(kind, facs, damping=self.damping, backend=backend, warm_start=ws, pi=pi,
-                                      factorization=factorization)
-        else:
-            self.kron = None
-        self.fallbacks = list(self.kron.fallbacks) if self.kron is not None else []
-        self._build_others()
+        with autocast_off():  # the inverse in the factors' dtype whatever the caller's autocast
+            if _kron is not None:
+                self.kron = _kron
+            elif self.kron_idx:
+                ws = warm_start.kron if isinstance(warm_start, BlockInverse) else warm_start
+                facs = [self.records[i] for i in self.kron_idx]
+                if kind == "block_diagonal":
+                    # cross factors (if any) are not needed here
+                    facs = [KroneckerFactors(A=f.A, G=f.G, name=f.name, homogeneous=f.homogeneous) for f in facs]
+                self.kron = build_inverse(kind, facs, damping=self.damping, backend=backend, warm_start=ws, pi=pi,
+                                          factorization=factorization)
+            else:
+                self.kron = None
+            self.fallbacks = list(self.kron.fallbacks) if self.kron is not None else []
+            self._build_others()
 
     # ------------------------------------------------------------------ the other kinds
     def _pi(self, f: KroneckerFactors) -> float:
@@ -189,14 +191,20 @@ class BlockInverse:
 
     def with_damping(self, damping: float) -> "BlockInverse":
         """Same factors, another γ (the Kronecker part reuses its eigendecompositions)."""
-        kron = None if self.kron is None else self.kron.with_damping(damping)
+        with autocast_off():
+            kron = None if self.kron is None else self.kron.with_damping(damping)
         inv = BlockInverse(self.records, kind=self.kind, damping=damping, pi=self.pi_spec, backend=self.backend,
                            factorization=self._factorization, _kron=kron)
         inv.compute_dtype = self.compute_dtype
         return inv
 
     def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The preconditioned blocks, one (g_dim, a_dim) matrix per record."""
+        """The preconditioned blocks, one (g_dim, a_dim) matrix per record (in the inverse's
+        dtype whatever the caller's autocast)."""
+        with autocast_off():
+            return self._apply(grads)
+
+    def _apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(grads) != len(self.records):
             raise ValueError(f"expected {len(self.records)} gradient blocks (one per layer), got {len(grads)}")
         for i, (gr, s) in enumerate(zip(grads, self.shapes)):

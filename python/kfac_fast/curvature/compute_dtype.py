@@ -52,17 +52,30 @@ def operand_dtype(cd: ComputeDtype) -> Optional[torch.dtype]:
 
 
 @contextlib.contextmanager
+def autocast_off():
+    """The caller's ``torch.autocast`` switched off inside (every device type it is on for):
+    the curvature products follow ``compute_dtype``, not the autocast of the model's passes."""
+    with contextlib.ExitStack() as stack:
+        for dev in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(dev):
+                stack.enter_context(torch.autocast(dev, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
 def precision(cd: ComputeDtype):
-    """TF32 matmuls (cuBLAS and the Triton kernels, which read the same flag) inside, for "tf32"."""
-    if cd != "tf32":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    """The curvature products' precision inside: TF32 matmuls (cuBLAS and the Triton kernels,
+    which read the same flag) for "tf32", and never the caller's autocast (:func:`autocast_off`)."""
+    with autocast_off():
+        if cd != "tf32":
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
 
 
 class ComputeDtypeOperands:

@@ -9,7 +9,8 @@ the paper's experiments) the Jacobian-vector products J·v_1 … J·v_n are prop
 so the primal is computed once for all n directions, the n tangent products through W are one
 GEMM over the stacked tangents, and the n products x D_jᵀ are one GEMM against the stacked
 directions. Anything else (other module types, hooks, non-2-D inputs) returns ``None`` and the
-caller uses the generic forward-mode AD path, which gives the same numbers.
+caller (:mod:`kfac_fast.curvature.linearize`) uses another J·v provider, which gives the same
+numbers.
 """
 from __future__ import annotations
 

@@ -108,3 +108,13 @@ def test_preconditioner_trains_a_model_returning_model_output(capture):
             pre.step({"input_ids": ids}, causal_lm_targets(labels))
         opt.step()
     assert losses[-1] < losses[0]
+
+
+def test_kfac_trains_a_model_returning_model_output():
+    torch.manual_seed(0)
+    model = HFStyleLM()
+    ids, labels = _batch(m=8)
+    opt = kfac_fast.KFAC(model, loss="softmax_cross_entropy")
+    y = causal_lm_targets(labels)
+    losses = [float(opt.step({"input_ids": ids}, y)["loss"]) for _ in range(20)]
+    assert losses[-1] < losses[0]

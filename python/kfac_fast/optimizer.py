@@ -33,7 +33,7 @@ from torch import nn
 
 from ._parts import default_factor_dtype, default_generator, model_device
 from .config import KFACConfig
-from .batch import batch_size, buffers_kept, call, call_args
+from .batch import batch_size, buffers_kept, call, functional_call
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
 from .curvature.losses import get_loss
 from .curvature.running import RunningFactors
@@ -364,9 +364,7 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
                 z = call(self.model, inputs)
             else:
                 flat = [t for ps in params for t in ps]
-                names = self._param_names()
-                args, kwargs = call_args(inputs)
-                z = torch.func.functional_call(self.model, dict(zip(names, flat)), args, kwargs, strict=False)
+                z = functional_call(self.model, dict(zip(self._param_names(), flat)), inputs)
             h = self.loss.mean(z, targets)
             return h.detach().double() + self._l2(None if params is None else flat)
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .sequential_jvp import sequential_jvp, sequential_plan
-from ..batch import buffers_kept, call_args
+from ..batch import buffers_kept, call_args, model_output
 from .blocks import CurvatureBlock
 
 #: (z, [J·v_1, …, J·v_n]) from (model, blocks, inputs, directions)
@@ -108,7 +108,7 @@ def _dual_pass(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, direc
         for layer, D in zip(layers, direction):
             for p, t in _tangents(layer, D):
                 params[names[id(p)]] = fwAD.make_dual(p.detach(), t)
-        out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+        out = model_output(torch.func.functional_call(model, params, args, kwargs, strict=False))
         z, jv = fwAD.unpack_dual(out)
         if jv is None:
             jv = torch.zeros_like(z)
@@ -149,7 +149,7 @@ def reverse_over_reverse(model: nn.Module, layers: Sequence[CurvatureBlock], inp
                 leaf = p.detach().requires_grad_(True)
                 params[names[id(p)]] = leaf
                 leaves.append(leaf)
-        out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+        out = model_output(torch.func.functional_call(model, params, args, kwargs, strict=False))
         z = out.detach()
         if not out.requires_grad:  # the output does not depend on the block parameters
             return z, [torch.zeros_like(z) for _ in directions]

@@ -8,6 +8,10 @@ this finder answers every ``torchvision.*`` import with an empty module whose at
 placeholder classes (distinct per name; instantiating one raises). :func:`install` puts it in
 front of ``sys.meta_path``; nothing in kfac_fast imports torchvision.
 """
+import importlib.abc
+import importlib.machinery
+import sys
+import types
 
 class _AnyMeta(type):
     def __getattr__(cls, name):

@@ -210,3 +210,27 @@ def test_gradient_accumulation_attached_equals_manual():
             opt.step()
         return params(model)
     assert (go(True) - go(False)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_step_with_closure_preconditions_after_the_closure(positional):
+    """optimizer.step(closure) (Lightning): the forward and backward run inside the step, after
+    the pre-hook; the preconditioning must follow the closure and equal the manual loop."""
+    ref, _, _ = run("sgd", capture="hooks", fisher="empirical", attached=False)
+    model = mlp([5, 7, 6, 3], nn.Tanh, seed=0)
+    pre = KFACPreconditioner(model, loss="softmax_cross_entropy", damping=1e-2, fisher="empirical", capture="hooks",
+                             T3=3, generator=torch.Generator().manual_seed(0))
+    opt, sched = make_opt("sgd", model.parameters())
+    pre.attach(opt)
+    for x, y in data():
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            pre.set_targets(y)
+            return loss
+
+        loss = opt.step(closure) if positional else opt.step(closure=closure)
+        assert torch.is_tensor(loss)
+        sched.step()
+    assert (params(model) - params(ref)).abs().max() <= 1e-12

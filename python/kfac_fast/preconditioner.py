@@ -292,7 +292,10 @@ class KFACPreconditioner:
         gradient), ``GradScaler.step``'s unscaling, then this preconditioner (``.grad`` ←
         F̆⁻¹ ``.grad``, Sec 4.2), then the optimizer's own update with its learning rate (as the
         scheduler set it), momentum and weight decay. An iteration whose ``optimizer.step()`` is
-        skipped (GradScaler overflow) updates nothing here either.
+        skipped (GradScaler overflow) updates nothing here either. ``optimizer.step(closure)``
+        (Lightning) preconditions right after the closure's backward, inside the step; an
+        optimizer that evaluates its closure several times per step (LBFGS) would update the
+        factors at each evaluation: not supported.
 
         Where the statistics come from: ``capture="hooks"`` from the passes the hooks recorded
         (no extra forward); ``capture="pass"`` from this preconditioner's own pass on a τ₁
@@ -351,7 +354,25 @@ class KFACPreconditioner:
                                "pass the targets to step()")
         self._recorder.set_targets(targets)
 
-    def _pre_step(self, optimizer, args, kwargs) -> None:
+    def _pre_step(self, optimizer, args, kwargs):
+        # args = (optimizer, *step's positional arguments), as torch's step wrapper passes them
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._precondition_attached()
+            return None
+        # step(closure) (Lightning): the closure runs the forward and backward inside the
+        # optimizer's step, after this hook; precondition right after it instead
+
+        def preconditioned_closure():
+            loss = closure()
+            self._precondition_attached()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": preconditioned_closure}
+        return (args[0], preconditioned_closure) + tuple(args[2:]), kwargs
+
+    def _precondition_attached(self) -> None:
         _, _, scaler, const = self._attached
         batches, targets = self._recorder.take()
         if self.capture == "hooks":

@@ -15,7 +15,7 @@ from torch import nn
 
 
 from ._sequential_jvp import sequential_jvp, sequential_plan
-from .batch import buffers_kept, call_args
+from .batch import buffers_kept, call_args, model_output
 from .curvature.blocks import CurvatureBlock
 from .curvature.losses import PredictiveDistribution, rows
 
@@ -42,7 +42,7 @@ def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, di
         for layer, D in zip(layers, direction):
             for p, t in zip(layer.params(), layer.from_matrix(D)):
                 params[names[id(p)]] = fwAD.make_dual(p.detach(), t.to(p.dtype).reshape(p.shape))
-        out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+        out = model_output(torch.func.functional_call(model, params, args, kwargs, strict=False))
         z, jv = fwAD.unpack_dual(out)
         if jv is None:
             jv = torch.zeros_like(z)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from .config import KFACConfig
 from .batch import batch_size, buffers_kept, call, functional_call
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
 from .curvature.losses import get_loss
+from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors
 from .curvature.compute_dtype import ComputeDtype, resolve_compute_dtype
 from .distributed import MODES, common_seed, default_distributor, rank_generator, unwrap_model
@@ -53,7 +54,7 @@ __all__ = ["KFAC", "StepRejected", "levenberg_marquardt"]
 DISTRIBUTED_MODES = MODES + ("replicated_work",)
 
 
-class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
+class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.optim.Optimizer):
     """The K-FAC optimizer (Algorithm 2) with re-scaling, momentum, λ and γ adaptation.
 
     Example::
@@ -61,6 +62,29 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
         opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", inverse="block_tridiagonal")
         for x, y in loader:
             stats = opt.step(x, y)   # does the forward/backward passes itself
+
+    It is a ``torch.optim.Optimizer`` (one param group of the K-FAC blocks' parameters, ``lr``
+    1.0 by default), so the usual loop, LR schedulers, Hugging Face ``Trainer`` and Lightning
+    drive it too::
+
+        opt = kfac_fast.KFAC(model, loss="softmax_cross_entropy")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** (k // 100))
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step(targets=y)      # Algorithm 2 on the batch of that forward
+            sched.step()
+
+    ``step()`` without ``inputs`` replays the batch of your last forward with grad enabled (a
+    forward pre-hook on the model records it) and runs Algorithm 2 on it from scratch: its
+    own gradient pass (your backward's ``.grad`` is not read, so clipping it changes nothing),
+    the statistics, the exact-Fisher products and ρ. The targets: ``step(targets=y)``, or
+    ``targets=`` at construction, a callable ``batch -> targets`` for loops that call
+    ``optimizer.step()`` with no arguments (``Trainer``: ``targets=lambda b:
+    kfac_fast.causal_lm_targets(b["labels"])``). ``step(closure=...)`` (Lightning) runs the
+    closure first (your forward and backward, under grad) and returns its loss. ``lr``
+    multiplies the final update δ (and M(δ) follows, so ρ and the λ rule judge the step taken):
+    a scheduler halving ``lr`` halves the step.
 
     Args:
         model: any network: Linear (on (m, d) or (m, ..., d) inputs), Conv2d and Embedding layers
@@ -115,6 +139,9 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
             iteration: least memory) or ``"replicated_work"`` (every rank builds everything:
             no inverse traffic). The γ candidates of Sec 6.6 are re-damped by the owners. The
             block-tridiagonal inverse is built whole on every rank in every mode.
+        targets: for ``step()`` without arguments (``Trainer``, Lightning): ``targets(batch) ->
+            Tensor`` of the recorded batch (the arguments of your last ``model(...)`` call: a
+            tensor, a tuple or a dict). ``step(targets=y)`` takes precedence.
         validate: check the targets (range, classes, NaN policy) on every step. Off by default:
             they are checked on refresh iterations (k ≤ 3 and every T3), where the step reads the
             device anyway, so ordinary iterations stay free of host syncs.
@@ -150,6 +177,7 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
         distributor=None,
         process_group=None,
         distributed_mode: str = "replicate_inverses",
+        targets: Optional[TargetsFn] = None,
         **kwargs: Any,
     ):
         if config is not None and kwargs:
@@ -212,6 +240,46 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
         self._phases: dict[str, float] = {}
         self.inverse_fallbacks = 0
         self._warned_fallback = False
+        # torch.optim.Optimizer: one param group, lr a multiplier of the final step
+        torch.optim.Optimizer.__init__(self, self._params(), {"lr": 1.0})
+        self._recorder = RecordedBatch(model, targets=targets)
+
+    # ------------------------------------------------------------------ torch.optim.Optimizer
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)  # the whole K-FAC state (torch's keeps only the param groups)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def _lr(self) -> float:
+        """The multiplier of the final step: the (single) param group's ``lr``."""
+        if len(self.param_groups) != 1:
+            raise ValueError(f"KFAC has one param group (the K-FAC blocks' parameters), found "
+                             f"{len(self.param_groups)}: drop add_param_group; train other parameters with "
+                             "another optimizer")
+        lr = self.param_groups[0]["lr"]
+        lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"KFAC's lr (a multiplier of the K-FAC step, 1 by default) must be positive and finite, "
+                             f"got {lr}: a schedule that reaches 0 (warm-up from 0, decay to 0) leaves ρ undefined; "
+                             "start and end it above 0")
+        return lr
+
+    @property
+    def last_stats(self) -> Optional[StepStats]:
+        """The :class:`~kfac_fast.step_state.StepStats` of the last step (what ``step(inputs,
+        targets)`` returns; ``step(closure=...)`` returns the closure's loss instead)."""
+        return self._last_stats
+
+    def set_targets(self, targets: torch.Tensor) -> None:
+        """The targets of the next ``step()`` without arguments (e.g. from a Lightning
+        ``training_step``, which runs inside ``step(closure)``); ``step(targets=y)`` wins."""
+        self._recorder.set_targets(targets)
+
+    def paused(self):
+        """Context manager: forwards inside it are not recorded as the batch ``step()`` replays
+        (e.g. a validation pass with grad enabled)."""
+        return self._recorder.paused()
 
     # ------------------------------------------------------------------ the rules' state, host view
     # Reading λ, ν or the rejection counts waits for the device (one transfer); the step itself never does.
@@ -402,14 +470,19 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
         torch.clear_autocast_cache()
 
     # ------------------------------------------------------------------ Algorithm 2
-    def step(self, inputs, targets: torch.Tensor) -> StepStats:
+    def step(self, inputs=None, targets: Optional[torch.Tensor] = None,
+             closure: Optional[Callable[[], Any]] = None):
         """One iteration of Algorithm 2 on the mini-batch.
 
         Args:
             inputs: the batch: a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or
                 a dict (``model(**inputs)``); dim 0 of every tensor in it indexes the m examples
-                (the subsets S₁, S₂ index it).
-            targets: (m, ...) per the loss (see the class docstring).
+                (the subsets S₁, S₂ index it). None: the batch of your last forward with grad
+                enabled since the previous step (``loss.backward(); opt.step()``).
+            targets: (m, ...) per the loss (see the class docstring); None with ``inputs`` None:
+                the ``targets`` callable given at construction.
+            closure: ``torch.optim`` style: called first (under grad) to run your forward and
+                backward; its return value is returned.
 
         Returns:
             a :class:`~kfac_fast.step_state.StepStats` mapping (read like a dict; its device
@@ -420,8 +493,37 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
             ``refreshed``, ``rejected`` (with ``reason``), ``k``. A step rejected by ρ leaves θ
             as it was, keeps the new statistics (they were measured at θ) and drops δ₀; a step
             with non-finite loss or statistics keeps neither. k counts every call that got past
-            the input checks.
+            the input checks. With a ``closure``: the closure's return value (the stats are in
+            :attr:`last_stats`).
         """
+        if closure is None and callable(inputs) and not isinstance(inputs, (torch.Tensor, nn.Module)):
+            inputs, closure = None, inputs  # torch.optim's positional step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if inputs is None:
+            batches, targets = self._recorder.take(targets)
+            if not batches:
+                raise RuntimeError("KFAC.step() without a batch replays your last forward with grad enabled, and none "
+                                   "was recorded since the last step: call model(...) (and loss.backward()) before "
+                                   "opt.step(), pass a closure, or pass the batch: opt.step(inputs, targets)")
+            inputs = batches[-1]
+            if isinstance(targets, (list, tuple)):
+                targets = targets[-1]
+            if targets is None:
+                raise ValueError("KFAC.step() needs the targets of the recorded batch: opt.step(targets=y), or "
+                                 "KFAC(..., targets=lambda batch: ...) for loops that call optimizer.step() with no "
+                                 "arguments (e.g. lambda b: kfac_fast.causal_lm_targets(b['labels']))")
+        else:
+            self._recorder.clear()
+        self._lr()  # a bad lr is refused before anything changes
+        with self._recorder.paused():
+            stats = self._algorithm2(inputs, targets)
+        return stats if closure is None else loss
+
+    def _algorithm2(self, inputs, targets: torch.Tensor) -> StepStats:
+        """Algorithm 2 (Sec 9) on one batch: the body of :meth:`step`."""
         self._check_batch(inputs, targets)
         self._ensure_state()
         refresh = self._refresh_due()  # Sec 8: k ≡ 0 (mod T3) or k ≤ 3
@@ -465,9 +567,13 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase):
 
         Data-parallel: a collective (every rank calls it); the state is replicated except the
         generators, whose states of all ranks are gathered into ``rank_generators``, so rank 0's
-        dict is the whole checkpoint."""
+        dict is the whole checkpoint. The ``torch.optim`` keys ``state`` (empty: K-FAC's state is
+        not per parameter) and ``param_groups`` (``lr`` and a scheduler's ``initial_lr``) sit
+        beside the K-FAC keys."""
         return checkpoint_io.state_dict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`. Raises ValueError for another model or format."""
+        """Restore from :meth:`state_dict` (also one written before KFAC was a
+        ``torch.optim.Optimizer``: the param group then keeps its hyper-parameters). Raises
+        ValueError for another model or format."""
         checkpoint_io.load_state_dict(self, state)

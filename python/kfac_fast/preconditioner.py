@@ -71,6 +71,7 @@ from .curvature.capture import forward_order, internal_pass
 from .curvature.hooks import CapturedPass, HookCapture, check_pass
 from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
 from .curvature.losses import check_output, get_loss, rows, sample_targets
+from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors, ema_decay, snapshot
 from .curvature.factors import BlockFisher, KroneckerFactors, record_to_dict
 from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_targets, block_rows, concat_statistics,
@@ -258,6 +259,8 @@ class KFACPreconditioner:
         if capture == "hooks":
             self._hooks = HookCapture(model, self.layers, record_grads=fisher == "empirical",
                                       keep_outputs=fisher == "mc")
+        self._attached: Optional[tuple] = None  # (optimizer, hook handle, GradScaler, constant grad_scale)
+        self._recorder: Optional[RecordedBatch] = None
 
     # ------------------------------------------------------------------ hooks
     def remove_hooks(self) -> None:
@@ -266,15 +269,131 @@ class KFACPreconditioner:
         if self._hooks is not None:
             self._hooks.remove()
 
+    @contextlib.contextmanager
     def paused(self):
-        """Context manager: forwards inside it are not recorded (``capture="hooks"``), e.g. a
-        validation pass with grad enabled. A no-op with ``capture="pass"``."""
-        return self._hooks.paused() if self._hooks is not None else contextlib.nullcontext()
+        """Context manager: forwards inside it are not recorded (``capture="hooks"``, and the batch
+        an attached preconditioner replays), e.g. a validation pass with grad enabled. A no-op
+        with ``capture="pass"`` when not attached."""
+        with contextlib.ExitStack() as stack:
+            if self._hooks is not None:
+                stack.enter_context(self._hooks.paused())
+            if self._recorder is not None:
+                stack.enter_context(self._recorder.paused())
+            yield
+
+    # ------------------------------------------------------------------ torch.optim
+    def attach(self, optimizer: torch.optim.Optimizer, *, targets: Optional[TargetsFn] = None,
+               grad_scaler=None, grad_scale: float = 1.0) -> None:
+        """Precondition ``.grad`` at the start of every ``optimizer.step()`` (a step pre-hook,
+        ``torch.optim.Optimizer.register_step_pre_hook``), so that an unchanged training loop
+        ``loss.backward(); [clip]; optimizer.step(); scheduler.step()`` is K-FAC preconditioned.
+
+        Order within one iteration: your backward, your gradient clipping (it clips the raw
+        gradient), ``GradScaler.step``'s unscaling, then this preconditioner (``.grad`` ←
+        F̆⁻¹ ``.grad``, Sec 4.2), then the optimizer's own update with its learning rate (as the
+        scheduler set it), momentum and weight decay. An iteration whose ``optimizer.step()`` is
+        skipped (GradScaler overflow) updates nothing here either. ``optimizer.step(closure)``
+        (Lightning) preconditions right after the closure's backward, inside the step; an
+        optimizer that evaluates its closure several times per step (LBFGS) would update the
+        factors at each evaluation: not supported.
+
+        Where the statistics come from: ``capture="hooks"`` from the passes the hooks recorded
+        (no extra forward); ``capture="pass"`` from this preconditioner's own pass on a τ₁
+        subset of the batch of your last forward with grad enabled (recorded by a forward
+        pre-hook on the model: ``model(x)``, ``model(*args)`` or ``model(**kwargs)``; with
+        gradient accumulation, the last micro-batch).
+
+        Args:
+            optimizer: any ``torch.optim.Optimizer`` holding every parameter of every K-FAC block.
+            targets: ``targets(batch) -> Tensor``, called with the recorded batch at every step
+                (e.g. ``lambda b: kfac_fast.causal_lm_targets(b["labels"])`` for a Hugging Face
+                causal LM called as ``model(**batch)``); or give one step's targets with
+                :meth:`set_targets`. Needed where :meth:`step` needs them (``fisher="empirical"``
+                with ``capture="pass"``; ignored terms with ``capture="hooks"``).
+            grad_scaler: ``capture="hooks"``: the ``torch.amp.GradScaler`` that scales your loss;
+                its scale at the step (``get_scale()``, before ``scaler.update()``) divides the
+                recorded derivatives, which ``unscale_`` does not reach. Ignored by
+                ``capture="pass"`` (its own pass is unscaled and so is ``.grad`` by then).
+            grad_scale: ``capture="hooks"``: a constant factor on your loss besides the scaler,
+                e.g. 1/k when you divide each of k accumulated micro-batch losses by k.
+
+        Raises:
+            TypeError: not a ``torch.optim.Optimizer``; RuntimeError: already attached;
+            ValueError: a K-FAC parameter that the optimizer does not update.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._attached is not None:
+            raise RuntimeError("this KFACPreconditioner is already attached to an optimizer; call detach() first")
+        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a positive finite number, got {grad_scale!r}")
+        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [l.name for l in self.layers if any(id(p) not in stepped for p in l.params())]
+        if missing:
+            raise ValueError(f"the optimizer does not update the parameters of layer {missing[0]} (of {len(missing)}), "
+                             "so their preconditioned gradients would be thrown away: build the optimizer on "
+                             "model.parameters(), or the preconditioner on the part of the model it trains")
+        self._recorder = RecordedBatch(self.model, targets=targets)
+        handle = optimizer.register_step_pre_hook(self._pre_step)
+        self._attached = (optimizer, handle, grad_scaler, float(grad_scale))
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`: the step pre-hook and the batch recorder come off (idempotent)."""
+        if self._attached is not None:
+            self._attached[1].remove()
+            self._attached = None
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def set_targets(self, targets) -> None:
+        """The targets of the next attached step (a tensor; with ``capture="hooks"`` and several
+        recorded passes a list, one per pass), for loops whose model call does not carry them."""
+        if self._recorder is None:
+            raise RuntimeError("set_targets is for an attached preconditioner (attach(optimizer)); without one "
+                               "pass the targets to step()")
+        self._recorder.set_targets(targets)
+
+    def _pre_step(self, optimizer, args, kwargs):
+        # args = (optimizer, *step's positional arguments), as torch's step wrapper passes them
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._precondition_attached()
+            return None
+        # step(closure) (Lightning): the closure runs the forward and backward inside the
+        # optimizer's step, after this hook; precondition right after it instead
+
+        def preconditioned_closure():
+            loss = closure()
+            self._precondition_attached()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": preconditioned_closure}
+        return (args[0], preconditioned_closure) + tuple(args[2:]), kwargs
+
+    def _precondition_attached(self) -> None:
+        _, _, scaler, const = self._attached
+        batches, targets = self._recorder.take()
+        if self.capture == "hooks":
+            scale = const
+            if scaler is not None and scaler.is_enabled():
+                scale *= float(scaler.get_scale())
+            self._step_hooks(None, targets, scale)
+            return
+        if not batches:
+            raise RuntimeError("nothing to replay: no forward of the model with grad enabled since the last "
+                               "optimizer.step() (capture='pass' takes its statistics on the batch of your last "
+                               "forward); call model(...) and loss.backward() before optimizer.step()")
+        if isinstance(targets, (list, tuple)):
+            targets = targets[-1]
+        self.step(batches[-1], targets)
 
     def __enter__(self) -> "KFACPreconditioner":
         return self
 
     def __exit__(self, *exc) -> None:
+        self.detach()
         self.remove_hooks()
 
     def step(self, inputs=None, targets=None, *, grad_scale: float = 1.0) -> None:
@@ -355,11 +474,25 @@ class KFACPreconditioner:
         passes, stray = self._hooks.take()
         try:
             self._check_passes(passes, stray, inputs)
-            ys = self._per_pass_targets(targets, len(passes))
-            # one host sync for all blocks: a sum is inf/NaN when an entry is (or when finite
-            # entries overflow it, ~1e38, which only a diverged run reaches)
-            if not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+            # one host sync for all blocks and passes: a sum is inf/NaN when an entry is (or when
+            # finite entries overflow it, ~1e38, which only a diverged run reaches)
+            sums = [g.sum().double() for g in grads] + [p.gz.sum().double() for p in passes if p.gz is not None]
+            finite = torch.isfinite(torch.stack(sums)).tolist()
+            if not all(finite[:len(grads)]):
                 return  # GradScaler overflow: .grad, factors and k as they were; the pass is dropped
+            stale = {id(p) for p, ok in zip([p for p in passes if p.gz is not None], finite[len(grads):]) if not ok}
+            if stale:
+                # non-finite derivatives with a finite .grad: the passes of an overflow iteration whose
+                # optimizer.step() the GradScaler skipped (attach()); dropped with their targets
+                keep = [id(p) not in stale for p in passes]
+                if isinstance(targets, (list, tuple)) and len(targets) == len(passes):
+                    targets = [t for t, k in zip(targets, keep) if k]
+                passes = [p for p, k in zip(passes, keep) if k]
+                if not passes:
+                    return
+                if isinstance(targets, (list, tuple)) and len(targets) == 1:
+                    targets = targets[0]
+            ys = self._per_pass_targets(targets, len(passes))
             blocks = self._hooks.blocks
             if not self._ordered:  # forward order, from the first recorded pass
                 order = forward_order(blocks, passes[0].recording())

@@ -94,6 +94,10 @@ def state_dict(opt) -> dict:
             "theta": [[t.clone() for t in ps] for ps in opt._pending["theta"]],
             "M": opt._pending["M"], "lm_due": opt._pending["lm_due"]},
         "inverse_fallbacks": opt.inverse_fallbacks,
+        # torch.optim.Optimizer's layout: no per-parameter state, the param group's hyper-parameters
+        "state": {},
+        "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
+                         for g in opt.param_groups],
     }
 
 
@@ -156,3 +160,5 @@ def load_state_dict(opt, state: dict) -> None:
         "theta": [[t.to(opt.device) for t in ps] for ps in pend["theta"]], "M": float(pend["M"]),
         "lm_due": bool(pend["lm_due"])}
     opt.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
+    for group, saved in zip(opt.param_groups, state.get("param_groups") or []):
+        group.update({k: v for k, v in saved.items() if k != "params"})

@@ -6,7 +6,7 @@ held-out check of ``rho_batch="next"``.
 applies (the device decision and its host twins) belong to :class:`kfac_fast.phases.adaptation.Adaptation`
 (``adapt``); this phase saves θ, measures h(θ + δ) and selects what stays. It reads ``config``,
 ``layers``, ``dist``, ``device``, ``profile``, ``_phases`` and the helpers ``_objective``,
-``_add``, ``_restore``, ``_update_factors``, ``_phase`` of ``KFAC``; besides the state above it
+``_add``, ``_restore``, ``_update_factors``, ``_phase``, ``_lr`` of ``KFAC``; besides the state above it
 writes ``_pending`` (``rho_batch="next"``) and ``_last_stats``.
 """
 from __future__ import annotations
@@ -39,11 +39,18 @@ class CommitPhase:
         a non-finite δ keeps the statistics out as well; on refresh iterations it happened before
         the inverse refresh and the host decides whether to keep it."""
         cfg, k, st = self.config, self.k, self.adapt.state
-        M, gamma, inv, Delta, alpha, mu, norm2 = best
+        M, gamma, inv, Delta, alpha, mu, norm2, lin = best
         use_mom = cfg.momentum and self._delta0 is not None and cfg.rescale
         delta = [d * alpha.to(d.dtype) for d in Delta]
         if use_mom:
             delta = [d + d0 * mu.to(d.dtype) for d, d0 in zip(delta, self._delta0)]
+        lr = self._lr()
+        if lr != 1.0:
+            # the param group's lr (a scheduler's) multiplies the final step; ρ compares the
+            # objective's change with the model's prediction for that step, M(lr·δ)
+            delta = [d * lr for d in delta]
+            M = lr * lin + lr * lr * (M - lin)
+            norm2 = norm2 * (lr * lr)
         # ‖δ‖² is finite iff δ is (an overflowing square is rejected too: conservative)
         ok_pre = valid & torch.isfinite(norm2)
         zero = torch.zeros((), dtype=delta[0].dtype, device=self.device)

@@ -21,7 +21,8 @@ __all__ = ["Proposal", "ProposalPhase"]
 
 
 class Proposal(NamedTuple):
-    """One γ candidate's outcome (Sec 6.6): M(δ) − M(0), γ, its inverse, Δ, α, µ and ‖δ‖²."""
+    """One γ candidate's outcome (Sec 6.6): M(δ) − M(0), γ, its inverse, Δ, α, µ, ‖δ‖² and
+    ∇hᵀδ, the linear part of M (so that M(tδ) = t∇hᵀδ + t²(M(δ) − ∇hᵀδ) for a step scaled by t)."""
 
     M: float
     gamma: float
@@ -30,6 +31,7 @@ class Proposal(NamedTuple):
     alpha: float
     mu: float
     norm2: float
+    lin: float
 
 
 class ProposalPhase:
@@ -53,8 +55,8 @@ class ProposalPhase:
                     continue
             with self._phase("6 precondition"):
                 Delta = [-u for u in inv.apply(V)]
-            alpha, mu, M, norm2 = self._rescale(V, Delta, x2, use_mom)
-            props.append(Proposal(M, gamma, inv, Delta, alpha, mu, norm2))
+            alpha, mu, M, norm2, lin = self._rescale(V, Delta, x2, use_mom)
+            props.append(Proposal(M, gamma, inv, Delta, alpha, mu, norm2, lin))
         if len(props) == 1:
             return props[0]
         Ms = torch.stack([p.M for p in props]).tolist()  # the γ choice: one read, on T2 iterations only
@@ -67,7 +69,8 @@ class ProposalPhase:
     def _rescale(self, V: list[torch.Tensor], Delta: list[torch.Tensor], x2: tuple, use_mom: bool):
         """Step 6: α (and µ with momentum, Sec 7) minimising the exact-Fisher model M on S₂
         (Sec 6.4, Appendix C). Returns (α, µ, M(δ) − M(0), ‖δ‖²) with δ = αΔ + µδ₀, all 0-d
-        float64 device tensors (the 2×2 solve is closed-form selections: no host sync)."""
+        float64 device tensors (the 2×2 solve is closed-form selections: no host sync), and
+        ∇hᵀδ, M's linear part."""
         cfg = self.config
         dirs = [Delta] + ([self._delta0] if use_mom else [])
         n = len(dirs)
@@ -86,10 +89,12 @@ class ProposalPhase:
                                                 mu_max=cfg.mu_max)
                 coef = torch.stack([alpha, mu][:n])
                 norm2 = coef @ dots @ coef  # ‖αΔ + µδ₀‖², from the same numbers
+                lin = coef @ b
         else:
             # no exact-Fisher model: δ = Δ and M is K-FAC's own prediction, ½∇hᵀΔ (exact for
             # the damped approximate model, as Δ minimises it)
             one = torch.ones((), dtype=torch.float64, device=self.device)
             alpha, mu = one, torch.zeros_like(one)
-            norm2, M = inner(Delta, Delta), 0.5 * inner(V, Delta)
-        return alpha, mu, M, norm2
+            lin = inner(V, Delta)
+            norm2, M = inner(Delta, Delta), 0.5 * lin
+        return alpha, mu, M, norm2, lin

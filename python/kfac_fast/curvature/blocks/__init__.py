@@ -7,6 +7,7 @@ from .embedding import EmbeddingBlock
 from .linear import LinearBlock
 from .registry import UNSUPPORTED, block_class, check_unsupported, find_blocks, register_block, registered_blocks
 from .scale_shift import ScaleShiftBlock
+from .transposed_linear import TransposedLinearBlock
 
 __all__ = [
     "Conv2dBlock",
@@ -22,6 +23,7 @@ __all__ = [
     "KRONECKER_DIAG_A",
     "LinearBlock",
     "ScaleShiftBlock",
+    "TransposedLinearBlock",
     "UNSUPPORTED",
     "block_class",
     "check_kfac_approx",

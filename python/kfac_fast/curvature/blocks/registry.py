@@ -2,7 +2,10 @@
 
 Lookup walks the module's class hierarchy (most specific first), so a subclass of a registered
 type uses its parent's block unless it has its own (kfac-jax's ``set_default_tag_to_block_ctor``
-plays the same role). Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
+plays the same role). Modules of other libraries that K-FAC must not import are matched **by
+structure** when no registered type matches (:data:`STRUCTURAL`: transformers' weight-transposed
+``Conv1D`` and its ``*RMSNorm`` modules); a registration always wins over a structural match.
+Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
 type without a block, a parameter shared by two modules) follow the ``unsupported`` policy.
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
 from .linear import LinearBlock
-from .scale_shift import NORM_TYPES, ScaleShiftBlock
+from .scale_shift import NORM_TYPES, ScaleShiftBlock, is_rms_norm_like
+from .transposed_linear import TransposedLinearBlock, is_transposed_linear
 
 _REGISTRY: dict[type, type[CurvatureBlock]] = {}
 UNSUPPORTED = ("diagonal", "skip", "error")
@@ -49,11 +53,24 @@ def registered_blocks() -> dict[type, type[CurvatureBlock]]:
     return dict(_REGISTRY)
 
 
+#: (description, predicate, block class): modules recognised by their structure, not their type
+STRUCTURAL = (
+    ("a weight-transposed Linear (transformers' Conv1D: class Conv1D, nf, weight (nx, nf))", is_transposed_linear,
+     TransposedLinearBlock),
+    ("an RMSNorm of another library (class *RMSNorm, one 1-D weight, variance_epsilon or eps)", is_rms_norm_like,
+     ScaleShiftBlock),
+)
+
+
 def block_class(module: nn.Module):
-    """The block class for ``module`` (most specific registered base class), or None."""
+    """The block class for ``module`` (most specific registered base class, else the first
+    structural match of :data:`STRUCTURAL`), or None."""
     for t in type(module).__mro__:
         if t in _REGISTRY:
             return _REGISTRY[t]
+    for _, matches, cls in STRUCTURAL:
+        if matches(module):
+            return cls
     return None
 
 
@@ -85,7 +102,7 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
     """
     check_kfac_approx(kfac_approx)
     check_unsupported(unsupported)
-    handled = ", ".join(_describe(t) for t in _REGISTRY)
+    handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
     blocks: list[CurvatureBlock] = []
     refused: dict[str, str] = {}  # module path -> why
     for name, module in model.named_modules():

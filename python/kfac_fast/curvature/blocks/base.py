@@ -101,6 +101,12 @@ class CurvatureBlock(abc.ABC):
         return True
 
     @classmethod
+    def specialise(cls, module: nn.Module) -> type:
+        """The block class for this configuration of the module type (default: ``cls``; a
+        grouped convolution returns its per-group block)."""
+        return cls
+
+    @classmethod
     def refusal(cls, module: nn.Module) -> str | None:
         """Why this block cannot model ``module`` (e.g. a grouped convolution), or None. A refused
         module is treated as unsupported (``unsupported=`` decides: diagonal, skip or error)."""

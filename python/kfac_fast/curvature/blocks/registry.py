@@ -15,6 +15,7 @@ import inspect
 from torch import nn
 
 from .base import FACTOR_KINDS, CurvatureBlock, check_kfac_approx
+from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
@@ -67,7 +68,7 @@ def block_class(module: nn.Module):
     structural match of :data:`STRUCTURAL`), or None."""
     for t in type(module).__mro__:
         if t in _REGISTRY:
-            return _REGISTRY[t]
+            return _REGISTRY[t].specialise(module)
     for _, matches, cls in STRUCTURAL:
         if matches(module):
             return cls
@@ -158,6 +159,7 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
 
 
 register_block(nn.Linear, LinearBlock)
+register_block(nn.Conv1d, Conv1dBlock)
 register_block(nn.Conv2d, Conv2dBlock)
 register_block(nn.Embedding, EmbeddingBlock)
 for _t in NORM_TYPES:

@@ -146,3 +146,88 @@ def train(model, x, y, how: str, steps: int = 20, **kw) -> list[float]:
         sgd.step()
         losses.append(loss.item())
     return losses
+
+
+class ViTBlock(nn.Module):
+    """(m, T, p) -> (m, k): a patch embedding, a pre-norm encoder block with nn.MultiheadAttention
+    (``batch_first`` either way, optional key padding / attention masks), mean pooling, a head."""
+
+    def __init__(self, p: int = 3, d: int = 8, heads: int = 2, k: int = 5, batch_first: bool = True,
+                 need_weights: bool = False, masks: str = "none"):
+        super().__init__()
+        self.embed = nn.Linear(p, d)
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        nn.init.normal_(self.attn.in_proj_bias, std=0.1)
+        nn.init.normal_(self.attn.out_proj.bias, std=0.1)
+        self.ln_2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, k)
+        self.need_weights, self.masks = need_weights, masks
+
+    def attn_masks(self, T: int, m: int):
+        """(key_padding_mask (m, T) bool or None, attn_mask (T, T) bool or None, is_causal)."""
+        kpm = mask = None
+        causal = False
+        if self.masks in ("padding", "both"):
+            kpm = torch.zeros(m, T, dtype=torch.bool)
+            kpm[0, -1] = kpm[1 % m, -2:] = True  # the last tokens of two examples are padding
+        if self.masks in ("causal", "both"):
+            mask = torch.ones(T, T, dtype=torch.bool).triu(1)  # True: not attended
+            causal = self.masks == "causal"
+        return kpm, mask, causal
+
+    def forward(self, x):
+        h = self.embed(x)
+        m, T, _ = h.shape
+        kpm, mask, causal = self.attn_masks(T, m)
+        a = self.ln_1(h)
+        if not self.attn.batch_first:
+            a = a.transpose(0, 1)
+        kw = dict(key_padding_mask=kpm, need_weights=self.need_weights)
+        if mask is not None:
+            kw.update(attn_mask=mask, is_causal=causal)
+        o = self.attn(a, a, a, **kw)[0]
+        if not self.attn.batch_first:
+            o = o.transpose(0, 1)
+        h = h + o
+        h = h + self.proj(F.gelu(self.fc(self.ln_2(h))))
+        return self.head(h.mean(1))
+
+
+def vit_problem(m: int = 4, T: int = 3, seed: int = 0, dtype=D, **kw):
+    torch.manual_seed(seed)
+    model = ViTBlock(**kw).to(dtype)
+    x = torch.randn(m, T, 3, dtype=dtype)
+    y = torch.randint(0, 5, (m,))
+    return model, x, y
+
+
+def vit_reference(model: ViTBlock, x, probe_s=None, probe_y=None):
+    """The ViT block's forward with attention written out (softmax(q kᵀ/√d_h + mask) v per head),
+    plus optional zero probes on the in-projection output s (m, T, 3E) and the attention module's
+    output y (m, T, E), and the out-projection input o (m, T, E). Returns (z, s, o)."""
+    at = model.attn
+    E, H = at.embed_dim, at.num_heads
+    dh = E // H
+    h = model.embed(x)
+    m, T, _ = h.shape
+    kpm, mask, _ = model.attn_masks(T, m)
+    a = model.ln_1(h)
+    s = a @ at.in_proj_weight.t() + at.in_proj_bias
+    if probe_s is not None:
+        s = s + probe_s
+    q, k, v = (t.reshape(m, T, H, dh).transpose(1, 2) for t in s.split(E, -1))
+    scores = q @ k.transpose(-1, -2) / dh ** 0.5  # (m, H, T, T)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    if kpm is not None:
+        scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
+    o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(m, T, E)
+    y = o @ at.out_proj.weight.t() + at.out_proj.bias
+    if probe_y is not None:
+        y = y + probe_y
+    h = h + y
+    h = h + model.proj(F.gelu(model.fc(model.ln_2(h))))
+    return model.head(h.mean(1)), s, o

@@ -1,4 +1,5 @@
 """Curvature blocks: one file per layer type, a registry from module types to block classes."""
+from .attention import AttentionInProjBlock, AttentionOutProjBlock
 from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KFAC_APPROX, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock,
                    FactorSpec, check_kfac_approx)
 from .conv1d import Conv1dBlock
@@ -12,6 +13,8 @@ from .scale_shift import ScaleShiftBlock
 from .transposed_linear import TransposedLinearBlock
 
 __all__ = [
+    "AttentionInProjBlock",
+    "AttentionOutProjBlock",
     "Conv1dBlock",
     "Conv2dBlock",
     "CurvatureBlock",

@@ -14,6 +14,7 @@ import inspect
 
 from torch import nn
 
+from .attention import AttentionInProjBlock
 from .base import FACTOR_KINDS, CurvatureBlock, check_kfac_approx
 from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
@@ -106,17 +107,21 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
     handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
     blocks: list[CurvatureBlock] = []
     refused: dict[str, str] = {}  # module path -> why
+    covered: set[int] = set()  # sub-modules modelled by their parent's blocks (attention's out_proj)
     for name, module in model.named_modules():
         full = f"{model_name}.{name}" if name else model_name
+        if id(module) in covered:
+            continue
         cls = block_class(module)
         if cls is None:
             continue
+        covered.update(id(m) for m in cls.covers(module))
         why = cls.refusal(module)
         if why is not None:
             refused[full] = f"{_describe(type(module))} with {why}"
             continue
         if cls.accepts(module):
-            blocks.append(cls(full, module, kfac_approx=kfac_approx))
+            blocks += cls.create(full, module, kfac_approx=kfac_approx)
     # a parameter claimed by two blocks (tied weights): both modules' parameters go diagonal
     owners: dict[int, list[CurvatureBlock]] = {}
     for b in blocks:
@@ -162,5 +167,6 @@ register_block(nn.Linear, LinearBlock)
 register_block(nn.Conv1d, Conv1dBlock)
 register_block(nn.Conv2d, Conv2dBlock)
 register_block(nn.Embedding, EmbeddingBlock)
+register_block(nn.MultiheadAttention, AttentionInProjBlock)
 for _t in NORM_TYPES:
     register_block(_t, ScaleShiftBlock)

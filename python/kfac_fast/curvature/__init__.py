@@ -6,6 +6,7 @@ from .block_inverse import BlockInverse
 from .block_tridiagonal import BlockTridiagonal
 from .blocks import (Conv2dBlock, CurvatureBlock, DiagonalBlock, EmbeddingBlock, LinearBlock, ScaleShiftBlock,
                      find_blocks, register_block)
+from .coverage import Coverage, CoverageEntry, coverage
 from .damping import pi_trace
 from .factors import BlockFisher, KroneckerFactors, block_factors, kronecker_factors
 from .kron_sum import KronSumInverse, kron_sum_inverse, kron_sum_inverse_identity
@@ -13,6 +14,9 @@ from .layers import LinearLayer, find_layers
 from .losses import LOSSES, PredictiveDistribution, get_loss
 
 __all__ = [
+    "Coverage",
+    "CoverageEntry",
+    "coverage",
     "BlockDiagonal",
     "BlockFisher",
     "BlockInverse",

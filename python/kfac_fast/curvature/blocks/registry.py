@@ -88,23 +88,9 @@ def check_unsupported(unsupported: str) -> str:
     return unsupported
 
 
-def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand",
-                unsupported: str = "error") -> list[CurvatureBlock]:
-    """One block per supported module of ``model`` (registration order), then one
-    :class:`DiagonalBlock` per other trainable parameter when ``unsupported="diagonal"``.
-
-    ``unsupported``: what happens to trainable parameters no Kronecker/norm block models (a layer
-    type without a block, a refused configuration such as a grouped convolution, a custom
-    ``nn.Parameter``, a parameter shared by two modules): ``"diagonal"`` (a diagonal Fisher
-    block each), ``"skip"`` (left alone: train them with another optimizer) or ``"error"``.
-
-    Raises:
-        ValueError: ``unsupported="error"`` and such a parameter exists (the message names the
-            module and the choices), or no parameter is left for K-FAC.
-    """
-    check_kfac_approx(kfac_approx)
-    check_unsupported(unsupported)
-    handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
+def _survey(model: nn.Module, model_name: str, kfac_approx: str):
+    """(the blocks of the supported modules, module path -> why it has none, the trainable
+    parameters no block claims as [(parameter name, parameter)], parameter id -> (module path, module))."""
     blocks: list[CurvatureBlock] = []
     refused: dict[str, str] = {}  # module path -> why
     covered: set[int] = set()  # sub-modules modelled by their parent's blocks (attention's out_proj)
@@ -127,32 +113,71 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
     for b in blocks:
         for p in b.params():
             owners.setdefault(id(p), []).append(b)
-    shared = {id(b) for bs in owners.values() if len(bs) > 1 for b in bs}
-    for b in blocks:
-        if id(b) in shared:
-            refused[b.name] = f"{_describe(type(b.module))} sharing a parameter with another module"
-    blocks = [b for b in blocks if id(b) not in shared]
+    for bs in owners.values():
+        if len(bs) > 1:
+            for b in bs:
+                others = ", ".join(o.name for o in bs if o is not b)
+                refused[b.name] = (f"{_describe(type(b.module))} sharing a parameter with {others} (tied weights: one "
+                                   "Kronecker block cannot model both uses)")
+    blocks = [b for b in blocks if b.name not in refused]
     claimed = {id(p) for b in blocks for p in b.params()}
     mod_of = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
             mod_of.setdefault(id(p), (f"{model_name}.{mname}" if mname else model_name, module))
-    loose = []
-    for pname, p in model.named_parameters():
-        if p.requires_grad and id(p) not in claimed:
-            loose.append((pname, p))
-    if loose and unsupported == "error":
-        pname, p = loose[0]
+    loose = [(pname, p) for pname, p in model.named_parameters() if p.requires_grad and id(p) not in claimed]
+    return blocks, refused, loose, mod_of
+
+
+def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand") -> dict[str, str]:
+    """Trainable parameter name -> why no Kronecker or norm block models it (its module's
+    refusal, tied weights, a layer type without a block, a parameter of no layer)."""
+    handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
+    _, refused, loose, mod_of = _survey(model, model_name, kfac_approx)
+    out = {}
+    for pname, p in loose:
         path, module = mod_of[id(p)]
-        what = refused.get(path)
-        if what is None:
-            head = (f"unsupported layer {_describe(type(module))} at {path} (parameter {pname}): K-FAC has "
-                    f"Kronecker/norm blocks for {handled}")
+        # the module's refusal, or that of its blocks (attention: path.in_proj) or of a parent
+        # whose blocks model it (attention's out_proj)
+        what = (refused.get(path) or next((w for n, w in refused.items() if n.startswith(path + ".")), None)
+                or next((w for n, w in refused.items() if path.startswith(n + ".")), None))
+        if what is not None:
+            out[pname] = f"{what} at {path}"
+        elif block_class(module) is not None:
+            out[pname] = f"{_describe(type(module))} at {path} whose weight is frozen"
         else:
-            head = f"unsupported layer {what} at {path}"
-        raise ValueError(f"{head}; choose unsupported='diagonal' (a diagonal Fisher block for its parameters), "
-                         "unsupported='skip' (K-FAC leaves them to another optimizer), freeze them "
-                         "(requires_grad_(False)), or register a block with kfac_fast.register_block")
+            out[pname] = f"{_describe(type(module))} at {path}: K-FAC has Kronecker/norm blocks for {handled}"
+    return out
+
+
+def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand",
+                unsupported: str = "error") -> list[CurvatureBlock]:
+    """One block per supported module of ``model`` (registration order; two for
+    ``nn.MultiheadAttention``), then one :class:`DiagonalBlock` per other trainable parameter
+    when ``unsupported="diagonal"``.
+
+    ``unsupported``: what happens to trainable parameters no Kronecker/norm block models (a layer
+    type without a block, a refused configuration such as cross-attention projections, a custom
+    ``nn.Parameter``, a parameter shared by two modules, e.g. an embedding tied to the output
+    layer): ``"diagonal"`` (a diagonal Fisher block each), ``"skip"`` (left alone: train them
+    with another optimizer) or ``"error"``. :func:`~kfac_fast.curvature.coverage.coverage` says
+    which parameters went where and why.
+
+    Raises:
+        ValueError: ``unsupported="error"`` and such a parameter exists (the message names the
+            module and the choices), or no parameter is left for K-FAC.
+    """
+    check_kfac_approx(kfac_approx)
+    check_unsupported(unsupported)
+    handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
+    blocks, _, loose, _ = _survey(model, model_name, kfac_approx)
+    if loose and unsupported == "error":
+        pname, _ = loose[0]
+        why = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx)[pname]
+        raise ValueError(f"unsupported layer {why} (parameter {pname}); choose unsupported='diagonal' (a diagonal "
+                         "Fisher block for its parameters), unsupported='skip' (K-FAC leaves them to another "
+                         "optimizer), freeze them (requires_grad_(False)), or register a block with "
+                         "kfac_fast.register_block")
     if unsupported == "diagonal":
         blocks += [DiagonalBlock(f"{model_name}.{pname}", p, kfac_approx=kfac_approx) for pname, p in loose]
     if not blocks:

@@ -176,6 +176,9 @@ class ViTBlock(nn.Module):
         if self.masks in ("causal", "both"):
             mask = torch.ones(T, T, dtype=torch.bool).triu(1)  # True: not attended
             causal = self.masks == "causal"
+        if self.masks == "float3d":  # an additive float mask per example and head
+            g = torch.Generator().manual_seed(3)
+            mask = torch.randn(m * self.attn.num_heads, T, T, generator=g)
         return kpm, mask, causal
 
     def forward(self, x):
@@ -187,7 +190,7 @@ class ViTBlock(nn.Module):
             a = a.transpose(0, 1)
         kw = dict(key_padding_mask=kpm, need_weights=self.need_weights)
         if mask is not None:
-            kw.update(attn_mask=mask, is_causal=causal)
+            kw.update(attn_mask=mask if mask.dtype == torch.bool else mask.to(a.dtype), is_causal=causal)
         o = self.attn(a, a, a, **kw)[0]
         if not self.attn.batch_first:
             o = o.transpose(0, 1)
@@ -221,7 +224,8 @@ def vit_reference(model: ViTBlock, x, probe_s=None, probe_y=None):
     q, k, v = (t.reshape(m, T, H, dh).transpose(1, 2) for t in s.split(E, -1))
     scores = q @ k.transpose(-1, -2) / dh ** 0.5  # (m, H, T, T)
     if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else \
+            scores + mask.to(scores.dtype).reshape(m, H, T, T)
     if kpm is not None:
         scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
     o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(m, T, E)

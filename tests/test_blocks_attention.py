@@ -14,7 +14,7 @@ from kfac_fast.curvature.factors import block_factors
 
 CASES = [dict(batch_first=bf, masks=mk, need_weights=nw) for bf, mk, nw in
          [(True, "none", False), (False, "none", True), (True, "padding", True), (False, "causal", False),
-          (True, "both", False)]]
+          (True, "both", False), (False, "float3d", True)]]
 IDS = [f"batch_first={c['batch_first']}-{c['masks']}-need_weights={c['need_weights']}" for c in CASES]
 
 

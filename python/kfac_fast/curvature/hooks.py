@@ -8,8 +8,9 @@ module hooks).
   grad enabled opens one :class:`CapturedPass` and keeps its output z (m, ..., k) with a tensor
   hook that sums ∂L/∂z over the backwards through it (``gz``; L is the user's loss, whatever its
   reduction);
-* a forward hook on every block module that records the block's input ā (detached, (m, ..., d)
-  as the module saw it) and the output's shape; for the empirical Fisher (``record_grads``) a
+* a forward hook on every block module (:meth:`CurvatureBlock.register_capture`) that records the
+  block's input ā (detached, (m, ..., d) as the module saw it; an attention block records its
+  call) and the output's shape; for the empirical Fisher (``record_grads``) a
   tensor hook on the output that sums ∂L/∂s over the backwards through it (several backwards
   through one retained graph add up, as ``.grad`` does); for the MC Fisher (``keep_outputs``)
   the output tensor itself, so that one extra backward of Σ loss(sampled y) can differentiate

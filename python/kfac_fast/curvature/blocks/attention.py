@@ -15,8 +15,8 @@ sub-module calls to hook): a forward hook on the module (``with_kwargs``) record
 the masks (``key_padding_mask``, ``attn_mask``, ``is_causal``) of each call, and the module's
 output y is the output both blocks differentiate. From these the statistics **recompute** the
 attention once (no effect on the model's pass; only when statistics are taken): the projections
-s = x W_inᵀ + b_in as a leaf, the attention with the module's own masking rules
-(``F.multi_head_attention_forward`` on s with identity projections), then o, and
+s = x W_inᵀ + b_in as a leaf, the attention with the module's masking rules (scaled dot-product
+attention on s, :func:`attention_core`), then o, and
 
     g_in = ∂(Σ loss)/∂s = VJP of s ↦ y at the recorded ∂(Σ loss)/∂y,     ā_out = o.
 
@@ -76,18 +76,26 @@ def _call_record(module: nn.MultiheadAttention, args, kwargs) -> AttentionCall:
 
 def attention_core(module: nn.MultiheadAttention, call: AttentionCall, s: torch.Tensor) -> torch.Tensor:
     """o (L, N, E): the attention output before ``out_proj`` for the projections s (L, N, 3E),
-    with the module's masking (``F.multi_head_attention_forward`` with identity projections and
-    no dropout)."""
-    E = module.embed_dim
-    q, k, v = s.split(E, dim=-1)
-    eye = torch.eye(E, dtype=s.dtype, device=s.device)
-    mask = call.attn_mask
-    o, _ = F.multi_head_attention_forward(
-        q, k, v, E, module.num_heads, None, None, None, None, False, 0.0, eye, None, training=False,
-        key_padding_mask=call.key_padding_mask, need_weights=False, attn_mask=mask,
-        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
-        is_causal=call.is_causal)
-    return o
+    masked as ``F.multi_head_attention_forward`` masks (boolean masks: True = not attended; a
+    float mask is added; the key padding mask (N, S) and ``attn_mask`` (L, S) or (N·H, L, S)
+    are merged; ``is_causal`` is only a hint there, ``attn_mask`` holds the causal mask), no dropout."""
+    E, H = module.embed_dim, module.num_heads
+    L, N, _ = s.shape
+    q, k, v = (t.reshape(L, N, H, E // H).permute(1, 2, 0, 3) for t in s.split(E, dim=-1))  # (N, H, L, d_h)
+    mask = None
+    if call.attn_mask is not None:
+        am = call.attn_mask
+        am = torch.zeros(am.shape, dtype=s.dtype, device=s.device).masked_fill(am, float("-inf")) \
+            if am.dtype == torch.bool else am.to(s.dtype)
+        mask = am.reshape(N, H, L, -1) if am.dim() == 3 else am
+    if call.key_padding_mask is not None:
+        kp = call.key_padding_mask
+        kp = torch.zeros(kp.shape, dtype=s.dtype, device=s.device).masked_fill(kp, float("-inf")) \
+            if kp.dtype == torch.bool else kp.to(s.dtype)
+        kp = kp.reshape(N, 1, 1, -1)
+        mask = kp if mask is None else mask + kp
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, L, d_h)
+    return o.permute(2, 0, 1, 3).reshape(L, N, E)
 
 
 class _AttentionBlock(LinearBlock):

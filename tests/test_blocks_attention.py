@@ -165,3 +165,26 @@ def test_vit_block_trains(how, batch_first):
     else:
         losses = train(model, x, y, how)
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_transformer_encoder_layer_is_covered_and_trains():
+    """nn.TransformerEncoderLayer calls its attention with one tensor as query, key and value."""
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.layer(self.inp(x)).mean(1))
+
+    torch.manual_seed(0)
+    model, x, y = Enc(), torch.randn(32, 4, 3), torch.randint(0, 5, (32,))
+    pre = KFACPreconditioner(model, loss=CE)
+    cov = pre.coverage()
+    assert {e.name for e in cov.entries if e.kind == "kronecker"} >= {"model.layer.self_attn.in_proj",
+                                                                     "model.layer.self_attn.out_proj"}
+    assert cov.count("skipped") == 0 and cov.count("scale-shift") == 32
+    losses = train(model, x, y, "hooks")
+    assert losses[-1] < 0.9 * losses[0], losses

@@ -146,7 +146,8 @@ def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: 
         elif block_class(module) is not None:
             out[pname] = f"{_describe(type(module))} at {path} whose weight is frozen"
         else:
-            out[pname] = f"{_describe(type(module))} at {path}: K-FAC has Kronecker/norm blocks for {handled}"
+            out[pname] = (f"{_describe(type(module))} at {path} (no block for this layer type; K-FAC has "
+                          f"Kronecker/norm blocks for {handled})")
     return out
 
 

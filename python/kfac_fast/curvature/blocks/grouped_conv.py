@@ -3,7 +3,8 @@ exact Fisher of each group's parameters, one small dense block per group (kind `
 
 Group j maps input channels j·C_in/G … to output channels j·C_out/G … with its own weights
 W_j = [weight[group j's outputs].reshape(C_out/G, C_in/G·K) | bias] (K kernel taps). Its
-per-example derivative is exact and cheap from the patches of its input channels:
+per-example derivative is exact and cheap (the weight gradient of one convolution with the
+examples folded into the groups; no patch matrix):
 
     u_{n,j} = vec_rows( Σ_r g_{n,j,r} ā_{n,j,r}ᵀ ),   F_j = (1/N) Σ_n u_{n,j} u_{n,j}ᵀ
 
@@ -19,7 +20,6 @@ between activations and derivatives (Sec 3) instead of adding it. Groups with b 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import DENSE, CurvatureBlock, FactorSpec, frozen_bias
@@ -106,15 +106,18 @@ class GroupedConvBlock(CurvatureBlock):
 
     def per_example(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(m, G, b): per example and group, the derivative of the summed loss w.r.t. the group's
-        [weight | bias] rows, flattened row-major."""
+        [weight | bias] rows, flattened row-major. The weight part is the weight gradient of one
+        convolution with the examples folded into the groups (m·G groups), so no patch matrix is
+        formed: O(m·C_out·C_in/G·K) memory."""
         x, g = self._as_4d(x).to(g.dtype), self._as_4d(g)
         geo = self._geometry()
-        P = F.unfold(x, geo["kernel_size"], dilation=geo["dilation"], padding=geo["padding"], stride=geo["stride"])
         m, G = x.shape[0], self.groups
-        P = P.reshape(m, G, -1, P.shape[-1])  # (m, G, C_in/G·K, R): unfold orders channels first
+        Co = g.shape[1]
+        w_shape = (m * Co, x.shape[1] // G) + tuple(geo["kernel_size"])
+        dw = torch.nn.grad.conv2d_weight(x.reshape(1, -1, *x.shape[2:]), w_shape, g.reshape(1, -1, *g.shape[2:]),
+                                         stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"],
+                                         groups=m * G)  # (m·C_out, C_in/G, kh, kw): per-example weight gradients
+        u = dw.reshape(m, Co, -1)
         if self.has_bias:
-            P = torch.cat([P, P.new_ones(m, G, 1, P.shape[-1])], 2)
-        gr = g.reshape(m, G, g.shape[1] // G, -1)  # (m, G, C_out/G, R)
-        return torch.einsum("mgor,mgar->mgoa", gr, P).reshape(m, G, -1)
-
-
+            u = torch.cat([u, g.sum((2, 3)).unsqueeze(2)], 2)
+        return u.reshape(m, G, -1)

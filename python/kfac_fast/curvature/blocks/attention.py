@@ -23,7 +23,7 @@ attention on s, :func:`attention_core`), then o, and
 Exact when the forward is deterministic. With attention dropout (``dropout > 0`` in training
 mode) the recomputation runs without dropout: the out-projection's rows and the in-projection's
 derivatives are then those of the dropout-free attention at the same inputs (an approximation).
-``batch_first`` True or False, unbatched (L, E) inputs and ``need_weights`` change nothing.
+``batch_first`` True or False and ``need_weights`` change nothing.
 
 Refused (the ``unsupported=`` policy decides): separate q/k/v projection weights (``kdim`` /
 ``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``. A call with different query, key
@@ -46,15 +46,30 @@ from .linear import LinearBlock
 
 @dataclass
 class AttentionCall:
-    """One call of an ``nn.MultiheadAttention``: ``query`` (N, L, E) detached (unbatched: N = 1),
-    whether query, key and value were one tensor, the masks as passed (unbatched
-    ``key_padding_mask`` given a batch dim), and ``is_causal``."""
+    """One call of an ``nn.MultiheadAttention`` as recorded (nothing computed in the user's pass):
+    the query detached in the layout the module got it, whether query, key and value were one
+    tensor, the masks as passed, ``is_causal``."""
 
-    query: torch.Tensor
+    raw_query: torch.Tensor
+    batch_first: bool
     self_attention: bool
-    key_padding_mask: Optional[torch.Tensor]
+    raw_key_padding_mask: Optional[torch.Tensor]
     attn_mask: Optional[torch.Tensor]
     is_causal: bool
+
+    @property
+    def query(self) -> torch.Tensor:
+        """(N, L, E) (an unbatched (L, E) query: N = 1)."""
+        q = self.raw_query
+        if q.dim() == 2:
+            return q.unsqueeze(0)
+        return q if self.batch_first else q.transpose(0, 1)
+
+    @property
+    def key_padding_mask(self) -> Optional[torch.Tensor]:
+        """(N, S) or None."""
+        kpm = self.raw_key_padding_mask
+        return kpm.unsqueeze(0) if kpm is not None and kpm.dim() == 1 else kpm
 
 
 def _call_record(module: nn.MultiheadAttention, args, kwargs) -> AttentionCall:
@@ -62,16 +77,10 @@ def _call_record(module: nn.MultiheadAttention, args, kwargs) -> AttentionCall:
     bound.apply_defaults()
     a = bound.arguments
     q, k, v = a["query"], a["key"], a["value"]
-    kpm, mask = a["key_padding_mask"], a["attn_mask"]
-    unbatched = q.dim() == 2
-    if unbatched:
-        q = q.unsqueeze(0)
-        kpm = None if kpm is None else kpm.unsqueeze(0)
-    elif not module.batch_first:
-        q = q.transpose(0, 1)
     det = lambda t: None if t is None else t.detach()  # noqa: E731
-    return AttentionCall(query=q.detach(), self_attention=a["query"] is k and k is v, key_padding_mask=det(kpm),
-                         attn_mask=det(mask), is_causal=bool(a["is_causal"]))
+    return AttentionCall(raw_query=q.detach(), batch_first=module.batch_first, self_attention=q is k and k is v,
+                         raw_key_padding_mask=det(a["key_padding_mask"]), attn_mask=det(a["attn_mask"]),
+                         is_causal=bool(a["is_causal"]))
 
 
 def attention_core(module: nn.MultiheadAttention, call: AttentionCall, s: torch.Tensor) -> torch.Tensor:

@@ -153,13 +153,14 @@ class ViTBlock(nn.Module):
     (``batch_first`` either way, optional key padding / attention masks), mean pooling, a head."""
 
     def __init__(self, p: int = 3, d: int = 8, heads: int = 2, k: int = 5, batch_first: bool = True,
-                 need_weights: bool = False, masks: str = "none"):
+                 need_weights: bool = False, masks: str = "none", attn_bias: bool = True):
         super().__init__()
         self.embed = nn.Linear(p, d)
         self.ln_1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
-        nn.init.normal_(self.attn.in_proj_bias, std=0.1)
-        nn.init.normal_(self.attn.out_proj.bias, std=0.1)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first, bias=attn_bias)
+        if attn_bias:
+            nn.init.normal_(self.attn.in_proj_bias, std=0.1)
+            nn.init.normal_(self.attn.out_proj.bias, std=0.1)
         self.ln_2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(2 * d, d)
@@ -218,7 +219,7 @@ def vit_reference(model: ViTBlock, x, probe_s=None, probe_y=None):
     m, T, _ = h.shape
     kpm, mask, _ = model.attn_masks(T, m)
     a = model.ln_1(h)
-    s = a @ at.in_proj_weight.t() + at.in_proj_bias
+    s = a @ at.in_proj_weight.t() + (0 if at.in_proj_bias is None else at.in_proj_bias)
     if probe_s is not None:
         s = s + probe_s
     q, k, v = (t.reshape(m, T, H, dh).transpose(1, 2) for t in s.split(E, -1))
@@ -229,7 +230,7 @@ def vit_reference(model: ViTBlock, x, probe_s=None, probe_y=None):
     if kpm is not None:
         scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
     o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(m, T, E)
-    y = o @ at.out_proj.weight.t() + at.out_proj.bias
+    y = o @ at.out_proj.weight.t() + (0 if at.out_proj.bias is None else at.out_proj.bias)
     if probe_y is not None:
         y = y + probe_y
     h = h + y

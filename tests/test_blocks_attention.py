@@ -83,6 +83,18 @@ def test_factors_equal_dense_references(kw):
     close(record(recs, "attn.out_proj").G, _exact_G(model, x, "y"), msg="out_proj G")
 
 
+def test_factors_without_biases():
+    model, x, _ = vit_problem(masks="causal", attn_bias=False)
+    recs = block_factors(model, x, CE, fisher="exact")
+    q, o = _rows(model, x)
+    for path, rows, which in (("attn.in_proj", q, "s"), ("attn.out_proj", o, "y")):
+        r = record(recs, path)
+        assert not r.homogeneous
+        flat = rows.reshape(-1, rows.shape[-1])
+        close(r.A, rows_A(flat, False), msg=f"{path} A without the homogeneous coordinate")
+        close(r.G, _exact_G(model, x, which), msg=f"{path} G")
+
+
 def test_reduce_factors():
     model, x, _ = vit_problem(masks="padding")
     recs = block_factors(model, x, CE, fisher="exact", kfac_approx="reduce")

@@ -35,6 +35,8 @@ EXAMPLES = {nn.Linear: _linear_example}
 TESTED_ELSEWHERE = {t: "tests/test_arch_factors_dense.py" for t in (
     nn.Conv2d, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
     getattr(nn, "RMSNorm", nn.LayerNorm))}
+TESTED_ELSEWHERE[nn.Conv1d] = "tests/test_blocks_grouped_conv.py"
+TESTED_ELSEWHERE[nn.MultiheadAttention] = "tests/test_blocks_attention.py"
 REGISTERED = sorted(((t, c) for t, c in registered_blocks().items() if t in EXAMPLES), key=lambda kv: kv[0].__name__)
 IDS = [t.__name__ for t, _ in REGISTERED]
 

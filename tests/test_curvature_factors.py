@@ -97,8 +97,8 @@ def test_factor_errors():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="no supported layer"):
         kronecker_factors(nn.Sequential(nn.Tanh()), x, "squared_error")
-    with pytest.raises(ValueError, match="unsupported layer nn.Conv1d at model.1"):
-        kronecker_factors(nn.Sequential(nn.Linear(3, 3), nn.Conv1d(1, 1, 1)), x, "squared_error")
+    with pytest.raises(ValueError, match="unsupported layer nn.Conv3d at model.1"):
+        kronecker_factors(nn.Sequential(nn.Linear(3, 3), nn.Conv3d(1, 1, 1)), x, "squared_error")
     lin = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="called 2 times"):
         kronecker_factors(nn.Sequential(lin, nn.Tanh(), lin), x, "squared_error")

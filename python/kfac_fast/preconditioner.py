@@ -66,6 +66,7 @@ from ._parts import default_factor_dtype, default_generator, model_device
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
+from .curvature.coverage import Coverage, coverage
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
 from .curvature.capture import forward_order, internal_pass
 from .curvature.hooks import CapturedPass, HookCapture, check_pass
@@ -263,6 +264,11 @@ class KFACPreconditioner:
         self._recorder: Optional[RecordedBatch] = None
 
     # ------------------------------------------------------------------ hooks
+    def coverage(self) -> Coverage:
+        """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
+        skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
+        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx)
+
     def remove_hooks(self) -> None:
         """Take the ``capture="hooks"`` hooks off the model and drop what they recorded (idempotent;
         ``step`` then raises)."""

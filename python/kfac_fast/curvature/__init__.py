@@ -6,6 +6,7 @@ from .block_inverse import BlockInverse
 from .block_tridiagonal import BlockTridiagonal
 from .blocks import (Conv2dBlock, CurvatureBlock, DiagonalBlock, EmbeddingBlock, LinearBlock, ScaleShiftBlock,
                      find_blocks, register_block)
+from .coverage import Coverage, CoverageEntry, coverage
 from .damping import pi_trace
 from .batch_factors import block_factors, kronecker_factors
 from .factors import BlockFisher, KroneckerFactors
@@ -14,6 +15,9 @@ from .layers import LinearLayer, find_layers
 from .losses import LOSSES, PredictiveDistribution, causal_lm_targets, get_loss
 
 __all__ = [
+    "Coverage",
+    "CoverageEntry",
+    "coverage",
     "BlockDiagonal",
     "BlockFisher",
     "BlockInverse",

@@ -77,11 +77,11 @@ def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> I
     handles = []
 
     def make_hook(i: int):
-        def hook(module, args, out):
+        def hook(x, out):
             calls[i] += 1
             if calls[i] > 1:
                 return
-            rec.inputs[i] = args[0].detach()
+            rec.inputs[i] = x
             rec.order.append(i)
             if need_outputs:
                 rec.outputs[i] = out
@@ -90,7 +90,7 @@ def capture(layers: Sequence[CurvatureBlock], *, need_outputs: bool = True) -> I
 
     hooked = [i for i, layer in enumerate(layers) if layer.captures]
     for i in hooked:
-        handles.append(layers[i].module.register_forward_hook(make_hook(i)))
+        handles.append(layers[i].register_capture(make_hook(i)))
     try:
         with internal_pass():
             yield rec

@@ -8,8 +8,9 @@ module hooks).
   grad enabled opens one :class:`CapturedPass` and keeps its output z (m, ..., k) with a tensor
   hook that sums ∂L/∂z over the backwards through it (``gz``; L is the user's loss, whatever its
   reduction);
-* a forward hook on every block module that records the block's input ā (detached, (m, ..., d)
-  as the module saw it) and the output's shape; for the empirical Fisher (``record_grads``) a
+* a forward hook on every block module (:meth:`CurvatureBlock.register_capture`) that records the
+  block's input ā (detached, (m, ..., d) as the module saw it; an attention block records its
+  call) and the output's shape; for the empirical Fisher (``record_grads``) a
   tensor hook on the output that sums ∂L/∂s over the backwards through it (several backwards
   through one retained graph add up, as ``.grad`` does); for the MC Fisher (``keep_outputs``)
   the output tensor itself, so that one extra backward of Σ loss(sampled y) can differentiate
@@ -144,7 +145,7 @@ class HookCapture:
         self._handles.append(model.register_forward_hook(self._close, always_call=True))
         for i, b in enumerate(self.blocks):
             if b.captures:
-                self._handles.append(b.module.register_forward_hook(partial(self._block_forward, i)))
+                self._handles.append(b.register_capture(partial(self._block_forward, i)))
             elif self.record_grads:
                 self._handles.append(b.params()[0].register_hook(partial(self._param_grad, i)))
 
@@ -226,7 +227,7 @@ class HookCapture:
                           "preconditioner (capture='hooks'); they stay in memory until step() or remove_hooks(). "
                           "Wrap forwards that are not training passes in `with pre.paused():`", stacklevel=3)
 
-    def _block_forward(self, i: int, module, args, out) -> None:
+    def _block_forward(self, i: int, x, out) -> None:
         p = self._current
         if p is None:
             if self._recording() and self.blocks[i].name not in self.stray:
@@ -235,7 +236,7 @@ class HookCapture:
         p.calls[i] += 1
         if p.calls[i] > 1 or not isinstance(out, torch.Tensor):
             return
-        p.inputs[i] = args[0].detach()
+        p.inputs[i] = x
         p.order.append(i)
         p.out_meta[i] = (out.shape, out.dtype, out.device)
         if not out.requires_grad:  # inside torch.no_grad() within the forward (reentrant checkpointing)

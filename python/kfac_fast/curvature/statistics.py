@@ -51,7 +51,7 @@ def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence
         kind = b.factor_kind
         if kind in (KRONECKER, KRONECKER_DIAG_A):
             a.append(b.a_input(rec.inputs[i]))
-            g.append(b.g_rows(grads[i]))
+            g.append(b.output_rows(rec.inputs[i], grads[i]))
             u.append(None)
         elif kind == DENSE:
             a.append(None)

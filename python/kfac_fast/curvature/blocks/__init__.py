@@ -1,14 +1,21 @@
 """Curvature blocks: one file per layer type, a registry from module types to block classes."""
+from .attention import AttentionInProjBlock, AttentionOutProjBlock
 from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KFAC_APPROX, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock,
                    FactorSpec, check_kfac_approx)
+from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
+from .grouped_conv import GroupedConvBlock
 from .linear import LinearBlock
 from .registry import UNSUPPORTED, block_class, check_unsupported, find_blocks, register_block, registered_blocks
 from .scale_shift import ScaleShiftBlock
+from .transposed_linear import TransposedLinearBlock
 
 __all__ = [
+    "AttentionInProjBlock",
+    "AttentionOutProjBlock",
+    "Conv1dBlock",
     "Conv2dBlock",
     "CurvatureBlock",
     "DENSE",
@@ -17,11 +24,13 @@ __all__ = [
     "EmbeddingBlock",
     "FACTOR_KINDS",
     "FactorSpec",
+    "GroupedConvBlock",
     "KFAC_APPROX",
     "KRONECKER",
     "KRONECKER_DIAG_A",
     "LinearBlock",
     "ScaleShiftBlock",
+    "TransposedLinearBlock",
     "UNSUPPORTED",
     "block_class",
     "check_kfac_approx",

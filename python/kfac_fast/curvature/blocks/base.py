@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -101,6 +101,33 @@ class CurvatureBlock(abc.ABC):
         return True
 
     @classmethod
+    def create(cls, name: str, module: nn.Module, *, kfac_approx: str = "expand") -> list["CurvatureBlock"]:
+        """The blocks modelling ``module`` at path ``name`` (default: one block of this class; a
+        module with several weight matrices, such as attention, gives one block each)."""
+        return [cls(name, module, kfac_approx=kfac_approx)]
+
+    @classmethod
+    def covers(cls, module: nn.Module) -> list[nn.Module]:
+        """Sub-modules the blocks of ``module`` model (they get no block of their own)."""
+        return []
+
+    def register_capture(self, record: Callable[[Any, Any], None]):
+        """Arm a forward hook on the module that calls ``record(input, output)`` on each call:
+        ``input`` what ``a_input`` / ``per_example`` / ``output_rows`` read (default: the module's
+        first argument, detached), ``output`` the tensor whose derivative ``g`` is (default: the
+        module's output). Returns the hook handle."""
+        def hook(module, args, out):
+            record(args[0].detach(), out)
+
+        return self.module.register_forward_hook(hook)
+
+    @classmethod
+    def specialise(cls, module: nn.Module) -> type:
+        """The block class for this configuration of the module type (default: ``cls``; a
+        grouped convolution returns its per-group block)."""
+        return cls
+
+    @classmethod
     def refusal(cls, module: nn.Module) -> str | None:
         """Why this block cannot model ``module`` (e.g. a grouped convolution), or None. A refused
         module is treated as unsupported (``unsupported=`` decides: diagonal, skip or error)."""
@@ -156,6 +183,12 @@ class CurvatureBlock(abc.ABC):
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
         """∂(Σ loss terms)/∂(module output) -> rows (rows, g_dim); G = (1/N) Σ rows rowsᵀ."""
         raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: it has no G rows")
+
+    def output_rows(self, x: Any, g: torch.Tensor) -> torch.Tensor:
+        """The G rows from the captured input ``x`` and ∂(Σ loss terms)/∂output ``g`` (default:
+        ``g_rows(g)``; a block whose output derivative is not its module's, e.g. the attention
+        in-projection, derives it from both)."""
+        return self.g_rows(g)
 
     def per_example(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Kinds ``dense``/``diagonal``: per-example parameter derivatives u_n arranged as

@@ -10,8 +10,9 @@ derivative at output location r. With R = H_out·W_out locations per example:
 
 (N = m for one loss term per example); for R = 1 this is the Linear convention.
 ``kfac_approx="reduce"``: one row per example, the mean patch and the summed g.
-Grouped convolutions (groups > 1) and padding modes other than zeros are refused here (the
-``unsupported=`` policy then decides).
+Grouped convolutions (groups > 1) get :class:`~.grouped_conv.GroupedConvBlock` instead
+(:meth:`Conv2dBlock.specialise`); padding modes other than zeros are refused (the ``unsupported=``
+policy then decides). ``nn.Conv1d`` is the same block on a (m, C, 1, L) view (:mod:`.conv1d`).
 """
 from __future__ import annotations
 
@@ -33,10 +34,17 @@ class Conv2dBlock(CurvatureBlock):
         return module.weight.requires_grad
 
     @classmethod
+    def specialise(cls, module: nn.Module) -> type:
+        """A grouped or depthwise convolution (groups > 1) gets its per-group block."""
+        if module.groups != 1:
+            from .grouped_conv import GroupedConvBlock
+            return GroupedConvBlock
+        return cls
+
+    @classmethod
     def refusal(cls, module: nn.Module):
         if module.groups != 1:
-            return (f"groups={module.groups} (a grouped or depthwise convolution has one Kronecker block per group, "
-                    "not implemented)")
+            return f"groups={module.groups} (this block models groups=1; grouped convolutions use GroupedConvBlock)"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (the patches assume zero padding)"
         return frozen_bias(module)
@@ -47,8 +55,7 @@ class Conv2dBlock(CurvatureBlock):
 
     @property
     def patch_dim(self) -> int:
-        w = self.module.weight
-        return w.shape[1] * w.shape[2] * w.shape[3]
+        return self.module.weight[0].numel()
 
     @property
     def factor_spec(self) -> FactorSpec:
@@ -90,10 +97,14 @@ class Conv2dBlock(CurvatureBlock):
         patch matrix); ``a_rows`` is only formed where rows are needed (tridiagonal cross factors)."""
         return self.kfac_approx == "expand"
 
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """The input (or output derivative) as (m, C, H, W): an unbatched (C, H, W) gets m = 1."""
+        return x.unsqueeze(0) if x.dim() == 3 else x
+
     def a_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.implicit_a:
             return self.a_rows(x)
-        return x.unsqueeze(0) if x.dim() == 3 else x
+        return self.batched(x)
 
     def geometry(self) -> dict:
         """kernel_size, stride, padding, dilation as pairs, for ``ops.conv_factor_update``."""
@@ -103,26 +114,24 @@ class Conv2dBlock(CurvatureBlock):
 
     def a_row_count(self, x: torch.Tensor) -> int:
         """Rows of Ā for input x: m·R (expand) or m (reduce)."""
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
+        x = self.batched(x)
         if self.kfac_approx == "reduce":
             return x.shape[0]
-        m = self.module
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, self._padding(), m.dilation
+        geo = self.geometry()
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (geo["kernel_size"], geo["stride"], geo["padding"],
+                                                  geo["dilation"])
         ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         return x.shape[0] * ho * wo
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """(m, C_in, H, W) -> (m, C_in·kh·kw, R), the unfolded patches."""
-        m = self.module
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self._padding(), stride=m.stride)
+        geo = self.geometry()
+        return F.unfold(x, geo["kernel_size"], dilation=geo["dilation"], padding=geo["padding"], stride=geo["stride"])
 
     def a_rows(self, x: torch.Tensor) -> torch.Tensor:
         """expand: (m·R, C_in·kh·kw) patches as rows; reduce: (m, C_in·kh·kw) mean patches."""
-        if x.dim() == 3:  # unbatched (C, H, W) input
-            x = x.unsqueeze(0)
-        P = self.patches(x)
+        P = self.patches(self.batched(x))
         if self.kfac_approx == "reduce":
             return P.mean(2)
         return P.transpose(1, 2).reshape(-1, P.shape[1])
@@ -130,8 +139,7 @@ class Conv2dBlock(CurvatureBlock):
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
         """(m, C_out, H_out, W_out) -> expand: (m·R, C_out), rows in the order of ``a_rows``;
         reduce: (m, C_out) summed over locations."""
-        if g.dim() == 3:
-            g = g.unsqueeze(0)
+        g = self.batched(g)
         if self.kfac_approx == "reduce":
             return g.sum((2, 3))
         return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])

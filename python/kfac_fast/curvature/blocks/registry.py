@@ -2,7 +2,10 @@
 
 Lookup walks the module's class hierarchy (most specific first), so a subclass of a registered
 type uses its parent's block unless it has its own (kfac-jax's ``set_default_tag_to_block_ctor``
-plays the same role). Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
+plays the same role). Modules of other libraries that K-FAC must not import are matched **by
+structure** when no registered type matches (:data:`STRUCTURAL`: transformers' weight-transposed
+``Conv1D`` and its ``*RMSNorm`` modules); a registration always wins over a structural match.
+Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
 type without a block, a parameter shared by two modules) follow the ``unsupported`` policy.
 """
 from __future__ import annotations
@@ -11,12 +14,15 @@ import inspect
 
 from torch import nn
 
+from .attention import AttentionInProjBlock
 from .base import FACTOR_KINDS, CurvatureBlock, check_kfac_approx
+from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
 from .linear import LinearBlock
-from .scale_shift import NORM_TYPES, ScaleShiftBlock
+from .scale_shift import NORM_TYPES, ScaleShiftBlock, is_rms_norm_like
+from .transposed_linear import TransposedLinearBlock, is_transposed_linear
 
 _REGISTRY: dict[type, type[CurvatureBlock]] = {}
 UNSUPPORTED = ("diagonal", "skip", "error")
@@ -49,11 +55,24 @@ def registered_blocks() -> dict[type, type[CurvatureBlock]]:
     return dict(_REGISTRY)
 
 
+#: (description, predicate, block class): modules recognised by their structure, not their type
+STRUCTURAL = (
+    ("a weight-transposed Linear (transformers' Conv1D: class Conv1D, nf, weight (nx, nf))", is_transposed_linear,
+     TransposedLinearBlock),
+    ("an RMSNorm of another library (class *RMSNorm, one 1-D weight, variance_epsilon or eps)", is_rms_norm_like,
+     ScaleShiftBlock),
+)
+
+
 def block_class(module: nn.Module):
-    """The block class for ``module`` (most specific registered base class), or None."""
+    """The block class for ``module`` (most specific registered base class, else the first
+    structural match of :data:`STRUCTURAL`), or None."""
     for t in type(module).__mro__:
         if t in _REGISTRY:
-            return _REGISTRY[t]
+            return _REGISTRY[t].specialise(module)
+    for _, matches, cls in STRUCTURAL:
+        if matches(module):
+            return cls
     return None
 
 
@@ -69,15 +88,81 @@ def check_unsupported(unsupported: str) -> str:
     return unsupported
 
 
+def _survey(model: nn.Module, model_name: str, kfac_approx: str):
+    """(the blocks of the supported modules, module path -> why it has none, the trainable
+    parameters no block claims as [(parameter name, parameter)], parameter id -> (module path, module))."""
+    blocks: list[CurvatureBlock] = []
+    refused: dict[str, str] = {}  # module path -> why
+    covered: set[int] = set()  # sub-modules modelled by their parent's blocks (attention's out_proj)
+    for name, module in model.named_modules():
+        full = f"{model_name}.{name}" if name else model_name
+        if id(module) in covered:
+            continue
+        cls = block_class(module)
+        if cls is None:
+            continue
+        covered.update(id(m) for m in cls.covers(module))
+        why = cls.refusal(module)
+        if why is not None:
+            refused[full] = f"{_describe(type(module))} with {why}"
+            continue
+        if cls.accepts(module):
+            blocks += cls.create(full, module, kfac_approx=kfac_approx)
+    # a parameter claimed by two blocks (tied weights): both modules' parameters go diagonal
+    owners: dict[int, list[CurvatureBlock]] = {}
+    for b in blocks:
+        for p in b.params():
+            owners.setdefault(id(p), []).append(b)
+    for bs in owners.values():
+        if len(bs) > 1:
+            for b in bs:
+                others = ", ".join(o.name for o in bs if o is not b)
+                refused[b.name] = (f"{_describe(type(b.module))} sharing a parameter with {others} (tied weights: one "
+                                   "Kronecker block cannot model both uses)")
+    blocks = [b for b in blocks if b.name not in refused]
+    claimed = {id(p) for b in blocks for p in b.params()}
+    mod_of = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            mod_of.setdefault(id(p), (f"{model_name}.{mname}" if mname else model_name, module))
+    loose = [(pname, p) for pname, p in model.named_parameters() if p.requires_grad and id(p) not in claimed]
+    return blocks, refused, loose, mod_of
+
+
+def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand") -> dict[str, str]:
+    """Trainable parameter name -> why no Kronecker or norm block models it (its module's
+    refusal, tied weights, a layer type without a block, a parameter of no layer)."""
+    handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
+    _, refused, loose, mod_of = _survey(model, model_name, kfac_approx)
+    out = {}
+    for pname, p in loose:
+        path, module = mod_of[id(p)]
+        # the module's refusal, or that of its blocks (attention: path.in_proj) or of a parent
+        # whose blocks model it (attention's out_proj)
+        what = (refused.get(path) or next((w for n, w in refused.items() if n.startswith(path + ".")), None)
+                or next((w for n, w in refused.items() if path.startswith(n + ".")), None))
+        if what is not None:
+            out[pname] = f"{what} at {path}"
+        elif block_class(module) is not None:
+            out[pname] = f"{_describe(type(module))} at {path} whose weight is frozen"
+        else:
+            out[pname] = (f"{_describe(type(module))} at {path} (no block for this layer type; K-FAC has "
+                          f"Kronecker/norm blocks for {handled})")
+    return out
+
+
 def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand",
                 unsupported: str = "error") -> list[CurvatureBlock]:
-    """One block per supported module of ``model`` (registration order), then one
-    :class:`DiagonalBlock` per other trainable parameter when ``unsupported="diagonal"``.
+    """One block per supported module of ``model`` (registration order; two for
+    ``nn.MultiheadAttention``), then one :class:`DiagonalBlock` per other trainable parameter
+    when ``unsupported="diagonal"``.
 
     ``unsupported``: what happens to trainable parameters no Kronecker/norm block models (a layer
-    type without a block, a refused configuration such as a grouped convolution, a custom
-    ``nn.Parameter``, a parameter shared by two modules): ``"diagonal"`` (a diagonal Fisher
-    block each), ``"skip"`` (left alone: train them with another optimizer) or ``"error"``.
+    type without a block, a refused configuration such as cross-attention projections, a custom
+    ``nn.Parameter``, a parameter shared by two modules, e.g. an embedding tied to the output
+    layer): ``"diagonal"`` (a diagonal Fisher block each), ``"skip"`` (left alone: train them
+    with another optimizer) or ``"error"``. :func:`~kfac_fast.curvature.coverage.coverage` says
+    which parameters went where and why.
 
     Raises:
         ValueError: ``unsupported="error"`` and such a parameter exists (the message names the
@@ -85,51 +170,15 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
     """
     check_kfac_approx(kfac_approx)
     check_unsupported(unsupported)
-    handled = ", ".join(_describe(t) for t in _REGISTRY)
-    blocks: list[CurvatureBlock] = []
-    refused: dict[str, str] = {}  # module path -> why
-    for name, module in model.named_modules():
-        full = f"{model_name}.{name}" if name else model_name
-        cls = block_class(module)
-        if cls is None:
-            continue
-        why = cls.refusal(module)
-        if why is not None:
-            refused[full] = f"{_describe(type(module))} with {why}"
-            continue
-        if cls.accepts(module):
-            blocks.append(cls(full, module, kfac_approx=kfac_approx))
-    # a parameter claimed by two blocks (tied weights): both modules' parameters go diagonal
-    owners: dict[int, list[CurvatureBlock]] = {}
-    for b in blocks:
-        for p in b.params():
-            owners.setdefault(id(p), []).append(b)
-    shared = {id(b) for bs in owners.values() if len(bs) > 1 for b in bs}
-    for b in blocks:
-        if id(b) in shared:
-            refused[b.name] = f"{_describe(type(b.module))} sharing a parameter with another module"
-    blocks = [b for b in blocks if id(b) not in shared]
-    claimed = {id(p) for b in blocks for p in b.params()}
-    mod_of = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            mod_of.setdefault(id(p), (f"{model_name}.{mname}" if mname else model_name, module))
-    loose = []
-    for pname, p in model.named_parameters():
-        if p.requires_grad and id(p) not in claimed:
-            loose.append((pname, p))
+    handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
+    blocks, _, loose, _ = _survey(model, model_name, kfac_approx)
     if loose and unsupported == "error":
-        pname, p = loose[0]
-        path, module = mod_of[id(p)]
-        what = refused.get(path)
-        if what is None:
-            head = (f"unsupported layer {_describe(type(module))} at {path} (parameter {pname}): K-FAC has "
-                    f"Kronecker/norm blocks for {handled}")
-        else:
-            head = f"unsupported layer {what} at {path}"
-        raise ValueError(f"{head}; choose unsupported='diagonal' (a diagonal Fisher block for its parameters), "
-                         "unsupported='skip' (K-FAC leaves them to another optimizer), freeze them "
-                         "(requires_grad_(False)), or register a block with kfac_fast.register_block")
+        pname, _ = loose[0]
+        why = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx)[pname]
+        raise ValueError(f"unsupported layer {why} (parameter {pname}); choose unsupported='diagonal' (a diagonal "
+                         "Fisher block for its parameters), unsupported='skip' (K-FAC leaves them to another "
+                         "optimizer), freeze them (requires_grad_(False)), or register a block with "
+                         "kfac_fast.register_block")
     if unsupported == "diagonal":
         blocks += [DiagonalBlock(f"{model_name}.{pname}", p, kfac_approx=kfac_approx) for pname, p in loose]
     if not blocks:
@@ -141,7 +190,9 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
 
 
 register_block(nn.Linear, LinearBlock)
+register_block(nn.Conv1d, Conv1dBlock)
 register_block(nn.Conv2d, Conv2dBlock)
 register_block(nn.Embedding, EmbeddingBlock)
+register_block(nn.MultiheadAttention, AttentionInProjBlock)
 for _t in NORM_TYPES:
     register_block(_t, ScaleShiftBlock)

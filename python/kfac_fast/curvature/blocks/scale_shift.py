@@ -1,5 +1,5 @@
 """The affine scale-and-shift of normalisation layers (BatchNorm1d/2d/3d, LayerNorm, GroupNorm,
-RMSNorm): y = x̂ ⊙ w + b with x̂ the normalised input.
+RMSNorm, and RMSNorm modules of other libraries): y = x̂ ⊙ w + b with x̂ the normalised input.
 
 Per channel c (per element of ``normalized_shape`` for LayerNorm/RMSNorm, flattened), the
 per-example derivatives are exact and cheap: with g = ∂(Σ loss terms)/∂y,
@@ -18,6 +18,13 @@ x̂ is recomputed from the captured input with the layer's own statistics: the b
 training mode (BatchNorm; the factors then assume the τ₁ subset's statistics, so an example's
 x̂ depends on its subset: the per-example derivatives ignore that coupling, as every K-FAC
 library does), the running ones in eval mode.
+
+RMSNorm modules of other libraries (transformers' ``LlamaRMSNorm``, ``MistralRMSNorm``, …) are
+recognised **by structure**, without importing the library (:func:`is_rms_norm_like`): a class
+whose name ends in ``RMSNorm``, exactly one parameter, a 1-D ``weight`` of the hidden size, and a
+float ``variance_epsilon`` or ``eps``; y = weight ⊙ x / sqrt(mean(x²) + eps) over the last dim
+(no bias). A ``(1 + weight)`` scale (Gemma) has the same derivative w.r.t. the weight, so the same
+block. Another layout needs a block of its own (``kfac_fast.register_block``).
 """
 from __future__ import annotations
 
@@ -29,6 +36,27 @@ from .base import DENSE, CurvatureBlock, FactorSpec, frozen_bias
 
 NORM_TYPES: tuple[type, ...] = tuple(t for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
                                                  nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def rms_eps(module: nn.Module):
+    """The ε of an RMSNorm-like module: ``variance_epsilon`` or ``eps`` (None if neither is a number)."""
+    for attr in ("variance_epsilon", "eps"):
+        e = getattr(module, attr, None)
+        if isinstance(e, (int, float)) and not isinstance(e, bool):
+            return float(e)
+    return None
+
+
+def is_rms_norm_like(module: nn.Module) -> bool:
+    """Whether ``module`` is an RMSNorm of another library by structure: class name ending in
+    ``RMSNorm``, its only own parameter a 1-D ``weight``, no sub-modules, a numeric
+    ``variance_epsilon`` or ``eps``."""
+    if not type(module).__name__.endswith("RMSNorm") or isinstance(module, NORM_TYPES):
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    w = own.get("weight")
+    return (set(own) == {"weight"} and w.dim() == 1 and not list(module.children())
+            and getattr(module, "bias", None) is None and rms_eps(module) is not None)
 
 
 class ScaleShiftBlock(CurvatureBlock):
@@ -48,7 +76,7 @@ class ScaleShiftBlock(CurvatureBlock):
     @property
     def channel_last(self) -> bool:
         """LayerNorm/RMSNorm scale the trailing ``normalized_shape`` dims; the others dim 1."""
-        return isinstance(self.module, (nn.LayerNorm,)) or type(self.module).__name__ == "RMSNorm"
+        return isinstance(self.module, nn.LayerNorm) or type(self.module).__name__.endswith("RMSNorm")
 
     @property
     def channels(self) -> int:
@@ -90,6 +118,8 @@ class ScaleShiftBlock(CurvatureBlock):
                 return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
             if type(m).__name__ == "RMSNorm":
                 return F.rms_norm(x, m.normalized_shape, None, m.eps)
+            if is_rms_norm_like(m):
+                return F.rms_norm(x, (m.weight.shape[0],), None, rms_eps(m))
         raise TypeError(f"layer {self.name}: no normalisation rule for {type(m).__name__}")
 
     def _by_channel(self, t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +133,7 @@ class ScaleShiftBlock(CurvatureBlock):
         """(m, C, 2): u_{n,c} = (Σ_r g x̂, Σ_r g) per example and channel."""
         if x.shape != g.shape:
             raise ValueError(f"layer {self.name}: input {tuple(x.shape)} and output {tuple(g.shape)} differ")
-        if self.channel_last and x.dim() == len(self.module.normalized_shape):  # unbatched
+        if self.channel_last and x.dim() == self.module.weight.dim():  # unbatched
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         xh = self._by_channel(self.normalized(x).to(g.dtype))
         gc = self._by_channel(g)

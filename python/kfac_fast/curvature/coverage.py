@@ -1,0 +1,97 @@
+"""Which trainable parameters K-FAC models how: per block (and per parameter no block takes) its
+kind, its parameter count and, for what is diagonal or skipped, why; and the fraction of the
+trainable parameters in Kronecker blocks (Sec 3's approximation covers only those: the rest get a
+diagonal (``unsupported="diagonal"``) or no curvature at all (``"skip"``))."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, ScaleShiftBlock
+from .blocks.registry import why_unmodelled
+
+KINDS = ("kronecker", "scale-shift", "dense", "diagonal", "skipped")
+
+
+@dataclass(frozen=True)
+class CoverageEntry:
+    """One block, or one trainable parameter no block holds (``kind="skipped"``).
+
+    ``name``: the block's name (a module path; ``….in_proj`` / ``….out_proj`` for attention) or
+    the parameter's; ``kind``: one of ``KINDS``; ``params``: its number of scalar parameters;
+    ``reason``: for ``diagonal`` / ``skipped``, why no Kronecker or norm block models it."""
+
+    name: str
+    kind: str
+    params: int
+    reason: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Entries in block order (skipped parameters last) and the totals."""
+
+    entries: list = field(default_factory=list)
+
+    @property
+    def trainable(self) -> int:
+        """Trainable parameters (each shared parameter counted once)."""
+        return sum(e.params for e in self.entries)
+
+    def count(self, kind: str) -> int:
+        return sum(e.params for e in self.entries if e.kind == kind)
+
+    @property
+    def kronecker_fraction(self) -> float:
+        """Fraction of the trainable parameters in Kronecker blocks (1.0 for a model without any)."""
+        return self.count("kronecker") / self.trainable if self.trainable else 1.0
+
+    def __str__(self) -> str:
+        lines = [f"K-FAC coverage: {self.kronecker_fraction:.1%} of {self.trainable} trainable parameters in "
+                 "Kronecker blocks"]
+        for e in self.entries:
+            lines.append(f"  {e.kind:<11} {e.params:>10}  {e.name}" + (f"  ({e.reason})" if e.reason else ""))
+        return "\n".join(lines)
+
+
+def _kind(block: CurvatureBlock) -> str:
+    k = block.factor_kind
+    if k in (KRONECKER, KRONECKER_DIAG_A):
+        return "kronecker"
+    if k == DENSE:
+        return "scale-shift" if isinstance(block, ScaleShiftBlock) else "dense"
+    if k == DIAGONAL:
+        return "diagonal"
+    raise ValueError(f"block {block.name}: unknown factor kind {k!r}")
+
+
+def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: str = "model",
+             kfac_approx: str = "expand") -> Coverage:
+    """How ``blocks`` (from :func:`~kfac_fast.curvature.blocks.find_blocks` on ``model`` with the
+    same ``model_name``) model the trainable parameters of ``model``.
+
+    Returns a :class:`Coverage`: one entry per block (kind ``kronecker`` for Linear, Conv, Embedding,
+    attention projections; ``scale-shift`` for norm layers; ``dense`` for grouped convolutions;
+    ``diagonal`` with the reason its parameter has no Kronecker/norm block) and one ``skipped``
+    entry per trainable parameter no block holds (``unsupported="skip"``), with the reason;
+    ``kronecker_fraction`` the share of trainable parameters in Kronecker blocks.
+    """
+    reasons = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    entries, seen = [], set()
+    for b in blocks:
+        ps = [p for p in b.params() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        kind = _kind(b)
+        reason = None
+        if kind == "diagonal":
+            reason = reasons.get(name_of.get(id(b.params()[0]), ""), "a parameter of no layer with a block")
+        entries.append(CoverageEntry(b.name, kind, sum(p.numel() for p in ps), reason))
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            entries.append(CoverageEntry(f"{model_name}.{n}", "skipped", p.numel(),
+                                         reasons.get(n, "a trainable parameter no block holds")))
+            seen.add(id(p))
+    return Coverage(entries)

@@ -26,6 +26,7 @@ _LAZY = {
     "KFACPreconditioner": ".preconditioner",
     "register_block": ".curvature.blocks",
     "causal_lm_targets": ".curvature.losses",
+    "CoverageWarning": "._parts",
     "DistributedKFACPreconditioner": ".preconditioner",
     "distributed": ".distributed",
 }
@@ -65,6 +66,7 @@ __all__ = [
     "KFACPreconditioner",
     "register_block",
     "causal_lm_targets",
+    "CoverageWarning",
     "DistributedKFACPreconditioner",
     "distributed",
 ]

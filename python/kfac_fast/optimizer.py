@@ -31,7 +31,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ._parts import default_factor_dtype, default_generator, model_device
+from ._parts import default_factor_dtype, default_generator, model_device, warn_low_coverage
+from .curvature.coverage import Coverage, coverage
 from .config import KFACConfig
 from .batch import batch_size, buffers_kept, call, functional_call
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
@@ -209,6 +210,7 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         self.kfac_approx = check_kfac_approx(kfac_approx)
         self.unsupported = check_unsupported(unsupported)
         self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
+        warn_low_coverage(self.coverage(), "KFAC", "opt")
         self.device = model_device(self.layers)
         self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
         self.inverse_dtype = inverse_dtype or self.factor_dtype
@@ -551,6 +553,11 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
                             None if refresh else batch_stats)
 
     # ------------------------------------------------------------------ memory and checkpoints
+    def coverage(self) -> Coverage:
+        """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
+        skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
+        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx)
+
     def memory_report(self) -> dict[str, int]:
         """Bytes of K-FAC state by kind, each storage counted once (views share storage).
 

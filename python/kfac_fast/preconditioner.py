@@ -62,7 +62,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._parts import default_factor_dtype, default_generator, model_device
+from ._parts import default_factor_dtype, default_generator, model_device, state_bytes, tensors_in, warn_low_coverage
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
@@ -246,6 +246,7 @@ class KFACPreconditioner:
         self.backend = backend
         self.factorization = resolve_factorization(factorization, inverse, backend)
         self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
+        warn_low_coverage(self.coverage(), "KFACPreconditioner", "pre")
         self.device = model_device(self.layers)
         self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
         self.generator = generator if generator is not None else default_generator(self.device)
@@ -268,6 +269,16 @@ class KFACPreconditioner:
         """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
         skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
         return coverage(self.model, self.layers, kfac_approx=self.kfac_approx)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of K-FAC state by kind, each storage counted once: ``factors`` (the running Ā, G
+        and their pending buffer), ``inverse`` (the damped inverses or eigenbases and the factor
+        snapshot they were built from), ``params`` (the parameters with blocks, for scale)."""
+        return {
+            "factors": state_bytes([] if self.factors is None else self.factors.tensors()),
+            "inverse": state_bytes(tensors_in(self.inverse)),
+            "params": state_bytes([p for layer in self.layers for p in layer.params()]),
+        }
 
     def remove_hooks(self) -> None:
         """Take the ``capture="hooks"`` hooks off the model and drop what they recorded (idempotent;

@@ -14,36 +14,10 @@ from ..checkpoint import READABLE_VERSIONS, STATE_VERSION
 from ..config import KFACConfig
 from ..curvature.inverses import inverse_state, load_inverse
 from ..distributed import rank_generator
+from .._parts import state_bytes, tensors_in
 from ..rules import NU_INIT
 
 __all__ = ["load_state_dict", "memory_report", "state_dict"]
-
-
-def _tensors_in(obj, depth: int = 0) -> list[torch.Tensor]:
-    """Every tensor reachable from obj through lists, tuples, dicts and attributes (depth ≤ 4)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
-        return []
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__"):
-        items = list(vars(obj).values())
-    else:
-        return []
-    return [t for it in items for t in _tensors_in(it, depth + 1)]
-
-
-def _storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
 
 
 def memory_report(opt) -> dict[str, int]:
@@ -56,10 +30,10 @@ def memory_report(opt) -> dict[str, int]:
     for scale. Nothing else persists between steps.
     """
     return {
-        "factors": _storage_bytes([] if opt.factors is None else opt.factors.tensors()),
-        "inverse": _storage_bytes(_tensors_in(opt.inverse)),
-        "delta0": _storage_bytes(opt._delta0 or []),
-        "params": _storage_bytes(opt._params()),
+        "factors": state_bytes([] if opt.factors is None else opt.factors.tensors()),
+        "inverse": state_bytes(tensors_in(opt.inverse)),
+        "delta0": state_bytes(opt._delta0 or []),
+        "params": state_bytes(opt._params()),
     }
 
 

@@ -36,8 +36,12 @@ def _dual_forward(model: nn.Module, layers: Sequence[CurvatureBlock], inputs, di
     block kind and any model, one pass per direction. ``names``: parameter id -> name."""
     import torch.autograd.forward_ad as fwAD
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     args, kwargs = call_args(inputs)
-    with torch.no_grad(), fwAD.dual_level():
+    # the fused CPU/CUDA attention kernels have no forward-mode derivative; the math backend
+    # (softmax and matmuls) has, and gives the same z
+    with torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
         params = {}
         for layer, D in zip(layers, direction):
             for p, t in zip(layer.params(), layer.from_matrix(D)):

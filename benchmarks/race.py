@@ -12,7 +12,7 @@ Rules (what makes the numbers comparable):
     results (``<task>_lr_grid.csv``: every lr tried, its final loss, the one chosen); the
     K-FAC preconditioner methods run at their base optimizer's chosen lr.
 
-Reported per task (``race_summary.csv`` and the printed table): the target is the best
+Reported per task (``<task>_summary.csv`` and the printed table): the target is the best
 baseline's final loss (per seed); time-to-target is the first evaluation at or below it, as a
 fraction of the budget; loss at equal time is the final loss.
 
@@ -21,7 +21,7 @@ fraction of the budget; loss at equal time is the final loss.
     PYTHONPATH=python python benchmarks/race.py --tasks resnet --methods sgd,kfac-pre-sgd --regrid
 
 Writes benchmarks/results/race/<task>.csv (every evaluation), <task>.png, <task>_lr_grid.csv
-and race_summary.csv, each row with the machine, versions and load average.
+and <task>_summary.csv, each row with the machine, versions and load average.
 """
 from __future__ import annotations
 
@@ -41,9 +41,11 @@ from _common import RESULTS_DIR, machine_info, print_table  # noqa: E402
 from race_tasks import TASKS, RaceTask, make_task  # noqa: E402
 
 import kfac_fast  # noqa: E402
+from kfac_fast.step_size import Graft, KLClip  # noqa: E402
 
 BASELINES = ("sgd", "adamw")
 METHODS = ("sgd", "adamw", "kfac", "kfac-pre-sgd", "kfac-pre-adamw")
+#: a K-FAC preconditioner method may name its step-size rule: kfac-pre-sgd:kl, :graft or :none
 CURVE_COLUMNS = ["task", "method", "seed", "lr", "seconds", "iterations", "loss", "batch_loss", "note"]
 OUT_DIR = os.path.join(RESULTS_DIR, "race")
 
@@ -76,8 +78,11 @@ def make_step(task: RaceTask, method: str, model: torch.nn.Module, lr: Optional[
         return (lambda x, y: opt.step(x, y).get("loss")), "KFAC defaults"
     if method.startswith("kfac-pre-"):
         kw = dict(pre_kwargs or {})
+        name, _, rule = method[len("kfac-pre-"):].partition(":")
+        opt, settings = base(name)
+        if rule:  # the step-size rule (kfac_fast.step_size): graft, kl (KAISA's kappa 1e-3) or none
+            kw["step_size"] = {"graft": Graft(), "kl": KLClip(kappa=1e-3, lr=opt), "none": None}[rule]
         pre = kfac_fast.KFACPreconditioner(model, loss=task.loss, generator=gen, **kw)
-        opt, settings = base(method[len("kfac-pre-"):])
 
         def step(x, y):
             opt.zero_grad(set_to_none=True)
@@ -86,9 +91,11 @@ def make_step(task: RaceTask, method: str, model: torch.nn.Module, lr: Optional[
             pre.step(x, y)
             opt.step()
             return loss.detach()
-        extra = "".join(f", {k}={v}" for k, v in kw.items())
-        return step, f"KFACPreconditioner defaults{extra} + {settings}"
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        rule = "none" if pre.step_size is None else pre.step_size.describe()
+        extra = "".join(f", {k}={v}" for k, v in kw.items() if k != "step_size")
+        return step, f"KFACPreconditioner defaults{extra}, step size {rule} + {settings}"
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (kfac-pre-*: with :graft, :kl "
+                     "or :none)")
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -286,6 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=20, help="evaluations per run (every budget/evals seconds)")
     p.add_argument("--grid-budget", type=float, default=15.0, help="seconds per lr of the baselines' grid run")
     p.add_argument("--regrid", action="store_true", help="rerun the lr grid even if <task>_lr_grid.csv exists")
+    p.add_argument("--grid-only", action="store_true", help="run (or rerun with --regrid) the lr grids and stop")
     p.add_argument("--pre", default="", help="KFACPreconditioner keyword overrides, e.g. 'damping=0.1'")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. an ablation's name)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 s budget, 1 seed, no files written")
@@ -319,7 +327,7 @@ def main(argv=None) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
+        if m.split(":")[0] not in METHODS or m.partition(":")[2] not in ("", "graft", "kl", "none"):
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     pre_kw = _pre_kwargs(args.pre)
     os.makedirs(args.out, exist_ok=True)
@@ -331,10 +339,12 @@ def main(argv=None) -> list[dict]:
         if any(b not in lrs for b in BASELINES):
             lrs = {m: task.grids[m][len(task.grids[m]) // 2] for m in BASELINES} if args.quick \
                 else run_grid(task, args, info)
+        if args.grid_only:
+            continue
         runners = []
         for seed in seeds:
             for m in methods:
-                lr = None if m == "kfac" else lrs[m.split("-")[-1]]
+                lr = None if m == "kfac" else lrs[m.split(":")[0].split("-")[-1]]
                 runners.append(Runner(task, m, seed, lr, args.budget, args.budget / args.evals,
                                       pre_kwargs=pre_kw if m.startswith("kfac-pre") else None))
         load0 = os.getloadavg()[0]
@@ -348,12 +358,11 @@ def main(argv=None) -> list[dict]:
         summary += rows
         if args.quick:
             continue
+        write_csv(args.out, f"{name}_summary{args.tag}", rows, dict(info, budget=args.budget))
         curves = [dict({"task": name, "method": r.label, "seed": r.seed, "lr": r.lr}, **c) for r in runners
                   for c in r.curve]
         write_csv(args.out, f"{name}{args.tag}", curves, dict(info, load_average=load, budget=args.budget))
         plot(task, runners, os.path.join(args.out, f"{name}{args.tag}.png"), args.budget)
-    if not args.quick:
-        write_csv(args.out, f"race_summary{args.tag}", summary, dict(info, budget=args.budget))
     return summary
 
 

@@ -11,7 +11,7 @@ Tasks:
                reconstruction error ‖σ(z) − x‖² per image over all 5,000.
   resnet       a residual CNN with BatchNorm2d (stem + 3 blocks 16-32-64, global pool, Linear) on
                the same images with labels, batch 128. Reported: cross-entropy in eval mode on a
-               fixed 1,000 training images.
+               fixed random 1,000 of the training images.
   lm           a 2-layer GPT-style causal transformer (token/position nn.Embedding, pre-LayerNorm,
                attention through ``F.scaled_dot_product_attention(is_causal=True)``, GELU MLP,
                d = 64) on the characters of Python's reference docs (stdlib), 32 sequences of
@@ -122,7 +122,8 @@ def _ce(model, x, y):
 
 def resnet_task(batch_size: int = 128, eval_rows: int = 1000) -> RaceTask:
     X, y, source = load_mnist_images()
-    Xe, ye = X[:eval_rows], y[:eval_rows]
+    keep = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(12345))[:eval_rows]
+    Xe, ye = X[keep], y[keep]  # a random sample: the images come sorted by class
     return RaceTask("resnet", f"{source}; ResNet (BatchNorm2d) 16-32-64, batch {batch_size}",
                     "softmax_cross_entropy", lambda seed: small_resnet(X.shape[1], 10, seed=seed),
                     _classification(X, y, batch_size), _ce,

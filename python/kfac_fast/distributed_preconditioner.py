@@ -59,6 +59,7 @@ from .distributed import (
     unwrap_model,
 )
 from .preconditioner import KFACPreconditioner
+from .step_size import apply_step_size
 
 STATE_KIND = "DistributedKFACPreconditioner"
 
@@ -224,6 +225,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             # e.g. a GradScaler overflow step on any rank: leave .grad (non-finite) as it is
             self.k += 1
             return
+        U = apply_step_size(self.step_size, grads, U)
         with t("write"):
             with torch.no_grad():
                 for layer, u in zip(self.layers, U):

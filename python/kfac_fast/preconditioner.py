@@ -37,6 +37,7 @@ from .curvature.losses import check_output, get_loss, rows, sample_targets
 from .curvature.running import RunningFactors, ema_decay, snapshot
 from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_targets, block_rows, concat_statistics,
                                    sampled_statistics)
+from .step_size import Graft, StepSize, apply_step_size, check_step_size
 
 FISHERS = ("mc", "empirical")
 CAPTURES = ("pass", "hooks")
@@ -135,6 +136,10 @@ class KFACPreconditioner:
         backend, generator, factor_dtype: as for :class:`kfac_fast.KFAC`.
         factorization: "auto" (Cholesky for block_diagonal unless backend="native"), "eigh" or
             "cholesky": how the damped factor inverses are computed at each refresh.
+        step_size: what your optimizer receives in place of u = F̆⁻¹∇ (:mod:`kfac_fast.step_size`):
+            ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
+            optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
+            scaled so that lr²∇ᵀu ≤ κ) or None (u itself: tune the learning rate for it).
     """
 
     def __new__(cls, *args, **kwargs):
@@ -169,6 +174,7 @@ class KFACPreconditioner:
         ignore_nan_targets: bool = False,
         capture: str = "pass",
         loss_reduction: str = "mean",
+        step_size: StepSize = Graft(),
     ):
         check_factorization(factorization, inverse)
         if capture not in CAPTURES:
@@ -215,6 +221,7 @@ class KFACPreconditioner:
         self.inverse = None
         self.capture = capture
         self.loss_reduction = loss_reduction
+        self.step_size = check_step_size(step_size)
         self._scale_checked = False
         self._hooks: Optional[HookCapture] = None
         if capture == "hooks":
@@ -301,6 +308,7 @@ class KFACPreconditioner:
 
     def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
+        U = apply_step_size(self.step_size, grads, U)
         with torch.no_grad():
             for layer, u in zip(self.layers, U):
                 for p, part in zip(layer.params(), layer.from_matrix(u)):

@@ -136,6 +136,11 @@ class KFACPreconditioner:
         backend, generator, factor_dtype: as for :class:`kfac_fast.KFAC`.
         factorization: "auto" (Cholesky for block_diagonal unless backend="native"), "eigh" or
             "cholesky": how the damped factor inverses are computed at each refresh.
+        Tf: statistics period: the factors (and, on those steps, the inverse) are updated on
+            the first 3 steps and every Tf-th; the other steps only precondition with the
+            current inverse (no statistics pass; with ``capture="hooks"`` the recorded pass is
+            dropped, no sampled backward). The inverse refreshes on statistics steps only, so
+            make T3 a multiple of Tf.
         step_size: what your optimizer receives in place of u = F̆⁻¹∇ (:mod:`kfac_fast.step_size`):
             ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
             optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
@@ -175,6 +180,7 @@ class KFACPreconditioner:
         capture: str = "pass",
         loss_reduction: str = "mean",
         step_size: StepSize = Graft(),
+        Tf: int = 1,
     ):
         check_factorization(factorization, inverse)
         if capture not in CAPTURES:
@@ -197,6 +203,8 @@ class KFACPreconditioner:
             raise ValueError(f"damping must be a positive finite number, got {damping}")
         if not isinstance(T3, int) or T3 < 1:
             raise ValueError(f"T3 must be a positive integer, got {T3!r}")
+        if not isinstance(Tf, int) or Tf < 1:
+            raise ValueError(f"Tf must be a positive integer (statistics every Tf steps), got {Tf!r}")
         if not 0 < tau1 <= 1:
             raise ValueError(f"tau1 must lie in (0, 1], got {tau1}")
         if not 0 <= ema_max < 1:
@@ -208,7 +216,7 @@ class KFACPreconditioner:
         self.damping = float(damping)
         self.fisher = fisher
         self.inverse_kind = inverse
-        self.T3, self.tau1, self.ema_max = T3, tau1, ema_max
+        self.T3, self.Tf, self.tau1, self.ema_max = T3, Tf, tau1, ema_max
         self.backend = backend
         self.factorization = resolve_factorization(factorization, inverse, backend)
         self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
@@ -274,6 +282,11 @@ class KFACPreconditioner:
                              "in its own pass)")
         m = self._check_batch(inputs, targets)
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
+        if not self._statistics_step():
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                self._precondition(grads)
+            self.k += 1
+            return
         size = max(1, int(round(self.tau1 * m)))
         idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
         x1 = select(inputs, idx)
@@ -293,6 +306,10 @@ class KFACPreconditioner:
             return
         self._precondition(grads)
         self.k += 1
+
+    def _statistics_step(self) -> bool:
+        """Whether step k updates the factors: the first 3 steps, then every Tf-th."""
+        return self.inverse is None or self.k <= 3 or self.k % self.Tf == 0
 
     def _update(self, stats: BatchStatistics) -> None:
         """Running factors ← this batch's statistics (Sec 5); inverse refresh on k ≤ 3 and every T3."""
@@ -323,6 +340,12 @@ class KFACPreconditioner:
             raise ValueError(f"grad_scale must be a positive finite number (scaler.get_scale()), got {grad_scale!r}")
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
         passes, stray = self._hooks.take()
+        if self._ordered and not self._statistics_step():
+            del passes  # amortised: no sampled backward, the recorded tensors are released
+            if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+                self._precondition(grads)
+                self.k += 1
+            return
         try:
             self._check_passes(passes, stray, inputs)
             ys = self._per_pass_targets(targets, len(passes))

@@ -293,6 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=20, help="evaluations per run (every budget/evals seconds)")
     p.add_argument("--grid-budget", type=float, default=15.0, help="seconds per lr of the baselines' grid run")
     p.add_argument("--regrid", action="store_true", help="rerun the lr grid even if <task>_lr_grid.csv exists")
+    p.add_argument("--report", action="store_true", help="print the committed summaries as a markdown table")
     p.add_argument("--grid-only", action="store_true", help="run (or rerun with --regrid) the lr grids and stop")
     p.add_argument("--pre", default="", help="KFACPreconditioner keyword overrides, e.g. 'damping=0.1'")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. an ablation's name)")
@@ -320,8 +321,30 @@ def _pre_kwargs(spec: str) -> dict:
     return out
 
 
+def report(out: str, tasks: list[str]) -> str:
+    """The committed <task>_summary.csv files as one markdown table (docs/race.md)."""
+    import csv
+
+    lines = ["| task | method | lr | iterations | ms / iteration | final loss (median; per seed) | time to target / budget (worst seed) | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in tasks:
+        path = os.path.join(out, f"{name}_summary.csv")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                ttt = float(r["time_to_target"])
+                lines.append(f"| {name} | {r['method']} | {r['lr']} | {r['iterations']} | {r['ms_per_iteration']} | "
+                             f"{float(r['final_loss']):.4g} ({r['final_loss_per_seed']}) | "
+                             f"{'never' if math.isinf(ttt) else f'{ttt:.2f}'} | {r['load_average']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.report:
+        print(report(args.out, [t.strip() for t in args.tasks.split(",")]))
+        return []
     torch.set_num_threads(args.threads)
     info = machine_info()
     seeds = [int(s) for s in args.seeds.split(",")]

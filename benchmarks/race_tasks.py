@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # ---- demo models and data: the one place that names their modules -------------------------
-from kfac_fast.data import IGNORE_INDEX, load_mnist, load_mnist_images, load_text_corpus, padded_lm_batch
+from kfac_fast.data import IGNORE_INDEX, load_mnist, load_mnist_images, load_text_corpus, padded_lm_batch  # noqa: F401
 from kfac_fast.models import deep_autoencoder, reconstruction_error
 from kfac_fast.models_cnn import small_resnet
 from kfac_fast.models_lm import CausalSelfAttention, causal_transformer_lm

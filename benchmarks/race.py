@@ -260,27 +260,48 @@ def summarise(task: RaceTask, runners: list[Runner], budget: float) -> list[dict
     return rows
 
 
-def plot(task: RaceTask, runners: list[Runner], path: str, budget: float) -> None:
+def plot(name: str, curves: list[dict], path: str, budget: float) -> None:
+    """Reported loss against training seconds, one line per (method, seed); the y axis stops at
+    10× the starting loss (a diverged run leaves the frame instead of squashing the others)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {}
-    for r in runners:
-        c = colors.setdefault(r.label, f"C{len(colors)}")
-        pts = [(p["seconds"], p["loss"]) for p in r.curve if math.isfinite(p["loss"])]
-        ax.plot(*zip(*pts), color=c, lw=1.4, alpha=0.85, label=r.label if r.seed == runners[0].seed else None)
+    colors, labelled = {}, set()
+    runs: dict = {}
+    for c in curves:
+        runs.setdefault((c["method"], c["seed"]), []).append((float(c["seconds"]), float(c["loss"])))
+    finite = [l for pts in runs.values() for _, l in pts if math.isfinite(l)]
+    start = max(pts[0][1] for pts in runs.values())
+    for (method, seed), pts in runs.items():
+        col = colors.setdefault(method, f"C{len(colors)}")
+        pts = [(t, l) for t, l in pts if math.isfinite(l)]
+        ax.plot(*zip(*pts), color=col, lw=1.4, alpha=0.85, label=None if method in labelled else method)
+        labelled.add(method)
     ax.set_yscale("log")
+    ax.set_ylim(0.8 * min(finite), 10 * start)
     ax.set_xlim(0, budget)
     ax.set_xlabel("training seconds (evaluation excluded)")
     ax.set_ylabel("reported loss (eval mode)")
-    ax.set_title(f"race: {task.name} ({len({r.seed for r in runners})} seeds, interleaved)")
+    ax.set_title(f"race: {name} ({len({k[1] for k in runs})} seeds, interleaved)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(out: str, tag: str = "") -> None:
+    """Redraw every <task><tag>.png from its committed CSV."""
+    import csv
+
+    for name in TASKS:
+        path = os.path.join(out, f"{name}{tag}.csv")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            plot(name, rows, os.path.join(out, f"{name}{tag}.png"), float(rows[0]["budget"]))
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -343,6 +364,7 @@ def report(out: str, tasks: list[str]) -> str:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.report:
+        replot(args.out, args.tag)
         print(report(args.out, [t.strip() for t in args.tasks.split(",")]))
         return []
     torch.set_num_threads(args.threads)
@@ -385,7 +407,7 @@ def main(argv=None) -> list[dict]:
         curves = [dict({"task": name, "method": r.label, "seed": r.seed, "lr": r.lr}, **c) for r in runners
                   for c in r.curve]
         write_csv(args.out, f"{name}{args.tag}", curves, dict(info, load_average=load, budget=args.budget))
-        plot(task, runners, os.path.join(args.out, f"{name}{args.tag}.png"), args.budget)
+        plot(name, curves, os.path.join(args.out, f"{name}{args.tag}.png"), args.budget)
     return summary
 
 

@@ -273,11 +273,11 @@ def plot(name: str, curves: list[dict], path: str, budget: float) -> None:
     runs: dict = {}
     for c in curves:
         runs.setdefault((c["method"], c["seed"]), []).append((float(c["seconds"]), float(c["loss"])))
-    finite = [l for pts in runs.values() for _, l in pts if math.isfinite(l)]
+    finite = [l for pts in runs.values() for _, l in pts if math.isfinite(l) and l > 0]
     start = max(pts[0][1] for pts in runs.values())
     for (method, seed), pts in runs.items():
         col = colors.setdefault(method, f"C{len(colors)}")
-        pts = [(t, l) for t, l in pts if math.isfinite(l)]
+        pts = [(t, l) for t, l in pts if math.isfinite(l) and l > 0]  # a loss of exactly 0 is off the log axis
         ax.plot(*zip(*pts), color=col, lw=1.4, alpha=0.85, label=None if method in labelled else method)
         labelled.add(method)
     ax.set_yscale("log")
@@ -342,14 +342,14 @@ def _pre_kwargs(spec: str) -> dict:
     return out
 
 
-def report(out: str, tasks: list[str]) -> str:
+def report(out: str, tasks: list[str], tag: str = "") -> str:
     """The committed <task>_summary.csv files as one markdown table (docs/race.md)."""
     import csv
 
     lines = ["| task | method | lr | iterations | ms / iteration | final loss (median; per seed) | time to target / budget (worst seed) | load |",
              "|---|---|---|---|---|---|---|---|"]
     for name in tasks:
-        path = os.path.join(out, f"{name}_summary.csv")
+        path = os.path.join(out, f"{name}_summary{tag}.csv")
         if not os.path.exists(path):
             continue
         with open(path) as f:
@@ -365,7 +365,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.report:
         replot(args.out, args.tag)
-        print(report(args.out, [t.strip() for t in args.tasks.split(",")]))
+        print(report(args.out, [t.strip() for t in args.tasks.split(",")], args.tag))
         return []
     torch.set_num_threads(args.threads)
     info = machine_info()

@@ -37,3 +37,12 @@ def test_statistics_every_Tf_steps(capture):
 def test_Tf_validation():
     with pytest.raises(ValueError, match="Tf must be a positive integer"):
         KFACPreconditioner(mlp([2, 2]), loss="softmax_cross_entropy", Tf=0)
+
+
+def test_Tf_is_refused_by_the_data_parallel_preconditioner():
+    from kfac_fast.distributed import LocalDistributor
+    from kfac_fast.distributed_preconditioner import DistributedKFACPreconditioner
+
+    with pytest.raises(ValueError, match="Tf .* is not data-parallel yet"):
+        DistributedKFACPreconditioner(mlp([2, 2]), loss="softmax_cross_entropy", distributor=LocalDistributor(),
+                                      seed=0, Tf=4)

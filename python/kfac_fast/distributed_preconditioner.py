@@ -122,6 +122,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError("capture='hooks' is not data-parallel yet: the statistics of the user's own passes "
                              "are not reduced over the ranks; use capture='pass' (the default) with "
                              "torch.distributed")
+        if kwargs.get("Tf", 1) != 1:
+            raise ValueError("Tf (statistics every Tf steps) is not data-parallel yet: drop it (factor_reduce_every "
+                             "thins the factor reductions instead) or train on one process")
         super().__init__(inner, loss=loss, generator=generator, **kwargs)
         self.timer = PhaseTimer()
         self.inverse: Optional[ShardedInverse] = None
@@ -225,7 +228,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             # e.g. a GradScaler overflow step on any rank: leave .grad (non-finite) as it is
             self.k += 1
             return
-        U = apply_step_size(self.step_size, grads, U)
+        # the step-size rule reduces over U (norms, inner products): an owner's own direction and
+        # the gathered copies elsewhere must have the same dtype and memory layout, or the sums'
+        # rounding, and so the parameters, differ between ranks
+        U = apply_step_size(self.step_size, grads, [u.to(g.dtype).contiguous() for u, g in zip(U, grads)])
         with t("write"):
             with torch.no_grad():
                 for layer, u in zip(self.layers, U):

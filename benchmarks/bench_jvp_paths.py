@@ -4,7 +4,7 @@ use per model? One linearized pass with n directions (KFAC uses n = 2: Δ and δ
 
   * the paper's MNIST deep autoencoder (784-1000-500-250-30, mirrored; an ``nn.Sequential``:
     the hand-written ``sequential`` path must stay the default there),
-  * a small residual CNN with BatchNorm in training mode (``kfac_fast.models_cnn.small_resnet``
+  * a small residual CNN with BatchNorm in training mode (``kfac_fast.demo.models_cnn.small_resnet``
     on 28×28 inputs),
   * a small causal transformer LM whose attention is ``F.scaled_dot_product_attention``
     (tests/sdpa_models.py), where plain forward-mode AD fails on the fused kernel.

@@ -15,7 +15,8 @@ D = torch.float64
 def test_preconditioned_grads_equal_block_diagonal_apply():
     model = mlp([4, 6, 3], nn.Tanh)
     x, y = torch.randn(20, 4, dtype=D), torch.randint(0, 3, (20,))
-    pre = KFACPreconditioner(model, loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0)
+    pre = KFACPreconditioner(model, loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0,
+                             step_size=None)
     nn.functional.cross_entropy(model(x), y).backward()
     raw = [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone() for m in (model[0], model[2])]
     pre.step(x, y)
@@ -33,7 +34,7 @@ def test_preconditioner_trains_with_sgd():
     x = torch.randn(256, 8, dtype=D)
     y = (x[:, :4].argmax(1))
     pre = KFACPreconditioner(model, loss="softmax_cross_entropy", damping=0.03,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0), step_size=None)
     sgd = torch.optim.SGD(model.parameters(), lr=0.2)
     first = None
     for _ in range(30):

@@ -79,6 +79,7 @@ from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_t
                                    sampled_statistics)
 from .distributed import (Distributor, PhaseTimer, ShardedInverse, check_mode, common_seed, default_distributor,
                           rank_generator, rank_seed, unwrap_model)
+from .step_size import Graft, StepSize, apply_step_size, check_step_size
 
 FISHERS = ("mc", "empirical")
 CAPTURES = ("pass", "hooks")
@@ -177,6 +178,15 @@ class KFACPreconditioner:
         backend, generator, factor_dtype: as for :class:`kfac_fast.KFAC`.
         factorization: "auto" (Cholesky for block_diagonal unless backend="native"), "eigh" or
             "cholesky": how the damped factor inverses are computed at each refresh.
+        Tf: statistics period: the factors (and, on those steps, the inverse) are updated on
+            the first 3 steps and every Tf-th; the other steps only precondition with the
+            current inverse (no statistics pass; with ``capture="hooks"`` the recorded pass is
+            dropped, no sampled backward). The inverse refreshes on statistics steps only, so
+            make T3 a multiple of Tf.
+        step_size: what your optimizer receives in place of u = F̆⁻¹∇ (:mod:`kfac_fast.step_size`):
+            ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
+            optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
+            scaled so that lr²∇ᵀu ≤ κ) or None (u itself: tune the learning rate for it).
     """
 
     def __new__(cls, *args, **kwargs):
@@ -209,6 +219,8 @@ class KFACPreconditioner:
         ignore_nan_targets: bool = False,
         capture: str = "pass",
         loss_reduction: str = "mean",
+        step_size: StepSize = Graft(),
+        Tf: int = 1,
     ):
         check_factorization(factorization, inverse)
         if capture not in CAPTURES:
@@ -231,6 +243,8 @@ class KFACPreconditioner:
             raise ValueError(f"damping must be a positive finite number, got {damping}")
         if not isinstance(T3, int) or T3 < 1:
             raise ValueError(f"T3 must be a positive integer, got {T3!r}")
+        if not isinstance(Tf, int) or Tf < 1:
+            raise ValueError(f"Tf must be a positive integer (statistics every Tf steps), got {Tf!r}")
         if not 0 < tau1 <= 1:
             raise ValueError(f"tau1 must lie in (0, 1], got {tau1}")
         if not 0 <= ema_max < 1:
@@ -242,7 +256,7 @@ class KFACPreconditioner:
         self.damping = float(damping)
         self.fisher = fisher
         self.inverse_kind = inverse
-        self.T3, self.tau1, self.ema_max = T3, tau1, ema_max
+        self.T3, self.Tf, self.tau1, self.ema_max = T3, Tf, tau1, ema_max
         self.backend = backend
         self.factorization = resolve_factorization(factorization, inverse, backend)
         self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
@@ -256,6 +270,7 @@ class KFACPreconditioner:
         self.inverse = None
         self.capture = capture
         self.loss_reduction = loss_reduction
+        self.step_size = check_step_size(step_size)
         self._scale_checked = False
         self._hooks: Optional[HookCapture] = None
         if capture == "hooks":
@@ -441,6 +456,11 @@ class KFACPreconditioner:
                              "in its own pass)")
         m = self._check_batch(inputs, targets)
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
+        if not self._statistics_step():
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                self._precondition(grads)
+            self.k += 1
+            return
         size = max(1, int(round(self.tau1 * m)))
         idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
         x1 = select(inputs, idx)
@@ -461,6 +481,10 @@ class KFACPreconditioner:
         self._precondition(grads)
         self.k += 1
 
+    def _statistics_step(self) -> bool:
+        """Whether step k updates the factors: the first 3 steps, then every Tf-th."""
+        return self.inverse is None or self.k <= 3 or self.k % self.Tf == 0
+
     def _update(self, stats: BatchStatistics) -> None:
         """Running factors ← this batch's statistics (Sec 5); inverse refresh on k ≤ 3 and every T3."""
         if self.factors is None:
@@ -475,6 +499,7 @@ class KFACPreconditioner:
 
     def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
+        U = apply_step_size(self.step_size, grads, U)
         with torch.no_grad():
             for layer, u in zip(self.layers, U):
                 for p, part in zip(layer.params(), layer.from_matrix(u)):
@@ -489,6 +514,12 @@ class KFACPreconditioner:
             raise ValueError(f"grad_scale must be a positive finite number (scaler.get_scale()), got {grad_scale!r}")
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
         passes, stray = self._hooks.take()
+        if self._ordered and not self._statistics_step():
+            del passes  # amortised: no sampled backward, the recorded tensors are released
+            if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+                self._precondition(grads)
+                self.k += 1
+            return
         try:
             self._check_passes(passes, stray, inputs)
             # one host sync for all blocks and passes: a sum is inf/NaN when an entry is (or when
@@ -738,6 +769,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError("capture='hooks' is not data-parallel yet: the statistics of the user's own passes "
                              "are not reduced over the ranks; use capture='pass' (the default) with "
                              "torch.distributed")
+        if kwargs.get("Tf", 1) != 1:
+            raise ValueError("Tf (statistics every Tf steps) is not data-parallel yet: drop it (factor_reduce_every "
+                             "thins the factor reductions instead) or train on one process")
         super().__init__(inner, loss=loss, generator=generator, **kwargs)
         self.timer = PhaseTimer()
         self.inverse: Optional[ShardedInverse] = None
@@ -841,6 +875,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             # e.g. a GradScaler overflow step on any rank: leave .grad (non-finite) as it is
             self.k += 1
             return
+        # the step-size rule reduces over U (norms, inner products): an owner's own direction and
+        # the gathered copies elsewhere must have the same dtype and memory layout, or the sums'
+        # rounding, and so the parameters, differ between ranks
+        U = apply_step_size(self.step_size, grads, [u.to(g.dtype).contiguous() for u, g in zip(U, grads)])
         with t("write"):
             with torch.no_grad():
                 for layer, u in zip(self.layers, U):

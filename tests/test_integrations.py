@@ -61,9 +61,9 @@ class EncoderBlock(nn.Module):
 
 
 class SmallViT(nn.Module):
-    """vit_b_16's structure at 32×32 images, 8×8 patches, width 64, 2 layers."""
+    """vit_b_16's structure at 32×32 images, 8×8 patches, width 128, 2 layers."""
 
-    def __init__(self, image: int = 32, patch: int = 8, d: int = 64, layers: int = 2, heads: int = 4,
+    def __init__(self, image: int = 32, patch: int = 8, d: int = 128, layers: int = 2, heads: int = 4,
                  classes: int = 10):
         super().__init__()
         self.patch = patch
@@ -112,7 +112,14 @@ def test_coverage_is_kronecker(name):
     pre = kfac_fast.KFACPreconditioner(make(), loss="softmax_cross_entropy")
     cov = pre.coverage()
     print(cov)
-    assert cov.kronecker_fraction >= 0.99, str(cov)
+    if name == "gpt2":
+        # the tied embedding / output matrix is one diagonal block (docs/architectures.md): every
+        # other parameter but the LayerNorms' has a Kronecker block
+        (tied,) = [e for e in cov.entries if e.kind == "diagonal"]
+        assert tied.name.endswith("wte.weight") and "lm_head" in tied.reason
+        assert cov.count("kronecker") / (cov.trainable - tied.params) >= 0.99, str(cov)
+    else:
+        assert cov.kronecker_fraction >= 0.99, str(cov)
 
 
 @pytest.mark.parametrize("capture", ["pass", "hooks"])

@@ -31,9 +31,11 @@ $PY -m pip install -q "$WHEEL[test,demo]"
 # Two groups, everything runs: the quick one (plain `pytest tests` runs just this), then the
 # heavy one (marker `heavy`: the 2000-iteration soak, end-to-end demo runs, torch.compile).
 # PYTEST_MARKERS narrows both (e.g. "not slow" leaves the soak out). GPU tests skip themselves.
+# One intra-op thread unless OMP_NUM_THREADS says otherwise: the tests' tensors are small, and on
+# a loaded machine spinning thread pools made single files up to 5x slower.
 suite() {  # suite GROUP MARK_EXPRESSION: exit status 5 (no test selected) is not a failure
   step "test suite, $1 group (TRITON_INTERPRET=1, installed wheel)"
-  TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
     -m "$2${PYTEST_MARKERS:+ and ($PYTEST_MARKERS)}" "$ROOT/tests" ${PYTEST_ARGS:-} || [ $? -eq 5 ]
 }
 suite quick "not heavy"

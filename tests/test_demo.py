@@ -6,6 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.heavy  # the whole demo end to end
 def test_demo_runs_and_writes_outputs(tmp_path):
     from kfac_fast import demo
 

@@ -410,6 +410,7 @@ def test_a_nan_on_one_rank_rejects_the_step_on_all(ranks):
     assert "NaN or inf" in ranks[1]["nan_raised"]  # the rank that saw it raises its own error
 
 
+@pytest.mark.heavy  # torchrun with 2 processes
 def test_demo_distributed_under_torchrun(tmp_path):
     """The launcher example of issue 15: torchrun --nproc_per_node=2 -m kfac_fast.demo --distributed."""
     env = dict(os.environ, OMP_NUM_THREADS="1",

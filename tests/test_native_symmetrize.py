@@ -37,6 +37,7 @@ def test_opcheck():
     torch.library.opcheck(_symmetrize_native, (A,))
 
 
+@pytest.mark.heavy  # torch.compile: about 15 s on a quiet 2-core machine
 def test_under_torch_compile():
     A = torch.randn(2, 5, 5, dtype=torch.float64)
 

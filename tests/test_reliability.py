@@ -335,6 +335,7 @@ def test_fuzz_inverses_are_finite_and_backends_agree(widths, m, damping, dtype, 
 
 # ---------------------------------------------------------------- soak
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_soak_autoencoder_2000_iterations():
     from kfac_fast.demo.data import load_mnist
     from kfac_fast.demo.models import deep_autoencoder, reconstruction_error

@@ -204,6 +204,7 @@ SUITE_CASES = [("cancer_full_batch", "block_diagonal"), ("digits_classifier", "b
                ("diabetes_regression", "block_diagonal")]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,inverse", SUITE_CASES)
 def test_suite_problem_600_iterations_without_a_jump(name, inverse):
     """Problems on which the paper's rules (KFACConfig.paper(), λ₀ = 1) raised the full-data

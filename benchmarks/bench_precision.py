@@ -1,4 +1,4 @@
-"""What does ``compute_dtype`` cost in accuracy and buy in time (issue 14)?
+"""What does ``compute_dtype`` cost in accuracy and buy in time?
 
 1. The relative error ‖Δ − Δ₆₄‖/‖Δ₆₄‖ of the preconditioned direction Δ = F̆⁻¹∇h (and F̂⁻¹∇h)
    against float64 from the same factors, per compute dtype, on the MNIST autoencoder's real

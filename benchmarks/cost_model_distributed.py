@@ -1,4 +1,4 @@
-"""A cost model of data-parallel K-FAC (issue 15): validated on this CPU's measurements, then
+"""A cost model of data-parallel K-FAC: validated on this CPU's measurements, then
 evaluated for ResNet-50 and GPT-2-small layer sets on 8 to 1024 ranks in both modes.
 
     PYTHONPATH=python python benchmarks/cost_model_distributed.py
@@ -55,7 +55,7 @@ from kfac_fast.distributed import assign  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
-KAISA_RATIO = (1.75, 2.14)  # ResNet-50 K-FAC/SGD time, 16-64 V100s, as quoted in issue 15
+KAISA_RATIO = (1.75, 2.14)  # ResNet-50 K-FAC/SGD time, 16-64 V100s, as published by KAISA's authors
 KAISA_RANKS = (16, 64)
 
 

@@ -13,7 +13,7 @@ Writes ``results/suite_cpu.csv`` (one row per run: final, best, worst single-ite
 the full-data objective, rejected steps), ``results/suite/<problem>.csv`` (every iteration of
 every run) and ``results/suite/<problem>.png`` (objective, λ, γ, α, µ, ρ against iterations).
 
-Acceptance (issue 12): final ≤ 1.5 × best and worst one-iteration increase ≤ 2× on every run.
+Acceptance: final ≤ 1.5 × best and worst one-iteration increase ≤ 2× on every run.
 """
 from __future__ import annotations
 
@@ -111,9 +111,9 @@ def _ae(encoder):
 PROBLEMS = {p.name: p for p in [
     Problem("digits_autoencoder", lambda: (_digits()[0], _digits()[0]), _ae((64, 128, 64, 32, 8)), "sigmoid",
             "sigmoid_cross_entropy", 0.25, True, autoencoder=True,
-            note="issue 12 case 1: the demo's shape on 1,797 8x8 digits, batch 1/4"),
+            note="the demo's shape on 1,797 8x8 digits, batch 1/4"),
     Problem("digits_classifier", lambda: _digits(), (64, 100, 100, 10), "tanh", "softmax_cross_entropy", 0.15,
-            True, note="issue 12 case 2: two tanh hidden layers, batch 15%"),
+            True, note="two tanh hidden layers, batch 15%"),
     Problem("mnist_classifier_relu", lambda: _mnist(), (784, 128, 10), "relu", "softmax_cross_entropy", 0.05,
             True, note="5,000 MNIST images, wide shallow ReLU, batch 5%"),
     Problem("cancer_full_batch", lambda: _tabular("cancer"), (30, 32, 32, 2), "tanh", "softmax_cross_entropy",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Release build (README "Installing"; CI runs it from scripts/test.sh):
+# Release build (docs/installing.md; CI runs it from scripts/test.sh):
 #   1. the sdist:           python -m build --sdist --no-isolation
 #   2. the wheel, built FROM that sdist with --no-build-isolation (so the sdist is proven
 #      complete), with CUDA when nvcc is found (KFAC_FAST_CUDA / KFAC_FAST_CUDA_ARCHS as usual)

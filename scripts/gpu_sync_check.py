@@ -1,4 +1,4 @@
-"""GPU check of the sync-free step (issue 14): host syncs per K-FAC iteration on CUDA, counted by
+"""GPU check of the sync-free step: host syncs per K-FAC iteration on CUDA, counted by
 ``torch.cuda.set_sync_debug_mode("warn")`` (every synchronising CUDA call warns), ordinary and
 refresh iterations separately, and the step time against SGD with each compute dtype.
 

@@ -1,4 +1,4 @@
-"""Whole models beyond MLPs (issue: real architectures): a residual CNN with BatchNorm and a
+"""Whole models beyond MLPs: a residual CNN with BatchNorm and a
 causal transformer LM with padded, ignore_index targets, through KFAC and KFACPreconditioner:
 batches of any structure, module buffers, the unsupported-parameter policies, checkpoints."""
 import copy

@@ -1,4 +1,4 @@
-"""compute_dtype (issue 14): the curvature products read rounded operands and accumulate in fp32.
+"""compute_dtype: the curvature products read rounded operands and accumulate in fp32.
 
 Checked against float64 computations from the same factors: the preconditioned direction of
 both inverses per dtype (tolerance per dtype), the factor accumulation equals the float64

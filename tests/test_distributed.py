@@ -1,10 +1,10 @@
-"""Data-parallel K-FAC (kfac_fast.distributed, issue 15).
+"""Data-parallel K-FAC (kfac_fast.distributed).
 
 Single-process: the flat packing, the LPT assignment, the no-op LocalDistributor, the per-rank
 streams, the preconditioner over LocalDistributor against KFACPreconditioner. Two processes
 (gloo on localhost, one thread each; tests/_distributed_worker.py, run once per session): every
 collective against the same computation done here in one process, and the acceptance test of
-issue 15: world 2 with batch m/2 per rank equals world 1 with batch m (float64, 1e-10) for 20
+world 2 with batch m/2 per rank equals world 1 with batch m (float64, 1e-10) for 20
 iterations, plain and DDP-wrapped, both modes, parameters bitwise identical across ranks.
 """
 import copy
@@ -412,7 +412,7 @@ def test_a_nan_on_one_rank_rejects_the_step_on_all(ranks):
 
 @pytest.mark.heavy  # torchrun with 2 processes
 def test_demo_distributed_under_torchrun(tmp_path):
-    """The launcher example of issue 15: torchrun --nproc_per_node=2 -m kfac_fast.demo --distributed."""
+    """The launcher example: torchrun --nproc_per_node=2 -m kfac_fast.demo --distributed."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(HERE), "python"),
                                            os.environ.get("PYTHONPATH", "")]))

@@ -1,4 +1,4 @@
-"""Data-parallel KFAC (issue 15) on 2 gloo processes (tests/_distributed_kfac_worker.py, run once
+"""Data-parallel KFAC on 2 gloo processes (tests/_distributed_kfac_worker.py, run once
 per session): the same batch and seed on both ranks reproduces the world-1 trajectory (float64,
 ≤ 1e-12 relative after 20 iterations) for both inverses, with and without momentum; shards with
 per-rank streams keep the parameters bitwise identical; a NaN on one rank rejects the step on

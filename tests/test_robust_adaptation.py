@@ -1,4 +1,4 @@
-"""Robust adaptation (issue 12): step rejection with Nielsen's λ increase, the |µ| bound of the
+"""Robust adaptation: step rejection with Nielsen's λ increase, the |µ| bound of the
 joint (α, µ) solve, the S₂ row minimum, the rules without re-scaling, and suite problems on which
 the paper's rules blow up."""
 import math

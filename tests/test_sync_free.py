@@ -1,4 +1,4 @@
-"""The sync-free step (issue 14): an ordinary K-FAC iteration reads nothing from the device.
+"""The sync-free step: an ordinary K-FAC iteration reads nothing from the device.
 
 Every Python-level way of moving a tensor's value to the host (``item``, ``tolist``,
 ``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``cpu``, ``numpy``) is made to raise while

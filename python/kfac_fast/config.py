@@ -41,7 +41,7 @@ class KFACConfig:
         mu_max: bound on |µ| in the joint (α, µ) solve (Sec 7): the constrained minimiser of M
             (µ clipped, α re-solved). Default 1, the heavy-ball stability range (Polyak 1964):
             on small batches the 2×2 solve returned µ from −11 to +29 and such steps blew up
-            (README "Robust adaptation"). ``math.inf`` is the paper's unconstrained solve.
+            (docs/robust-adaptation.md). ``math.inf`` is the paper's unconstrained solve.
         rescale: re-scale Δ by the exact-Fisher quadratic model (Sec 6.4); off means δ = −Δ·1.
         T1: λ update period (Sec 6.5); ω₁ = (19/20)^T1. Default 1 (the paper: 5): with
             ``reject_steps`` ρ is measured every iteration anyway, so the rule uses every ρ at
@@ -53,7 +53,7 @@ class KFACConfig:
         tau2_min_rows: S₂ has at least this many rows (or the whole batch). The quadratic
             model's curvature ΔᵀFΔ is estimated from S₂; on a few rows it misses most of the
             curvature the step meets and α, µ come out far too large (measured in
-            benchmarks/suite.py; README "Robust adaptation"). The paper has no minimum (0).
+            benchmarks/suite.py; docs/robust-adaptation.md). The paper has no minimum (0).
             Counted in loss terms: with P terms per example (a sequence model's tokens) S₂
             needs ceil(tau2_min_rows / P) examples.
         ema_max: ε = min(1 − 1/k, ema_max) for the factor running averages (Sec 5).

@@ -1,4 +1,4 @@
-"""Data-parallel K-FAC: the communication K-FAC adds to data parallelism (issue 15; DESIGN item 6).
+"""Data-parallel K-FAC: the communication K-FAC adds to data parallelism (DESIGN item 6).
 
 A :class:`Distributor` is everything the optimizers need from the ranks: average gradients,
 average the running factors, shard the inverse refresh and give every rank the result, reduce

@@ -121,10 +121,10 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
             accumulating in fp32: ``torch.float32``, ``torch.bfloat16``, ``torch.float16`` or
             ``"tf32"`` (CUDA). Default: the factor dtype. Factors and inverses stay in
             ``factor_dtype``; the exact-Fisher tangents stay in the model's dtype. See
-            :mod:`kfac_fast.curvature.compute_dtype` and README "Precision" for the measured error.
+            :mod:`kfac_fast.curvature.compute_dtype` and docs/fast-step.md for the measured error.
         compile: run the step's scalar decisions (:func:`kfac_fast.rules.step_decision`) under
             ``torch.compile(fullgraph=True)``, one variant per schedule case. The model passes
-            (gradient, sampled backward, linearized forward) stay eager: see README "Fast step".
+            (gradient, sampled backward, linearized forward) stay eager: see docs/fast-step.md.
         process_group, distributor: data parallelism. When ``torch.distributed`` is
             initialised every rank steps on its own shard of the batch; the gradient, the pending
             factors (one flat all-reduce of upper triangles), the Fisher Gram matrix on S₂ and the

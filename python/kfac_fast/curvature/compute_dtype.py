@@ -1,4 +1,4 @@
-"""The precision policy of the curvature products (``compute_dtype=``, issue 14).
+"""The precision policy of the curvature products (``compute_dtype=``).
 
 The factors stay in their dtype (fp32, or fp64 for fp64 models) and the inverses are built there;
 ``compute_dtype`` is the dtype in which the curvature *products* read their operands: the factor

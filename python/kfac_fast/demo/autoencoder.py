@@ -79,7 +79,7 @@ def run_kfac(X, args, *, inverse: str, momentum: bool = True) -> Run:
     gen = torch.Generator().manual_seed(args.seed)
     model = deep_autoencoder(args.encoder, generator=torch.Generator().manual_seed(args.seed)).to(X.device)
     make = {"default": KFACConfig, "paper": KFACConfig.paper,
-            # the paper's rules with λ₀ = 1: this package's defaults before issue 12
+            # the paper's rules with λ₀ = 1: this package's earlier defaults, before step rejection
             "paper-rules": lambda **kw: KFACConfig.paper(**dict({"lambda_init": 1.0}, **kw))}[args.preset]
     cfg = make(inverse=inverse, momentum=momentum, **({"lambda_init": args.lambda_init} if args.lambda_init else {}))
     opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", config=cfg, backend=args.backend,

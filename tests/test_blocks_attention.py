@@ -10,7 +10,7 @@ import dense as dn
 from block_models import CE, D, close, record, rows_A, train, vit_problem, vit_reference
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curvature.blocks import AttentionInProjBlock, AttentionOutProjBlock, DiagonalBlock, find_blocks
-from kfac_fast.curvature.factors import block_factors
+from kfac_fast.curvature.batch_factors import block_factors
 
 CASES = [dict(batch_first=bf, masks=mk, need_weights=nw) for bf, mk, nw in
          [(True, "none", False), (False, "none", True), (True, "padding", True), (False, "causal", False),

@@ -10,7 +10,7 @@ import dense as dn
 from block_models import CE, D, close, record, rows_A, train
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curvature.blocks import Conv1dBlock, Conv2dBlock, GroupedConvBlock, find_blocks
-from kfac_fast.curvature.factors import block_factors
+from kfac_fast.curvature.batch_factors import block_factors
 
 
 def separable_cnn(dtype=D, seed=0):

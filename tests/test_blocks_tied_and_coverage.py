@@ -13,7 +13,7 @@ from block_models import CE, D, close, gpt2_problem, record, train, vit_problem
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curvature import coverage
 from kfac_fast.curvature.blocks import DiagonalBlock, LinearBlock, find_blocks
-from kfac_fast.curvature.factors import block_factors
+from kfac_fast.curvature.batch_factors import block_factors
 
 
 class TiedLM(nn.Module):

@@ -9,7 +9,7 @@ import dense as dn
 from block_models import CE, D, Conv1D, LlamaRMSNorm, close, empirical_G, gpt2_problem, record, rows_A, train
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curvature.blocks import ScaleShiftBlock, TransposedLinearBlock, find_blocks
-from kfac_fast.curvature.factors import block_factors
+from kfac_fast.curvature.batch_factors import block_factors
 
 CONV1D = ("c_attn", "c_proj", "c_fc", "mlp_proj")
 

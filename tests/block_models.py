@@ -132,7 +132,7 @@ def train(model, x, y, how: str, steps: int = 20, **kw) -> list[float]:
             losses.append(float(opt.step(x, y)["loss"]))
         return losses
     capture = {"pass": "pass", "hooks": "hooks"}[how]
-    pre = KFACPreconditioner(model, loss=CE, damping=0.3, capture=capture,
+    pre = KFACPreconditioner(model, loss=CE, damping=0.3, capture=capture, step_size=None,
                              generator=torch.Generator().manual_seed(0), **kw)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):

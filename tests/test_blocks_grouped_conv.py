@@ -128,7 +128,7 @@ def test_preconditioner_group_blocks_equal_the_empirical_reference(capture):
     w.r.t. group j's parameters (one backward per example)."""
     model = separable_cnn()
     x, y = data(model, m=5)
-    pre = KFACPreconditioner(model, loss=CE, fisher="empirical", damping=0.1, capture=capture,
+    pre = KFACPreconditioner(model, loss=CE, fisher="empirical", damping=0.1, capture=capture, step_size=None,
                              **({"tau1": 1.0} if capture == "pass" else {}))
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()

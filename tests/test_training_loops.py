@@ -111,7 +111,7 @@ def test_lightning_with_kfac_and_with_attached_preconditioner(tmp_path):
             if self.use_kfac:
                 self.kfac = kfac_fast.KFAC(self.net, loss="softmax_cross_entropy")
                 return self.kfac
-            opt = torch.optim.SGD(self.net.parameters(), lr=0.05)
+            opt = torch.optim.SGD(self.net.parameters(), lr=0.3)
             self.pre = kfac_fast.KFACPreconditioner(self.net, loss="softmax_cross_entropy", capture="hooks",
                                                     fisher="empirical", damping=0.1)
             self.pre.attach(opt)

@@ -77,6 +77,10 @@ class RecordedBatch:
         if problem is not None:
             self.problems.append(problem)
 
+    # it only records (the forward is unchanged), so linearized passes that bypass the module call
+    # (curvature.sequential_jvp) may skip it
+    _record.kfac_fast_passive = True
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Forwards inside the block are not recorded (kfac_fast's own replays, validation)."""

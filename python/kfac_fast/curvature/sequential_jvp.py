@@ -29,8 +29,15 @@ _DERIVATIVE: dict[type, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 }
 
 
+def _passive(hook) -> bool:
+    """A hook kfac_fast installs that only records its arguments and never changes the forward
+    (``RecordedBatch``): the hand-written pass may skip it."""
+    return getattr(hook, "kfac_fast_passive", False)
+
+
 def _plain(m: nn.Module) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+    return not (m._forward_hooks or any(not _passive(h) for h in m._forward_pre_hooks.values())
+                or getattr(m, "_forward_hooks_with_kwargs", None))
 
 
 def sequential_plan(model: nn.Module, layers: Sequence) -> Optional[list]:

@@ -11,11 +11,11 @@ import copy
 import itertools
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from _gloo import free_port, run_ranks
 import torch
 from torch import nn
 
@@ -221,37 +221,11 @@ def test_preconditioner_argument_errors():
 
 
 # ------------------------------------------------------------------ two processes (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the worker on 2 processes once; the per-rank results."""
     pytest.importorskip("torch.distributed")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(HERE), "python"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_distributed_worker.py"), str(r), "2",
-                               str(port), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the 2-process gloo worker timed out (240 s)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_ranks("_distributed_worker.py", tmp_path_factory.mktemp("dist"), timeout=240)
 
 
 def test_flat_all_reduce_is_the_mean(ranks):
@@ -416,7 +390,7 @@ def test_demo_distributed_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(HERE), "python"),
                                            os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "kfac_fast.demo", "--distributed", "--encoder", "784,16,4", "--max-iters", "4",
            "--dist-eval-every", "2", "--batch-size", "100", "--dist-mode", "shard_inverses", "--out", str(tmp_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

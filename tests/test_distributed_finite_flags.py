@@ -4,36 +4,19 @@ on EVERY rank (the finite flags are an AND over the ranks): the same code (non-f
 statistics) on both, θ and the running factors unchanged on both, and the next steps go on.
 """
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import _distributed_finite_flags_worker as W
+from _gloo import run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kfac_flags")
-    port = str(_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_distributed_finite_flags_worker.py"), str(r),
-                               "2", port, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    return run_ranks("_distributed_finite_flags_worker.py", tmp_path_factory.mktemp("kfac_flags"), timeout=300)
 
 
 def test_the_poison_hit_only_rank_one_statistics(ranks):

@@ -6,37 +6,21 @@ both; the reduced MC factors equal those of the union of the ranks' S₁ with th
 targets; a DDP-wrapped model trains with the plain model's block names.
 """
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import _distributed_kfac_worker as W
+from _gloo import run_ranks
 from kfac_fast.curvature import kronecker_factors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("kfac_dist")
-    port = str(_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_distributed_kfac_worker.py"), str(r), "2", port,
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    res = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    res = run_ranks("_distributed_kfac_worker.py", out, timeout=600)
     for r in res:
         r["_dir"] = str(out)
     return res

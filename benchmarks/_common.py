@@ -102,16 +102,17 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write_csv(name: str, rows: Iterable[dict], info: dict) -> str:
-    """Append-free write of ``rows`` (each merged with ``info``) to results/<name>.csv."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def write_csv(name: str, rows: Iterable[dict], info: dict, *, out_dir: str = RESULTS_DIR) -> str:
+    """Append-free write of ``rows`` (each merged with ``info``) to <out_dir>/<name>.csv
+    (default results/)."""
+    os.makedirs(out_dir, exist_ok=True)
     rows = [dict(r, **info) for r in rows]
     keys: list[str] = []
     for r in rows:
         for k in r:
             if k not in keys:
                 keys.append(k)
-    path = os.path.join(RESULTS_DIR, f"{name}.csv")
+    path = os.path.join(out_dir, f"{name}.csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS_DIR, machine_info, print_table  # noqa: E402
+from _common import RESULTS_DIR, machine_info, print_table, write_csv  # noqa: E402
 from race_tasks import TASKS, RaceTask, make_task  # noqa: E402
 
 import kfac_fast  # noqa: E402
@@ -183,21 +183,6 @@ def race(runners: list[Runner], *, on_turn: Optional[Callable[[int, list], None]
         runners[i].advance()
 
 
-def write_csv(out: str, name: str, rows: list[dict], info: dict) -> str:
-    """rows, each merged with ``info`` (machine, versions, load), to <out>/<name>.csv."""
-    import csv
-
-    rows = [dict(r, **info) for r in rows]
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    path = os.path.join(out, f"{name}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
-    return path
-
-
 # ------------------------------------------------------------------------------------ lr grids
 def read_grid(out: str, task: str) -> dict:
     """{method: chosen lr} from a committed grid file, {} if there is none."""
@@ -226,7 +211,7 @@ def run_grid(task: RaceTask, args, info: dict) -> dict:
                   "iterations": r.iterations, "final_loss": r.final, "chosen": r is best, "note": r.note}
                  for r in mine]
     load = f"{load0:.2f}-{os.getloadavg()[0]:.2f}"
-    write_csv(args.out, f"{task.name}_lr_grid", rows, dict(info, load_average=load))
+    write_csv(f"{task.name}_lr_grid", rows, dict(info, load_average=load), out_dir=args.out)
     print(f"{task.name}: chosen lr {chosen}")
     return chosen
 
@@ -403,10 +388,10 @@ def main(argv=None) -> list[dict]:
         summary += rows
         if args.quick:
             continue
-        write_csv(args.out, f"{name}_summary{args.tag}", rows, dict(info, budget=args.budget))
+        write_csv(f"{name}_summary{args.tag}", rows, dict(info, budget=args.budget), out_dir=args.out)
         curves = [dict({"task": name, "method": r.label, "seed": r.seed, "lr": r.lr}, **c) for r in runners
                   for c in r.curve]
-        write_csv(args.out, f"{name}{args.tag}", curves, dict(info, load_average=load, budget=args.budget))
+        write_csv(f"{name}{args.tag}", curves, dict(info, load_average=load, budget=args.budget), out_dir=args.out)
         plot(name, curves, os.path.join(args.out, f"{name}{args.tag}.png"), args.budget)
     return summary
 

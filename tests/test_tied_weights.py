@@ -364,3 +364,28 @@ def test_block_tridiagonal_couples_the_chain_and_leaves_the_pair_block_diagonal(
     cur = pre.factors.current
     assert cur[names.index("model.hidden")].A_next is not None and cur[names.index("model.lm_head")].A_next is None
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_the_exact_fisher_products_see_both_uses_of_the_shared_weight():
+    """KFAC's quadratic model (Appendix C) moves W through the owner's direction only; J·v must
+    still include the embedding use: every provider against a central finite difference."""
+    from kfac_fast.curvature import linearize
+
+    model, ids, _ = problem()
+    blocks = find_blocks(model)
+    Dm = torch.randn(V, DIM, generator=torch.Generator().manual_seed(8), dtype=D)
+    direction = [torch.zeros(b.g_dim, b.a_dim, dtype=D) for b in blocks]
+    direction[2] = Dm  # the head's block: W
+    W, h = model.embed.weight, 1e-6
+    with torch.no_grad():
+        W.add_(h * Dm)
+        zp = model(ids)
+        W.sub_(2 * h * Dm)
+        zm = model(ids)
+        W.add_(h * Dm)
+        head_only = torch.tanh(model.hidden(model.embed(ids))) @ Dm.t()
+    fd = (zp - zm) / (2 * h)
+    assert float((fd - head_only).norm()) > 0.1 * float(fd.norm())  # the embedding use matters here
+    for provider in ("forward", "reverse_over_reverse"):
+        _, (jv,) = linearize.jvp(model, blocks, ids, [direction], provider=provider)
+        torch.testing.assert_close(jv, fd, rtol=1e-6, atol=1e-8)

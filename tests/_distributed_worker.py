@@ -107,11 +107,24 @@ class TokenNet(nn.Module):
         return self.l2(torch.tanh(self.l1(self.ln(self.emb(t)))))
 
 
+class TiedNet(TokenNet):
+    """TokenNet with a bias-free head sharing the embedding's weight (a Kronecker-sum pair)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l2 = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(self.ln(self.emb(t)))))))
+
+
 def batches(net: str) -> list:
     g = torch.Generator().manual_seed(400)
     out = []
     for _ in range(ITERS):
-        if net == "token":
+        if net in ("token", "tied"):
             x = torch.randint(0, 11, (M,), generator=g)
             y = torch.randint(0, 11, (M,), generator=g)
         else:
@@ -122,7 +135,7 @@ def batches(net: str) -> list:
 
 
 def make_net(net: str):
-    return (TokenNet().to(D) if net == "token" else mlp_model())
+    return {"token": TokenNet, "tied": TiedNet}.get(net, mlp_model)().to(D)
 
 
 PRE_KW = dict(loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0, T3=5, backend="torch")
@@ -204,7 +217,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     # the preconditioner: plain and DDP-wrapped, both modes, 20 iterations
     from torch.nn.parallel import DistributedDataParallel
 
-    for net in ("mlp", "token"):
+    for net in ("mlp", "token", "tied"):
         data = batches(net)
         wraps = ("plain", "ddp") if net == "mlp" else ("plain",)
         for wrap in wraps:

@@ -180,12 +180,17 @@ def test_refused_configurations_follow_the_policy():
     assert [type(b) for b in opt.layers] == [LinearBlock, DiagonalBlock, DiagonalBlock]
 
 
-def test_tied_weights_become_diagonal():
+@pytest.mark.parametrize("bias", [False, True])
+def test_tied_weights_are_a_kronecker_sum_pair_or_diagonal(bias):
+    """A bias-free head tied to the embedding: the Kronecker-sum pair (tests/test_tied_weights.py);
+    with a bias: the diagonal fallback of any other sharing."""
+    from kfac_fast.curvature.blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
+
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(7, 4)
-            self.out = nn.Linear(4, 7, bias=False)
+            self.out = nn.Linear(4, 7, bias=bias)
             self.out.weight = self.emb.weight
 
         def forward(self, ids):
@@ -193,7 +198,8 @@ def test_tied_weights_become_diagonal():
 
     model = Tied().double()
     blocks = find_blocks(model, unsupported="diagonal")
-    assert [type(b) for b in blocks] == [DiagonalBlock]
+    want = [DiagonalBlock, DiagonalBlock] if bias else [TiedEmbeddingBlock, TiedHeadBlock]
+    assert [type(b) for b in blocks] == want
     ids = torch.randint(0, 7, (10, 3))
     opt = KFAC(model, loss="softmax_cross_entropy")
     assert math.isfinite(opt.step(ids, ids)["loss"])

@@ -295,7 +295,7 @@ def _reference_trace(net):
     return W.train(pre, model, model, W.batches(net), slice(0, W.M))
 
 
-RUNS = [("mlp", "plain"), ("mlp", "ddp"), ("token", "plain")]
+RUNS = [("mlp", "plain"), ("mlp", "ddp"), ("token", "plain"), ("tied", "plain")]
 
 
 @pytest.mark.parametrize("mode", ["replicate_inverses", "shard_inverses"])
@@ -310,6 +310,8 @@ def test_world_two_half_batches_equal_world_one(ranks, net, wrap, mode):
         err = float((a - r).abs().max())
         assert err <= 1e-10, f"iteration {it}: world 2 differs from world 1 by {err:.3e}"
     assert ranks[0][f"names_{net}_{wrap}_{mode}"] == [f"model.{i}" for i in (0, 2, 4)] if net == "mlp" else True
+    if net == "tied":  # the pair (head, embedding) has one owner, and the run is world 1's
+        assert "model.head" in ranks[0][f"names_{net}_{wrap}_{mode}"]
 
 
 def test_tridiagonal_world_two_equals_world_one(ranks):

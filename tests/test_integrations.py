@@ -9,6 +9,8 @@ and the ViT is written here in torchvision's layout (conv_proj, class_token, enc
 ln_1 / self_attention / ln_2 / mlp, heads)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,16 +116,20 @@ def _loss(model, x, y):
 def test_coverage_is_kronecker(name):
     make, _ = MODELS[name]
     torch.manual_seed(0)
-    pre = kfac_fast.KFACPreconditioner(make(), loss="softmax_cross_entropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kfac_fast.CoverageWarning)
+        model = make()
+        pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy")
     cov = pre.coverage()
     print(cov)
     if name == "gpt2":
-        # the tied embedding / output matrix has no Kronecker block (docs/architectures.md: one
-        # diagonal block under unsupported="diagonal", skipped under the preconditioner's default
-        # "skip"): every other parameter but the LayerNorms' has one
-        (tied,) = [e for e in cov.entries if e.kind in ("diagonal", "skipped")]
-        assert tied.name.endswith("wte.weight") and "lm_head" in tied.reason, str(cov)
-        assert cov.count("kronecker") / (cov.trainable - tied.params) >= 0.99, str(cov)
+        # the tied embedding / output matrix is one Kronecker-sum block (the head owns it, counted
+        # once); nothing is diagonal or skipped, and no CoverageWarning fires
+        (tied,) = [e for e in cov.entries if e.kind == "kronecker_sum"]
+        assert tied.name == "model.lm_head + model.transformer.wte", str(cov)
+        assert tied.params == model.transformer.wte.weight.numel(), str(cov)
+        assert not [e for e in cov.entries if e.kind in ("diagonal", "skipped")], str(cov)
+        assert cov.kronecker_fraction >= 0.99, str(cov)
     else:
         assert cov.kronecker_fraction >= 0.99, str(cov)
 

@@ -10,13 +10,18 @@ import torch
 from .curvature.blocks import CurvatureBlock
 
 
+def _first_param(blocks: Sequence[CurvatureBlock]) -> torch.nn.Parameter:
+    """The first parameter a block owns (a tied embedding owns none: :mod:`.curvature.blocks.tied`)."""
+    return next(p for b in blocks for p in b.params())
+
+
 def model_device(blocks: Sequence[CurvatureBlock]) -> torch.device:
-    return blocks[0].params()[0].device
+    return _first_param(blocks).device
 
 
 def default_factor_dtype(blocks: Sequence[CurvatureBlock]) -> torch.dtype:
     """float64 factors for a float64 model, float32 otherwise."""
-    return torch.float64 if blocks[0].params()[0].dtype == torch.float64 else torch.float32
+    return torch.float64 if _first_param(blocks).dtype == torch.float64 else torch.float32
 
 
 def default_generator(device: torch.device) -> torch.Generator:

@@ -59,6 +59,7 @@ estimates to be independent).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
@@ -66,6 +67,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_c
 import torch
 
 from .curvature.running import RunningFactors, pack_tensors, packed_numel, unpack_tensors_
+from .curvature.tied_inverse import TiedSumInverse
 
 #: communication kinds the byte counter reports
 KINDS = ("gradient", "factors", "inverses", "directions", "scalars", "buffers")
@@ -600,11 +602,16 @@ class PhaseTimer:
 def record_kind(record) -> str:
     """How a factor record's inverse is applied: ``"kron"`` (dense Ā, G: U = G⁻¹ V Ā⁻¹),
     ``"diag_a"`` (diagonal Ā: U = (G⁻¹ V) diag(1/Ā)), ``"diag"`` (k scalars) or ``"dense"``
-    (k small b×b blocks)."""
+    (k small b×b blocks); a tied pair (:mod:`~kfac_fast.curvature.blocks.tied`): ``"kron_sum"``
+    (the head: Appendix B's K₂, s₂, K₁, s₁ of the Kronecker sum) and ``"zero"`` (the embedding)."""
     from .curvature.factors import BlockFisher
 
     if isinstance(record, BlockFisher):
         return "diag" if record.F.shape[-1] == 1 else "dense"
+    if record.tied_partner is not None:
+        return "kron_sum"
+    if record.tied_owner is not None:
+        return "zero"
     return "kron" if record.A.dim() == 2 else "diag_a"
 
 
@@ -628,6 +635,12 @@ def _part_buffers(record, kind: str) -> tuple[list[torch.Tensor], list[bool]]:
         return [_padded(record.G.shape[0], record.G)[0], _padded(record.A.shape[0], record.A)[0]], [True, True]
     if kind == "diag_a":
         return [torch.empty_like(record.A), torch.empty_like(record.G)], [False, True]
+    if kind == "kron_sum":  # K2 (V, V) or (V,) with a diagonal G, s2 (V,), K1 (d, d), s1 (d,)
+        V, d, like = record.G.shape[0], record.A.shape[0], record.A
+        e = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
+        return [e(*record.G.shape), e(V), e(d, d), e(d)], [False] * 4
+    if kind == "zero":
+        return [], []
     if kind == "diag":
         return [torch.empty(record.F.shape[0], dtype=record.F.dtype, device=record.F.device)], [False]
     return [torch.empty_like(record.F)], [True]
@@ -640,6 +653,9 @@ def _parts_of(inv, j: int, kind: str) -> list[torch.Tensor]:
         q = inv.kron_idx.index(j)
         return [inv.Ginv[q], inv.Ainv[q]]
     entry = inv.other[j]
+    if kind == "kron_sum":
+        t = entry[1]
+        return [t.K2, t.s2, t.K1, t.s1]
     return list(entry[1:])
 
 
@@ -706,12 +722,15 @@ class ShardedInverse:
             return
         costs = [record_cost(r) for r in records]
         owners = assign(costs, d.world_size)
+        for i, r in enumerate(records):  # a tied pair's inverse needs both records: one owner
+            if getattr(r, "tied_owner", None) is not None:
+                owners[i] = owners[r.tied_owner]
         if owners != self.owners:
             self.local = None  # another share: no warm start
         self.owners = owners
         own = [i for i, r in enumerate(owners) if r == d.rank]
         with self.timer("refresh_compute"):
-            self.local = self.build([records[i] for i in own], self.local) if own else None
+            self.local = self.build(_subset(records, own), self.local) if own else None
         self._own = own
         if self.mode == "replicate_inverses":
             self._share_parts()
@@ -827,6 +846,11 @@ class ShardedInverse:
                 out[i] = V * self.parts[i][0].unsqueeze(1)
             elif k == "dense":
                 out[i] = torch.einsum("kbc,kc->kb", self.parts[i][0], V)
+            elif k == "kron_sum":
+                K2, s2, K1, s1 = self.parts[i]
+                out[i] = TiedSumInverse(K1=K1, K2=K2, s1=s1, s2=s2, pi=float("nan")).apply(V)
+            elif k == "zero":
+                out[i] = torch.zeros_like(V)
         return out
 
     def held_tensors(self) -> list[torch.Tensor]:
@@ -840,6 +864,20 @@ class ShardedInverse:
         for i, r in enumerate(self.records if self.replicated_work else [self.records[j] for j in self._own]):
             out += _parts_of(self.local, i, record_kind(r))
         return out
+
+
+def _subset(records: Sequence, idx: Sequence[int]) -> list:
+    """``records[i] for i in idx``, a tied pair's indices renumbered into the subset (both
+    records of a pair are in it: they have one owner)."""
+    pos = {i: q for q, i in enumerate(idx)}
+    out = []
+    for i in idx:
+        r = records[i]
+        if getattr(r, "tied", False):
+            r = dataclasses.replace(r, tied_partner=None if r.tied_partner is None else pos[r.tied_partner],
+                                    tied_owner=None if r.tied_owner is None else pos[r.tied_owner])
+        out.append(r)
+    return out
 
 
 def _base(view: torch.Tensor) -> torch.Tensor:

@@ -936,7 +936,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     records.append(KroneckerFactors(A=cv(dct["A"], t.A), G=cv(dct["G"], t.G),
                                                     A_next=cv(dct.get("A_next"), t.A),
                                                     G_next=cv(dct.get("G_next"), t.G),
-                                                    name=t.name, homogeneous=t.homogeneous))
+                                                    name=t.name, homogeneous=t.homogeneous,
+                                                    tied_partner=t.tied_partner, tied_owner=t.tied_owner))
             self.inverse = self._new_inverse()
             self.inverse.refresh(records)
         d = self.distributor

@@ -147,7 +147,8 @@ def block_factors(
     order = forward_order(blocks, rec)
     blocks = [blocks[i] for i in order]
     rec = Recording(inputs=[rec.inputs[i] for i in order], outputs=[rec.outputs[i] for i in order])
-    dtype = torch.float64 if blocks[0].params()[0].dtype == torch.float64 else torch.float32
+    first = next(p for b in blocks for p in b.params())  # a tied embedding owns none
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     running = RunningFactors(blocks, dtype=dtype, device=z.device, tridiagonal=tridiagonal)
     # the batch estimate sums over the draws (each draw's derivatives already carry 1/sqrt(n)):
     # one update with every draw's G rows and per-example vectors stacked; the A rows are the

@@ -5,6 +5,10 @@
   :class:`~kfac_fast.curvature.running.RunningFactors` says which pairs).
 * Kronecker blocks with a diagonal Ā (Embedding) are block-diagonal entries:
   U = (G + (γ/π) I)⁻¹ V diag(1/(Ā + πγ)), π by the trace rule with tr Ā = Σ Ā.
+* A tied weight (an embedding shared with a bias-free output layer, two records: the head's
+  with ``tied_partner``, the embedding's with ``tied_owner``) is a block-diagonal entry in both
+  kinds: the head's is the inverse of the Kronecker sum over both records
+  (:mod:`~kfac_fast.curvature.tied_inverse`), the embedding's gives zeros (it owns no parameter).
 * Small dense / diagonal blocks (norm scale-and-shift, any other parameter) are
   block-diagonal entries, damped as the Kronecker product F ⊗ [1] they are (a 1×1 G): the
   factored Tikhonov damping of Sec 6.3 gives (F_c + πγ I)⁻¹ / (1 + γ/π) per small block, with
@@ -22,10 +26,12 @@ from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
 from .factors import BlockFisher, KroneckerFactors, factors_to_dict, record_to_dict
 from .inverse_kinds import INVERSE_KINDS, build_inverse
+from .tied_inverse import tied_sum_inverse
 
 
 def _is_dense_kron(f) -> bool:
-    return isinstance(f, KroneckerFactors) and f.A.dim() == 2
+    """A dense Kronecker block of the chosen inverse kind (a tied pair's are not: Kronecker sum)."""
+    return isinstance(f, KroneckerFactors) and f.A.dim() == 2 and not f.tied
 
 
 def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
@@ -54,7 +60,7 @@ def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
             records.append(KroneckerFactors(
                 A=d["A"].to(dev), G=d["G"].to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
                 G_next=None if d.get("G_next") is None else d["G_next"].to(dev), name=t.name,
-                homogeneous=t.homogeneous))
+                homogeneous=t.homogeneous, tied_partner=t.tied_partner, tied_owner=t.tied_owner))
     return records
 
 
@@ -120,7 +126,16 @@ class BlockInverse:
         self.other: dict[int, tuple] = {}
         for i in self.other_idx:
             f = self.records[i]
-            if isinstance(f, KroneckerFactors):  # diagonal Ā
+            if isinstance(f, KroneckerFactors) and f.tied_owner is not None:
+                self.other[i] = ("zero",)
+            elif isinstance(f, KroneckerFactors) and f.tied_partner is not None:
+                e = self.records[f.tied_partner]
+                if not (isinstance(e, KroneckerFactors) and e.tied_owner == i):
+                    raise ValueError(f"record {i} ({f.name}) is a tied head whose partner record {f.tied_partner} "
+                                     "is not its embedding; pass the records of both blocks of the pair")
+                self.other[i] = ("kron_sum", tied_sum_inverse(
+                    f.A, f.G, e.A, e.G, damping=g, pi=self.pi_spec, backend=self.backend))
+            elif isinstance(f, KroneckerFactors):  # diagonal Ā
                 pi = self._pi(f)
                 a = f.A.clamp_min(0) + pi * g
                 if g == 0 and bool((a <= 0).any()):
@@ -141,6 +156,9 @@ class BlockInverse:
                     if not ok:
                         self.fallbacks.append(f"{f.name}: small blocks (clamped eigenvalues)")
                     self.other[i] = ("dense", Finv * outer)
+
+    def _dtype(self, i: int) -> torch.dtype:
+        return self.records[i].A.dtype
 
     # ------------------------------------------------------------------ interface
     @property
@@ -218,7 +236,11 @@ class BlockInverse:
         for i in self.other_idx:
             entry = self.other[i]
             V = grads[i]
-            if entry[0] == "diag_a":
+            if entry[0] == "kron_sum":
+                out[i] = entry[1].apply(V)
+            elif entry[0] == "zero":
+                out[i] = torch.zeros(V.shape, dtype=self._dtype(i), device=V.device)
+            elif entry[0] == "diag_a":
                 _, ainv, Ginv = entry
                 V = V.to(Ginv.dtype)
                 out[i] = (Ginv @ V) * ainv.unsqueeze(0)

@@ -11,16 +11,21 @@ from torch import nn
 
 from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, ScaleShiftBlock
 from .blocks.registry import why_unmodelled
+from .blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
 
-KINDS = ("kronecker", "scale-shift", "dense", "diagonal", "skipped")
+KINDS = ("kronecker", "kronecker_sum", "scale-shift", "dense", "diagonal", "skipped")
+#: the kinds that are Kronecker approximations (``kronecker_sum``: a tied weight, the sum of its
+#: two uses' Kronecker products, :mod:`.blocks.tied`)
+KRONECKER_KINDS = ("kronecker", "kronecker_sum")
 
 
 @dataclass(frozen=True)
 class CoverageEntry:
     """One block, or one trainable parameter no block holds (``kind="skipped"``).
 
-    ``name``: the block's name (a module path; ``….in_proj`` / ``….out_proj`` for attention) or
-    the parameter's; ``kind``: one of ``KINDS``; ``params``: its number of scalar parameters;
+    ``name``: the block's name (a module path; ``….in_proj`` / ``….out_proj`` for attention;
+    ``head + embedding`` for a tied pair, one entry holding the shared weight once) or the
+    parameter's; ``kind``: one of ``KINDS``; ``params``: its number of scalar parameters;
     ``reason``: for ``diagonal`` / ``skipped``, why no Kronecker or norm block models it."""
 
     name: str
@@ -45,8 +50,9 @@ class Coverage:
 
     @property
     def kronecker_fraction(self) -> float:
-        """Fraction of the trainable parameters in Kronecker blocks (1.0 for a model without any)."""
-        return self.count("kronecker") / self.trainable if self.trainable else 1.0
+        """Fraction of the trainable parameters in Kronecker blocks, tied pairs' Kronecker sums
+        included (1.0 for a model without any)."""
+        return sum(map(self.count, KRONECKER_KINDS)) / self.trainable if self.trainable else 1.0
 
     def __str__(self) -> str:
         lines = [f"K-FAC coverage: {self.kronecker_fraction:.1%} of {self.trainable} trainable parameters in "
@@ -73,7 +79,8 @@ def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: 
     same ``model_name``) model the trainable parameters of ``model``.
 
     Returns a :class:`Coverage`: one entry per block (kind ``kronecker`` for Linear, Conv, Embedding,
-    attention projections; ``scale-shift`` for norm layers; ``dense`` for grouped convolutions;
+    attention projections; ``kronecker_sum`` for an embedding tied to its output layer, one entry
+    for the pair; ``scale-shift`` for norm layers; ``dense`` for grouped convolutions;
     ``diagonal`` with the reason its parameter has no Kronecker/norm block) and one ``skipped``
     entry per trainable parameter no block holds (``unsupported="skip"``), with the reason;
     ``kronecker_fraction`` the share of trainable parameters in Kronecker blocks.
@@ -82,8 +89,13 @@ def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: 
     name_of = {id(p): n for n, p in model.named_parameters()}
     entries, seen = [], set()
     for b in blocks:
+        if isinstance(b, TiedEmbeddingBlock):
+            continue  # reported with its owner, the head
         ps = [p for p in b.params() if id(p) not in seen]
         seen.update(id(p) for p in ps)
+        if isinstance(b, TiedHeadBlock):
+            entries.append(CoverageEntry(f"{b.name} + {b.partner.name}", "kronecker_sum", sum(p.numel() for p in ps)))
+            continue
         kind = _kind(b)
         reason = None
         if kind == "diagonal":

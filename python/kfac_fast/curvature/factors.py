@@ -20,6 +20,11 @@ class KroneckerFactors:
 
     A = Ā_{i-1,i-1}, G = G_{i,i}. For the block-tridiagonal inverse also
     A_next = Ā_{i-1,i} (a_i, a_{i+1}) and G_next = G_{i,i+1} (g_i, g_{i+1}); None on the last layer.
+
+    Tied weights (:mod:`kfac_fast.curvature.blocks.tied`): the head's record has
+    ``tied_partner`` = the index of the embedding's record in the same list (the inverse of its
+    block is the Kronecker sum over both records), the embedding's has ``tied_owner`` = the
+    head's index (its block matrix is zero); None otherwise.
     """
 
     A: torch.Tensor
@@ -28,6 +33,13 @@ class KroneckerFactors:
     G_next: Optional[torch.Tensor] = None
     name: str = ""
     homogeneous: bool = True
+    tied_partner: Optional[int] = None
+    tied_owner: Optional[int] = None
+
+    @property
+    def tied(self) -> bool:
+        """Whether this record is one of a tied pair (a Kronecker-sum block, not a chain block)."""
+        return self.tied_partner is not None or self.tied_owner is not None
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from .. import ops
 from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
+from .blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
 from .compute_dtype import operand_dtype, precision
 from .factors import BlockFisher, KroneckerFactors, record_to_dict
 from .statistics import BatchStatistics
@@ -39,8 +40,12 @@ class RunningFactors:
         self.tridiagonal = tridiagonal
         self.dtype = dtype
         self.kron = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER]
-        # (i, j) consecutive in the Kronecker sub-list; linked when adjacent in the block order
-        self.links = [(i, j, j == i + 1) for i, j in zip(self.kron[:-1], self.kron[1:])]
+        self.tied = tied_pairs(self.layers)
+        # the chain of the tridiagonal inverse: the dense Kronecker blocks but a tied head (its
+        # inverse is the Kronecker sum with its embedding, a block-diagonal entry)
+        chain = [i for i in self.kron if i not in self.tied]
+        # (i, j) consecutive in the chain; linked when adjacent in the block order
+        self.links = [(i, j, j == i + 1) for i, j in zip(chain[:-1], chain[1:])]
         self._sets = [self._alloc(device), self._alloc(device)]
         self._cur = 0
         self.initialized = False
@@ -59,6 +64,11 @@ class RunningFactors:
                 out.append(BlockFisher(F=z(l.g_dim, l.a_dim, l.a_dim), name=l.name, kind=kind))
             else:
                 raise NotImplementedError(f"layer {l.name}: factor kind {kind!r} has no running factors")
+        for i, j in self.tied.items():
+            if self.layers[i].factor_kind == KRONECKER:
+                out[i].tied_partner = j
+            else:
+                out[i].tied_owner = j
         if self.tridiagonal:
             for i, j, _ in self.links:
                 a, b = self.layers[i], self.layers[j]
@@ -385,7 +395,26 @@ def snapshot(factors: Sequence, dtype: Optional[torch.dtype] = None) -> list:
 
     return [BlockFisher(F=cp(f.F), name=f.name, kind=f.kind) if isinstance(f, BlockFisher) else
             KroneckerFactors(A=cp(f.A), G=cp(f.G), A_next=cp(f.A_next), G_next=cp(f.G_next),
-                             name=f.name, homogeneous=f.homogeneous) for f in factors]
+                             name=f.name, homogeneous=f.homogeneous, tied_partner=f.tied_partner,
+                             tied_owner=f.tied_owner) for f in factors]
+
+
+def tied_pairs(layers: Sequence[CurvatureBlock]) -> dict[int, int]:
+    """Index -> index of the other block of its tied pair (:mod:`.blocks.tied`), both ways.
+
+    Raises:
+        ValueError: one block of a tied pair is in ``layers`` without the other.
+    """
+    pos = {id(l): i for i, l in enumerate(layers)}
+    out = {}
+    for i, l in enumerate(layers):
+        other = getattr(l, "partner", None) or getattr(l, "owner", None)
+        if isinstance(l, (TiedHeadBlock, TiedEmbeddingBlock)):
+            if id(other) not in pos:
+                raise ValueError(f"layer {l.name} is one of a tied pair (its weight is shared with {other.name}) "
+                                 f"but {other.name} is not among the layers; pass both blocks (find_blocks gives both)")
+            out[i] = pos[id(other)]
+    return out
 
 
 def ema_decay(k: int, ema_max: float) -> float:

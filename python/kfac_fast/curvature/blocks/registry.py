@@ -6,7 +6,9 @@ plays the same role). Modules of other libraries that K-FAC must not import are 
 structure** when no registered type matches (:data:`STRUCTURAL`: transformers' weight-transposed
 ``Conv1D`` and its ``*RMSNorm`` modules); a registration always wins over a structural match.
 Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
-type without a block, a parameter shared by two modules) follow the ``unsupported`` policy.
+type without a block, a parameter shared by two modules) follow the ``unsupported`` policy, except
+one sharing: an ``nn.Embedding`` tied to a bias-free ``nn.Linear`` output layer becomes a tied pair
+(:mod:`.tied`: the head owns the weight, its inverse the Kronecker sum over both uses).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
 from .linear import LinearBlock
 from .scale_shift import NORM_TYPES, ScaleShiftBlock, is_rms_norm_like
+from .tied import tie, tieable
 from .transposed_linear import TransposedLinearBlock, is_transposed_linear
 
 _REGISTRY: dict[type, type[CurvatureBlock]] = {}
@@ -108,13 +111,18 @@ def _survey(model: nn.Module, model_name: str, kfac_approx: str):
             continue
         if cls.accepts(module):
             blocks += cls.create(full, module, kfac_approx=kfac_approx)
-    # a parameter claimed by two blocks (tied weights): both modules' parameters go diagonal
+    # a parameter claimed by two blocks (tied weights): an embedding and a bias-free output layer
+    # of its transposed shape become a tied pair (one owner); any other sharing goes diagonal
     owners: dict[int, list[CurvatureBlock]] = {}
     for b in blocks:
         for p in b.params():
             owners.setdefault(id(p), []).append(b)
     for bs in owners.values():
-        if len(bs) > 1:
+        pair = tieable(*bs) if len(bs) == 2 else None
+        if pair is not None:
+            tied = dict(zip(map(id, pair), tie(*pair)))
+            blocks = [tied.get(id(b), b) for b in blocks]
+        elif len(bs) > 1:
             for b in bs:
                 others = ", ".join(o.name for o in bs if o is not b)
                 refused[b.name] = (f"{_describe(type(b.module))} sharing a parameter with {others} (tied weights: one "
@@ -159,8 +167,8 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
 
     ``unsupported``: what happens to trainable parameters no Kronecker/norm block models (a layer
     type without a block, a refused configuration such as cross-attention projections, a custom
-    ``nn.Parameter``, a parameter shared by two modules, e.g. an embedding tied to the output
-    layer): ``"diagonal"`` (a diagonal Fisher block each), ``"skip"`` (left alone: train them
+    ``nn.Parameter``, a parameter shared by two modules other than an ``nn.Embedding`` tied to a
+    bias-free ``nn.Linear`` output layer, which is a tied pair of blocks, :mod:`.tied`): ``"diagonal"`` (a diagonal Fisher block each), ``"skip"`` (left alone: train them
     with another optimizer) or ``"error"``. :func:`~kfac_fast.curvature.coverage.coverage` says
     which parameters went where and why.
 

@@ -120,6 +120,40 @@ def test_activation_inside_the_norm_is_not_ignored():
     assert float((dn.norm_fisher_2x2(no_act, x, CE, "1.weight", "1.bias") - ref).abs().max()) > 1e-4
 
 
+class T5LayerNorm(nn.Module):
+    """transformers' T5LayerNorm: an RMS norm without bias named LayerNorm."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _hf_t5_layer_norm(d):
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    return t5.T5LayerNorm(d)
+
+
+@pytest.mark.parametrize("make", [T5LayerNorm, _hf_t5_layer_norm], ids=["local", "transformers"])
+def test_t5_layer_norm_is_an_rms_norm_block(make):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 6), make(6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(6, generator=g, dtype=D))
+    x = torch.randn(2, 4, 3, generator=g, dtype=D)  # (m, T, d): one loss term per token
+    recs = block_factors(model, x, CE, fisher="exact", unsupported="error")
+    (rec,) = [r for r in recs if r.name.endswith(".1")]
+    ref = dn.norm_fisher_2x2(model, x, CE, "1.weight")
+    assert tuple(rec.F.shape) == (6, 1, 1) and float(ref.abs().max()) > 1e-3
+    # transformers' T5LayerNorm forms its variance in float32 even in a float64 model
+    rtol = 1e-9 if make is T5LayerNorm else 1e-6
+    torch.testing.assert_close(rec.F, ref, rtol=rtol, atol=1e-12)
+
+
 class _NormWithExtra(nn.BatchNorm2d):
     def __init__(self, c):
         super().__init__(c)

@@ -59,7 +59,7 @@ def registered_blocks() -> dict[type, type[CurvatureBlock]]:
 STRUCTURAL = (
     ("a weight-transposed Linear (transformers' Conv1D: class Conv1D, nf, weight (nx, nf))", is_transposed_linear,
      TransposedLinearBlock),
-    ("an RMSNorm of another library (class *RMSNorm, one 1-D weight, variance_epsilon or eps)", is_rms_norm_like,
+    ("an RMSNorm of another library (class *RMSNorm or T5LayerNorm, one 1-D weight, variance_epsilon or eps)", is_rms_norm_like,
      ScaleShiftBlock),
 )
 

@@ -35,7 +35,8 @@ structure** (timm's, without importing timm):
 
 RMSNorm modules of other libraries (transformers' ``LlamaRMSNorm``, ``MistralRMSNorm``, …) are
 recognised **by structure**, without importing the library (:func:`is_rms_norm_like`): a class
-whose name ends in ``RMSNorm``, exactly one parameter, a 1-D ``weight`` of the hidden size, and a
+whose name ends in ``RMSNorm`` (or T5's ``T5LayerNorm`` and its copies, RMS norms by another
+name), exactly one parameter, a 1-D ``weight`` of the hidden size, and a
 float ``variance_epsilon`` or ``eps``; y = weight ⊙ x / sqrt(mean(x²) + eps) over the last dim
 (no bias). A ``(1 + weight)`` scale (Gemma) has the same derivative w.r.t. the weight, so the same
 block. Another layout needs a block of its own (``kfac_fast.register_block``).
@@ -61,11 +62,22 @@ def rms_eps(module: nn.Module):
     return None
 
 
+#: class names of transformers' RMS norms named "LayerNorm" (T5 and its descendants: no mean
+#: subtraction, no bias, y = weight ⊙ x / sqrt(mean(x²) + variance_epsilon))
+RMS_NORMS_NAMED_LAYER_NORM = ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm", "LongT5LayerNorm",
+                              "Pix2StructLayerNorm", "Pop2PianoLayerNorm", "SwitchTransformersLayerNorm")
+
+
+def _rms_named(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("RMSNorm") or name in RMS_NORMS_NAMED_LAYER_NORM
+
+
 def is_rms_norm_like(module: nn.Module) -> bool:
     """Whether ``module`` is an RMSNorm of another library by structure: class name ending in
-    ``RMSNorm``, its only own parameter a 1-D ``weight``, no sub-modules, a numeric
-    ``variance_epsilon`` or ``eps``."""
-    if not type(module).__name__.endswith("RMSNorm") or isinstance(module, NORM_TYPES):
+    ``RMSNorm`` (or one of :data:`RMS_NORMS_NAMED_LAYER_NORM`, T5's), its only own parameter a
+    1-D ``weight``, no sub-modules, a numeric ``variance_epsilon`` or ``eps``."""
+    if not _rms_named(module) or isinstance(module, NORM_TYPES):
         return False
     own = dict(module.named_parameters(recurse=False))
     w = own.get("weight")
@@ -124,7 +136,7 @@ class ScaleShiftBlock(CurvatureBlock):
         m = self.module
         if is_channel_first_layer_norm(m):
             return False
-        return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+        return isinstance(m, nn.LayerNorm) or _rms_named(m)
 
     @property
     def channels(self) -> int:

@@ -182,3 +182,25 @@ def test_norm_subclass_with_other_children_is_refused_with_the_reason(cls, why):
     assert re.search(why, skipped["model.1.weight"]), skipped
     with pytest.raises(ValueError, match=why):
         kfac_fast.KFACPreconditioner(model, loss=CE, unsupported="error")
+
+
+class _Block(nn.Module):
+    """A container applying its own parameter (a layer scale, as timm's ConvNeXtBlock.gamma)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.gamma = nn.Parameter(torch.full((3,), 1e-2))
+
+    def forward(self, x):
+        return x + self.gamma * self.fc(x)
+
+
+def test_a_containers_own_parameter_is_named_as_such():
+    model = nn.Sequential(_Block(), nn.Linear(3, 2), nn.LSTM(2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kfac_fast.CoverageWarning)
+        cov = kfac_fast.KFACPreconditioner(model, loss=CE).coverage()
+    by = {e.name: e.reason for e in cov.entries if e.kind == "skipped"}
+    assert "used directly in the forward of" in by["model.0.gamma"] and "model.0" in by["model.0.gamma"], by
+    assert "no block for this layer type" in by["model.2.weight_ih_l0"], by  # a leaf layer type

@@ -131,7 +131,8 @@ def _survey(model: nn.Module, model_name: str, kfac_approx: str):
 
 def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand") -> dict[str, str]:
     """Trainable parameter name -> why no Kronecker or norm block models it (its module's
-    refusal, tied weights, a layer type without a block, a parameter of no layer)."""
+    refusal, tied weights, a layer type without a block, a parameter a container module applies
+    in its own forward: a layer scale, a class token, a position table)."""
     handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
     _, refused, loose, mod_of = _survey(model, model_name, kfac_approx)
     out = {}
@@ -145,6 +146,10 @@ def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: 
             out[pname] = f"{what} at {path}"
         elif block_class(module) is not None:
             out[pname] = f"{_describe(type(module))} at {path} whose weight is frozen"
+        elif next(module.children(), None) is not None:  # a container's own parameter
+            out[pname] = (f"a parameter used directly in the forward of {_describe(type(module))} at {path} (a "
+                          "layer scale, class token, position embedding or bias table: no layer with a block "
+                          "applies it)")
         else:
             out[pname] = (f"{_describe(type(module))} at {path} (no block for this layer type; K-FAC has "
                           f"Kronecker/norm blocks for {handled})")

@@ -204,3 +204,59 @@ def test_a_containers_own_parameter_is_named_as_such():
     by = {e.name: e.reason for e in cov.entries if e.kind == "skipped"}
     assert "used directly in the forward of" in by["model.0.gamma"] and "model.0" in by["model.0.gamma"], by
     assert "no block for this layer type" in by["model.2.weight_ih_l0"], by  # a leaf layer type
+
+
+class LayerScale(nn.Module):
+    """timm.layers.LayerScale's layout: x * gamma over the last dim."""
+
+    def __init__(self, d, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(torch.full((d,), 1e-1))
+
+    def forward(self, x):
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+class LayerScale2d(LayerScale):
+    """timm.layers.LayerScale2d's layout: gamma over dim 1 of (m, C, H, W)."""
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+def _layer_scale_case(kind):
+    g = torch.Generator().manual_seed(4)
+    if kind.endswith("2d"):
+        ls = LayerScale2d(4) if kind == "local2d" else _timm_layers().LayerScale2d(4)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), ls, nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+        x = torch.randn(5, 2, 3, 3, generator=g, dtype=D)
+    else:
+        ls = LayerScale(6) if kind == "local" else _timm_layers().LayerScale(6)
+        model = nn.Sequential(nn.Linear(3, 6), ls, nn.Tanh(), nn.Linear(6, 3))
+        x = torch.randn(2, 4, 3, generator=g, dtype=D)  # (m, T, d): one loss term per token
+    model = model.to(D)
+    with torch.no_grad():
+        ls.gamma.copy_(torch.randn(ls.gamma.shape, generator=g, dtype=D))
+    return model, x
+
+
+@pytest.mark.parametrize("kind", ["local", "local2d", "timm", "timm2d"])
+def test_layer_scale_is_the_per_channel_fisher_of_gamma(kind):
+    torch.manual_seed(0)
+    model, x = _layer_scale_case(kind)
+    recs = block_factors(model, x, CE, fisher="exact", unsupported="error")
+    (rec,) = [r for r in recs if r.name.endswith(".1")]
+    ref = dn.norm_fisher_2x2(model, x, CE, "1.gamma")
+    C = model[1].gamma.numel()
+    assert tuple(rec.F.shape) == (C, 1, 1) and float(ref.abs().max()) > 1e-3
+    torch.testing.assert_close(rec.F, ref, rtol=1e-9, atol=1e-12)
+    cov = kfac_fast.curvature.coverage(model, kfac_fast.curvature.blocks.find_blocks(model))
+    assert [e.kind for e in cov.entries if e.name.endswith(".1")] == ["scale-shift"]
+
+
+def test_layer_scale_in_place_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(3, 6), LayerScale(6, inplace=True), nn.Tanh(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match="inplace=True.*build it with inplace=False"):
+        kfac_fast.KFACPreconditioner(model, loss=CE, unsupported="error")
+

@@ -29,6 +29,7 @@ EXPECTED = {
     "timm_convnext_atto": (0.93, {"gamma"}),  # layer scale: a raw parameter in ConvNeXtBlock.forward
     "timm_vit_tiny_patch16": (0.98, {"cls_token", "pos_embed"}),
     "timm_deit_tiny_distilled": (0.98, {"cls_token", "dist_token", "pos_embed"}),
+    "timm_deit3_layerscale": (0.98, {"cls_token", "pos_embed"}),  # LayerScale modules: 1×1 blocks
     "timm_swin_tiny": (0.98, {"relative_position_bias_table"}),
     "timm_regnet_small": (0.50, set()),  # grouped convolutions: dense per-group blocks
     "timm_densenet_small": (0.95, set()),

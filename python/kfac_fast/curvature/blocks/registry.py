@@ -4,7 +4,8 @@ Lookup walks the module's class hierarchy (most specific first), so a subclass o
 type uses its parent's block unless it has its own (kfac-jax's ``set_default_tag_to_block_ctor``
 plays the same role). Modules of other libraries that K-FAC must not import are matched **by
 structure** when no registered type matches (:data:`STRUCTURAL`: transformers' weight-transposed
-``Conv1D`` and its ``*RMSNorm`` modules); a registration always wins over a structural match.
+``Conv1D``, its ``*RMSNorm`` modules, timm's ``LayerScale``); a registration always wins over a
+structural match.
 Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
 type without a block, a parameter shared by two modules) follow the ``unsupported`` policy.
 """
@@ -20,6 +21,7 @@ from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
+from .layer_scale import LayerScaleBlock, is_layer_scale
 from .linear import LinearBlock
 from .scale_shift import NORM_TYPES, ScaleShiftBlock, is_rms_norm_like
 from .transposed_linear import TransposedLinearBlock, is_transposed_linear
@@ -59,8 +61,9 @@ def registered_blocks() -> dict[type, type[CurvatureBlock]]:
 STRUCTURAL = (
     ("a weight-transposed Linear (transformers' Conv1D: class Conv1D, nf, weight (nx, nf))", is_transposed_linear,
      TransposedLinearBlock),
-    ("an RMSNorm of another library (class *RMSNorm or T5LayerNorm, one 1-D weight, variance_epsilon or eps)", is_rms_norm_like,
-     ScaleShiftBlock),
+    ("an RMSNorm of another library (class *RMSNorm or T5LayerNorm, one 1-D weight, variance_epsilon or eps)",
+     is_rms_norm_like, ScaleShiftBlock),
+    ("a layer scale (class *LayerScale or *LayerScale2d, one 1-D parameter)", is_layer_scale, LayerScaleBlock),
 )
 
 

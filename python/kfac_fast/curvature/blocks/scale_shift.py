@@ -218,7 +218,7 @@ class ScaleShiftBlock(CurvatureBlock):
         """(m, C, 2): u_{n,c} = (Σ_r g x̂, Σ_r g) per example and channel."""
         if x.shape != g.shape:
             raise ValueError(f"layer {self.name}: input {tuple(x.shape)} and output {tuple(g.shape)} differ")
-        if self.channel_last and x.dim() == self.module.weight.dim():  # unbatched
+        if self.channel_last and x.dim() == self.params()[0].dim():  # unbatched
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         xh = self.normalized(x).to(g.dtype)
         ops = post_norm_ops(self.module)

@@ -131,6 +131,35 @@ def run_entry(make, batch_fn, entry, steps, autocast):
     return cov, losses, _state_bytes(mem), _param_bytes(model), statistics.median(times[1:])
 
 
+#: timm models at their real size (construction only: coverage and the blocks' dense sizes)
+FULL_SIZE = ("resnet50", "resnext50_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny",
+             "regnetx_002", "regnety_016", "vit_small_patch16_224", "deit3_small_patch16_224",
+             "swin_tiny_patch4_window7_224")
+
+
+def full_size_coverage(names) -> list[dict]:
+    """Coverage of full-size timm models (random init, no step): Kronecker / norm / dense
+    (grouped conv) / left-out fractions, and what is left out and why."""
+    from integration_zoo import _timm
+
+    timm = _timm()
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=1000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", kfac_fast.CoverageWarning)
+            cov = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy").coverage()
+        n = cov.trainable
+        rows.append({"model": name, "trainable": n, "kron_pct": round(100 * cov.kronecker_fraction, 1),
+                     "norm_pct": round(100 * cov.count("scale-shift") / n, 1),
+                     "dense_pct": round(100 * cov.count("dense") / n, 1),
+                     "left_pct": round(100 * cov.count("skipped") / n, 1), "left_out": _left_out(cov)})
+        print({k: v for k, v in rows[-1].items()}, flush=True)
+        del model
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS))
@@ -138,7 +167,15 @@ def main(argv=None):
     p.add_argument("--no-autocast", action="store_true")
     p.add_argument("--out", default="sweep_models_cpu")
     p.add_argument("--traceback", action="store_true", help="print the traceback of every failure")
+    p.add_argument("--full-size", action="store_true",
+                   help="only the coverage of full-size timm models (FULL_SIZE), to results/<out>_full_size.csv")
     args = p.parse_args(argv)
+    if args.full_size:
+        rows = full_size_coverage(FULL_SIZE)
+        print()
+        print_table(rows, ["model", "trainable", "kron_pct", "norm_pct", "dense_pct", "left_pct", "left_out"])
+        write_csv(f"{args.out}_full_size", rows, machine_info())
+        return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*[Ss]ome weights.*")
     entries = ["kfac", "pass", "hooks"] + ([] if args.no_autocast else ["kfac_bf16", "hooks_bf16"])

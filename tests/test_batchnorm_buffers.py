@@ -60,3 +60,18 @@ def test_kfac_step_updates_batchnorm_statistics_once_with_the_whole_batch():
         opt.step(x, y)
         for e, g in zip(expected, _buffers(model)):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_one_example_subset_with_batchnorm_names_tau1():
+    # a batch of 8 and tau1 = 1/8: the statistics pass sees 1 example, which BatchNorm1d in
+    # training mode cannot normalise; the error names the subset and the fix, not only torch's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pre = KFACPreconditioner(model, loss="softmax_cross_entropy")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"subset of 1 example.*at least 2/tau1 examples or raise tau1"):
+        pre.step(x, y)
+    KFACPreconditioner(model, loss="softmax_cross_entropy", tau1=0.25).step(x, y)  # 2 examples: fine
+    with pytest.raises(ValueError, match=r"subset of 1 example"):
+        KFAC(model, loss="softmax_cross_entropy").step(x, y)

@@ -118,3 +118,30 @@ def test_kfac_trains_a_model_returning_model_output():
     y = causal_lm_targets(labels)
     losses = [float(opt.step({"input_ids": ids}, y)["loss"]) for _ in range(20)]
     assert losses[-1] < losses[0]
+
+
+class _RegressionHead(nn.Module):
+    """A Hugging Face regression head's shapes: logits (m, 1) in a ModelOutput, labels (m,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return FakeModelOutput(logits=self.body(x))
+
+
+@pytest.mark.parametrize("loss", ["squared_error", "sigmoid_cross_entropy"])
+def test_one_output_targets_without_the_trailing_dim_name_the_fix(loss):
+    torch.manual_seed(0)
+    model = _RegressionHead()
+    x, y = torch.randn(8, 4), torch.rand(8)
+    opt = kfac_fast.KFAC(model, loss=loss)
+    with pytest.raises(ValueError, match=r"got \(8,\); the model has one output.*labels.unsqueeze\(-1\)"):
+        opt.step(x, y)
+    opt.step(x, y.unsqueeze(-1))
+    pre = kfac_fast.KFACPreconditioner(model, loss=loss, capture="hooks", fisher="empirical")
+    model.zero_grad()
+    F.mse_loss(model(x).logits, y.unsqueeze(-1)).backward()
+    with pytest.raises(ValueError, match=r"labels.unsqueeze\(-1\)"):
+        pre.step(targets=y)

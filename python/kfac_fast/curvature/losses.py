@@ -76,6 +76,15 @@ class PredictiveDistribution:
         raise NotImplementedError
 
 
+def _one_output_hint(z: torch.Tensor, y: torch.Tensor) -> str:
+    """The fix for targets without the output's trailing dimension of size 1 (a Hugging Face
+    regression or binary head: logits (m, 1), labels (m,)), else ""."""
+    if z.shape[-1] == 1 and tuple(y.shape) == tuple(z.shape[:-1]):
+        return ("; the model has one output per loss term (logits (m, ..., 1)), so pass the targets as "
+                "labels.unsqueeze(-1) (e.g. targets=lambda b: b['labels'].unsqueeze(-1))")
+    return ""
+
+
 class SoftmaxCrossEntropy(PredictiveDistribution):
     """Categorical over logits z (m, ..., k). Targets: integer class indices (m, ...); terms whose
     target is ``ignore_index`` are excluded (None: every target must be a class)."""
@@ -228,7 +237,7 @@ class SigmoidCrossEntropy(_NanMasked):
             raise TypeError(f"sigmoid_cross_entropy targets must be floating point in [0, 1], got {y.dtype}")
         if y.shape != z.shape:
             raise ValueError(f"sigmoid_cross_entropy targets must have the output's shape {tuple(z.shape)}, "
-                             f"got {tuple(y.shape)}")
+                             f"got {tuple(y.shape)}" + _one_output_hint(z, y))
         lo, hi, _ = self._check_nans(y) if y.numel() else (0.0, 1.0, 0)  # one host sync
         if not (0 <= lo and hi <= 1):  # NaN fails too (unless ignored as a whole term)
             raise ValueError("sigmoid_cross_entropy targets must lie in [0, 1] (probabilities/intensities)")
@@ -266,7 +275,7 @@ class SquaredError(_NanMasked):
             raise TypeError(f"squared_error targets must be floating point, got {y.dtype}")
         if y.shape != z.shape:
             raise ValueError(f"squared_error targets must have the output's shape {tuple(z.shape)}, "
-                             f"got {tuple(y.shape)}")
+                             f"got {tuple(y.shape)}" + _one_output_hint(z, y))
         if self.ignore_nan_targets and y.numel():
             self._check_nans(y)
 

@@ -149,13 +149,22 @@ def sampled_statistics(model, blocks: Sequence[CurvatureBlock], batch, loss, *, 
     from the outputs with NaN/inf replaced by 0, and the non-finite outputs show up in the
     statistics (``finite_flags``), which the caller then keeps out of the factors. N stays a
     device tensor when a mask leaves terms out."""
-    from ..batch import buffers_kept, call
+    from ..batch import batch_size, buffers_kept, call
     from .capture import capture
     from .losses import check_output, sample_targets
 
     with torch.enable_grad(), buffers_kept(model), internal_pass():
         with capture(blocks) as rec:
-            z = call(model, batch)
+            try:
+                z = call(model, batch)
+            except ValueError as e:
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise ValueError(
+                    f"K-FAC's statistics pass runs on a subset of {batch_size(batch)} example(s) of the batch (the "
+                    "tau1 fraction) and a BatchNorm in training mode has one value per channel there: use a batch of "
+                    "at least 2/tau1 examples or raise tau1 (KFAC(..., tau1=), KFACPreconditioner(..., tau1=)); "
+                    f"torch said: {e}") from e
         check_output(z, loss)
         if fisher == "mc":
             if not check_finite:

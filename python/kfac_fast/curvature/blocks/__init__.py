@@ -7,6 +7,7 @@ from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
 from .grouped_conv import GroupedConvBlock
+from .layer_scale import LayerScaleBlock
 from .linear import LinearBlock
 from .registry import UNSUPPORTED, block_class, check_unsupported, find_blocks, register_block, registered_blocks
 from .scale_shift import ScaleShiftBlock
@@ -28,6 +29,7 @@ __all__ = [
     "KFAC_APPROX",
     "KRONECKER",
     "KRONECKER_DIAG_A",
+    "LayerScaleBlock",
     "LinearBlock",
     "ScaleShiftBlock",
     "TransposedLinearBlock",

@@ -4,7 +4,8 @@ Lookup walks the module's class hierarchy (most specific first), so a subclass o
 type uses its parent's block unless it has its own (kfac-jax's ``set_default_tag_to_block_ctor``
 plays the same role). Modules of other libraries that K-FAC must not import are matched **by
 structure** when no registered type matches (:data:`STRUCTURAL`: transformers' weight-transposed
-``Conv1D`` and its ``*RMSNorm`` modules); a registration always wins over a structural match.
+``Conv1D``, its ``*RMSNorm`` modules, timm's ``LayerScale``); a registration always wins over a
+structural match.
 Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
 type without a block, a parameter shared by two modules) follow the ``unsupported`` policy, except
 one sharing: an ``nn.Embedding`` tied to a bias-free ``nn.Linear`` output layer becomes a tied pair
@@ -22,6 +23,7 @@ from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
+from .layer_scale import LayerScaleBlock, is_layer_scale
 from .linear import LinearBlock
 from .scale_shift import NORM_TYPES, ScaleShiftBlock, is_rms_norm_like
 from .tied import tie, tieable
@@ -62,8 +64,9 @@ def registered_blocks() -> dict[type, type[CurvatureBlock]]:
 STRUCTURAL = (
     ("a weight-transposed Linear (transformers' Conv1D: class Conv1D, nf, weight (nx, nf))", is_transposed_linear,
      TransposedLinearBlock),
-    ("an RMSNorm of another library (class *RMSNorm, one 1-D weight, variance_epsilon or eps)", is_rms_norm_like,
-     ScaleShiftBlock),
+    ("an RMSNorm of another library (class *RMSNorm or T5LayerNorm, one 1-D weight, variance_epsilon or eps)",
+     is_rms_norm_like, ScaleShiftBlock),
+    ("a layer scale (class *LayerScale or *LayerScale2d, one 1-D parameter)", is_layer_scale, LayerScaleBlock),
 )
 
 
@@ -139,7 +142,8 @@ def _survey(model: nn.Module, model_name: str, kfac_approx: str):
 
 def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand") -> dict[str, str]:
     """Trainable parameter name -> why no Kronecker or norm block models it (its module's
-    refusal, tied weights, a layer type without a block, a parameter of no layer)."""
+    refusal, tied weights, a layer type without a block, a parameter a container module applies
+    in its own forward: a layer scale, a class token, a position table)."""
     handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
     _, refused, loose, mod_of = _survey(model, model_name, kfac_approx)
     out = {}
@@ -153,6 +157,10 @@ def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: 
             out[pname] = f"{what} at {path}"
         elif block_class(module) is not None:
             out[pname] = f"{_describe(type(module))} at {path} whose weight is frozen"
+        elif next(module.children(), None) is not None:  # a container's own parameter
+            out[pname] = (f"a parameter used directly in the forward of {_describe(type(module))} at {path} (a "
+                          "layer scale, class token, position embedding or bias table: no layer with a block "
+                          "applies it)")
         else:
             out[pname] = (f"{_describe(type(module))} at {path} (no block for this layer type; K-FAC has "
                           f"Kronecker/norm blocks for {handled})")

@@ -3,8 +3,11 @@
 * Dense Kronecker blocks (Linear, Conv2d) go to the chosen inverse kind, block-diagonal
   (Sec 4.2) or block-tridiagonal (Sec 4.3, coupling consecutive Kronecker blocks:
   :class:`~kfac_fast.curvature.running.RunningFactors` says which pairs).
-* Kronecker blocks with a diagonal Ā (Embedding) are block-diagonal entries:
-  U = (G + (γ/π) I)⁻¹ V diag(1/(Ā + πγ)), π by the trace rule with tr Ā = Σ Ā.
+* Kronecker blocks with a diagonal factor (the Embedding's Ā; any Ā or G larger than
+  ``max_block_dim``, :mod:`.factors`) are block-diagonal entries, also with the
+  block-tridiagonal kind: U = (G + (γ/π) I)⁻¹ V (Ā + πγ I)⁻¹ with a diagonal side applied
+  elementwise (1/(Ā + πγ) per column, 1/(G + γ/π) per row), π by the trace rule with the
+  trace of a diagonal factor its sum (tr/size = its mean, Sec 6.3).
 * Small dense / diagonal blocks (norm scale-and-shift, any other parameter) are
   block-diagonal entries, damped as the Kronecker product F ⊗ [1] they are (a 1×1 G): the
   factored Tikhonov damping of Sec 6.3 gives (F_c + πγ I)⁻¹ / (1 + γ/π) per small block, with
@@ -20,12 +23,20 @@ import torch
 
 from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
-from .factors import BlockFisher, KroneckerFactors, factors_to_dict, record_to_dict
+from .factors import BlockFisher, KroneckerFactors, factor_like, factors_to_dict, record_to_dict
 from .inverse_kinds import INVERSE_KINDS, build_inverse
 
 
 def _is_dense_kron(f) -> bool:
-    return isinstance(f, KroneckerFactors) and f.A.dim() == 2
+    return isinstance(f, KroneckerFactors) and f.dense
+
+
+def apply_factored(V: torch.Tensor, g_side: torch.Tensor, a_side: torch.Tensor) -> torch.Tensor:
+    """U = G⁻¹ V Ā⁻¹ for a Kronecker block whose damped factor inverses are dense (n, n) or
+    diagonal (n,) (their diagonals, applied elementwise). V: (g, a) -> (g, a)."""
+    V = V.to(g_side.dtype)
+    U = g_side @ V if g_side.dim() == 2 else V * g_side.unsqueeze(1)
+    return U @ a_side if a_side.dim() == 2 else U * a_side.unsqueeze(0)
 
 
 def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
@@ -44,7 +55,8 @@ def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
 
 def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
     """Factor records from their checkpoint dicts (``record_to_dict``), with the names, kinds and
-    devices of ``template`` (the running factors)."""
+    devices of ``template`` (the running factors). A dense factor where the template keeps a
+    diagonal (a checkpoint written without the ``max_block_dim`` bound) becomes its diagonal."""
     records = []
     for t, d in zip(template, dicts):
         if isinstance(t, BlockFisher):
@@ -52,7 +64,7 @@ def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
         else:
             dev = t.A.device
             records.append(KroneckerFactors(
-                A=d["A"].to(dev), G=d["G"].to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
+                A=factor_like(d["A"], t.A).to(dev), G=factor_like(d["G"], t.G).to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
                 G_next=None if d.get("G_next") is None else d["G_next"].to(dev), name=t.name,
                 homogeneous=t.homogeneous))
     return records
@@ -104,8 +116,8 @@ class BlockInverse:
     def _pi(self, f: KroneckerFactors) -> float:
         if not isinstance(self.pi_spec, str):
             return float(self.pi_spec)
-        ta, tg = torch.stack([f.A.sum().double() / f.A.shape[0],
-                              torch.diagonal(f.G).sum().double() / f.G.shape[0]]).tolist()
+        tr = lambda M: M.sum() if M.dim() == 1 else torch.diagonal(M).sum()  # noqa: E731
+        ta, tg = torch.stack([tr(f.A).double() / f.A.shape[0], tr(f.G).double() / f.G.shape[0]]).tolist()
         return _pi_from_traces(ta, tg)
 
     def _pi_small(self, f: BlockFisher) -> float:
@@ -120,16 +132,22 @@ class BlockInverse:
         self.other: dict[int, tuple] = {}
         for i in self.other_idx:
             f = self.records[i]
-            if isinstance(f, KroneckerFactors):  # diagonal Ā
+            if isinstance(f, KroneckerFactors):  # a diagonal Ā and/or G
                 pi = self._pi(f)
-                a = f.A.clamp_min(0) + pi * g
-                if g == 0 and bool((a <= 0).any()):
-                    raise ValueError(f"layer {f.name}: a token never seen makes Ā singular and damping is 0; "
-                                     "use damping > 0")
-                Ginv, ok = _spd_inverse(f.G, g / pi)
-                if not ok:
-                    self.fallbacks.append(f"{f.name}: G (clamped eigenvalues)")
-                self.other[i] = ("diag_a", 1.0 / a, Ginv)
+                sides = []
+                for key, M, c in (("A", f.A, pi * g), ("G", f.G, g / pi)):
+                    if M.dim() == 1:
+                        d = M.clamp_min(0) + c
+                        if g == 0 and bool((d <= 0).any()):
+                            raise ValueError(f"layer {f.name}: a zero entry of the diagonal factor {key} (e.g. a "
+                                             "token never seen) makes it singular and damping is 0; use damping > 0")
+                        sides.append(1.0 / d)
+                    else:
+                        Minv, ok = _spd_inverse(M, c)
+                        if not ok:
+                            self.fallbacks.append(f"{f.name}: {key} (clamped eigenvalues)")
+                        sides.append(Minv)
+                self.other[i] = ("kron_diag", sides[0], sides[1])
             else:
                 pi = self._pi_small(f)
                 c = max(pi * g, torch.finfo(f.F.dtype).tiny)
@@ -218,10 +236,9 @@ class BlockInverse:
         for i in self.other_idx:
             entry = self.other[i]
             V = grads[i]
-            if entry[0] == "diag_a":
+            if entry[0] == "kron_diag":
                 _, ainv, Ginv = entry
-                V = V.to(Ginv.dtype)
-                out[i] = (Ginv @ V) * ainv.unsqueeze(0)
+                out[i] = apply_factored(V, Ginv, ainv)
             elif entry[0] == "diag":
                 out[i] = V.to(entry[1].dtype) * entry[1].unsqueeze(1)
             else:
@@ -246,6 +263,11 @@ class BlockInverse:
                      "kron": state, "records": [factors_to_dict(t) for t in template]}
         records = records_from_dicts(state["records"], template)
         kron_idx = [i for i, f in enumerate(records) if _is_dense_kron(f)]
+        saved = [r for r in state["records"] if "A" in r]
+        if sum(1 for r in saved if r["A"].dim() == 2 and r["G"].dim() == 2) != len(kron_idx):
+            # saved without the max_block_dim bound: rebuilt from the (diagonalised) records
+            return cls(records, kind=state["kind"], damping=state["damping"], pi=state["pi"], backend=backend,
+                       factorization=state.get("factorization") or "eigh")
         kron = None
         if state["kron"] is not None:
             kron = INVERSE_KINDS[state["kind"]].from_state(state["kron"], [template[i] for i in kron_idx],

@@ -71,7 +71,8 @@ from .curvature.coverage import Coverage, coverage
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
 from .curvature.capture import forward_order, internal_pass
 from .curvature.hooks import CapturedPass, HookCapture, check_pass
-from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
+from .curvature.inverses import (build_block_inverse, inverse_state, load_inverse, resolve_factorization,
+                                 warmup_rebuild)
 from .curvature.losses import check_output, get_loss, rows, sample_targets
 from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors, ema_decay, snapshot
@@ -501,10 +502,13 @@ class KFACPreconditioner:
                                           max_block_dim=self.max_block_dim)
         self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
         self.factors.commit()
-        if self.inverse is None or self.k <= 3 or self.k % self.T3 == 0:
-            self.inverse = build_block_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
-                                         backend=self.backend, warm_start=self.inverse,
-                                         factorization=self.factorization)
+        scheduled = self.inverse is None or self.k % self.T3 == 0
+        if scheduled or self.k <= 3:  # k = 2, 3: the small blocks only (warmup_rebuild)
+            records = snapshot(self.factors.current)
+            self.inverse = build_block_inverse(self.inverse_kind, records, damping=self.damping,
+                                               backend=self.backend, warm_start=self.inverse,
+                                               factorization=self.factorization,
+                                               rebuild=warmup_rebuild(records, self.k, scheduled=scheduled))
 
     def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
@@ -947,8 +951,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                         return None if v is None else factor_like(v, like).to(like.device, like.dtype)
 
                     records.append(KroneckerFactors(A=cv(dct["A"], t.A), G=cv(dct["G"], t.G),
-                                                    A_next=cv(dct.get("A_next"), t.A),
-                                                    G_next=cv(dct.get("G_next"), t.G),
+                                                    A_next=None if t.A_next is None else cv(dct.get("A_next"), t.A_next),
+                                                    G_next=None if t.G_next is None else cv(dct.get("G_next"), t.G_next),
                                                     name=t.name, homogeneous=t.homogeneous))
             self.inverse = self._new_inverse()
             self.inverse.refresh(records)

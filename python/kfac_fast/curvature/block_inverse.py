@@ -24,6 +24,7 @@ import torch
 from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
 from .factors import BlockFisher, KroneckerFactors, factor_like, factors_to_dict, record_to_dict
+from .block_diagonal import BlockDiagonal
 from .inverse_kinds import INVERSE_KINDS, build_inverse
 
 
@@ -53,6 +54,19 @@ def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
     return ((Q / w.unsqueeze(-2)) @ Q.transpose(-1, -2)).to(S.dtype), False
 
 
+def _shape(f) -> tuple[int, int]:
+    """The (g_dim, a_dim) block matrix shape of a record."""
+    return (f.F.shape[0], f.F.shape[1]) if isinstance(f, BlockFisher) else (f.G.shape[0], f.A.shape[0])
+
+
+def largest_dense_factor(f) -> int:
+    """The size of a record's largest dense factor (the n of its n³ refresh): max over its dense
+    Ā, G; b for small b×b blocks; 1 for a block whose factors are all diagonal."""
+    if isinstance(f, BlockFisher):
+        return f.F.shape[-1]
+    return max([M.shape[0] for M in (f.A, f.G) if M.dim() == 2] or [1])
+
+
 def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
     """Factor records from their checkpoint dicts (``record_to_dict``), with the names, kinds and
     devices of ``template`` (the running factors). A dense factor where the template keeps a
@@ -80,11 +94,28 @@ class BlockInverse:
             blocks; records carry ``A_next``/``G_next`` between consecutive ones).
         damping: γ ≥ 0; pi: ``"trace"`` or a positive float; backend, warm_start,
             factorization: as :class:`~kfac_fast.curvature.BlockDiagonal`.
+        rebuild: the record indices to build (None: all). The others keep their record and
+            damped inverses from ``warm_start`` (a :class:`BlockInverse` over the same blocks, at
+            the same γ and kind; otherwise every block is built): the warm-up rule of
+            :func:`~kfac_fast.curvature.inverses.warmup_rebuild`. The block-tridiagonal kind
+            couples its blocks: it is kept whole whenever a block of it is not in ``rebuild``.
     """
 
     def __init__(self, records: Sequence, *, kind: str = "block_diagonal", damping: float, pi="trace",
-                 backend: str = "auto", warm_start=None, factorization: str = "eigh", _kron=None):
-        self.records = list(records)
+                 backend: str = "auto", warm_start=None, factorization: str = "eigh", _kron=None,
+                 rebuild: Optional[Sequence[int]] = None):
+        records = list(records)
+        prev = warm_start if rebuild is not None and _kron is None else None
+        if prev is not None and not (isinstance(prev, BlockInverse) and prev.kind == kind
+                                     and prev.damping == check_damping(damping) and prev.pi_spec == pi
+                                     and prev.shapes == [_shape(f) for f in records]
+                                     and prev.kron_idx == [i for i, f in enumerate(records) if _is_dense_kron(f)]):
+            prev = None  # nothing reusable: every block is built
+        keep = set() if prev is None else set(range(len(records))) - set(rebuild)
+        if keep and kind != "block_diagonal" and any(i in keep for i in prev.kron_idx):
+            keep |= set(prev.kron_idx)  # the tridiagonal inverse couples its blocks: kept whole
+        records = [prev.records[i] if i in keep else f for i, f in enumerate(records)]
+        self.records = records
         self.kind = kind
         self.damping = check_damping(damping)
         self.pi_spec = pi
@@ -102,15 +133,22 @@ class BlockInverse:
             elif self.kron_idx:
                 ws = warm_start.kron if isinstance(warm_start, BlockInverse) else warm_start
                 facs = [self.records[i] for i in self.kron_idx]
+                kept = [j for j, i in enumerate(self.kron_idx) if i in keep]
                 if kind == "block_diagonal":
                     # cross factors (if any) are not needed here
                     facs = [KroneckerFactors(A=f.A, G=f.G, name=f.name, homogeneous=f.homogeneous) for f in facs]
-                self.kron = build_inverse(kind, facs, damping=self.damping, backend=backend, warm_start=ws, pi=pi,
-                                          factorization=factorization)
+                    if kept:
+                        self.kron = BlockDiagonal(facs, damping=self.damping, pi=pi, backend=backend, warm_start=ws,
+                                                  factorization=factorization, keep=kept)
+                if not kept:
+                    self.kron = build_inverse(kind, facs, damping=self.damping, backend=backend, warm_start=ws,
+                                              pi=pi, factorization=factorization)
+                elif kind != "block_diagonal":
+                    self.kron = ws
             else:
                 self.kron = None
             self.fallbacks = list(self.kron.fallbacks) if self.kron is not None else []
-            self._build_others()
+            self._build_others({} if prev is None else {i: prev.other[i] for i in keep if i in prev.other})
 
     # ------------------------------------------------------------------ the other kinds
     def _pi(self, f: KroneckerFactors) -> float:
@@ -127,10 +165,12 @@ class BlockInverse:
         ta = float(torch.diagonal(f.F, dim1=-2, dim2=-1).double().mean())
         return _pi_from_traces(ta, 1.0)
 
-    def _build_others(self) -> None:
+    def _build_others(self, given: Optional[dict] = None) -> None:
         g = self.damping
-        self.other: dict[int, tuple] = {}
+        self.other: dict[int, tuple] = dict(given or {})
         for i in self.other_idx:
+            if i in self.other:
+                continue
             f = self.records[i]
             if isinstance(f, KroneckerFactors):  # a diagonal Ā and/or G
                 pi = self._pi(f)

@@ -165,7 +165,7 @@ class KFACConfig:
         """The paper's settings for its autoencoder experiments (Sec 6.5, 6.6, 8, 13)."""
         base = dict(lambda_init=150.0, weight_decay=1e-5, T1=5, T2=20, T3=20, tau1=1 / 8, tau2=1 / 4, ema_max=0.95,
                     reject_steps=False, tau2_min_rows=0, mu_max=math.inf, rho_batch="same", rho_rows=0,
-                    lambda_min=1e-8, gamma_min=1e-8)
+                    lambda_min=1e-8, gamma_min=1e-8, max_block_dim=None)
         base.update(overrides)
         return cls(**base)
 

@@ -6,7 +6,9 @@ warm-up rule (k = 2, 3 rebuild only blocks whose largest dense factor is ≤ 102
    bound; and a GPT-2-size LM head Linear(768, 50257): its factor bytes (measured with the
    bound on an Embedding → Linear(768, 50257) model; computed for the unbounded G, which does
    not fit in this machine's memory twice).
-2. warm-up: KFACPreconditioner (capture="pass", default τ₁ = 1/8) on timm resnet18 (1000
+2. refresh cost per factor size: one damped factor inverse by Cholesky (the default
+   factorization), float32, median of 3: what the warm-up rule's 1024 threshold trades.
+3. warm-up: KFACPreconditioner (capture="pass", default τ₁ = 1/8) on timm resnet18 (1000
    classes, 224×224, batch 8): the wall time of iterations 1, 2, 3 and of an SGD step (forward,
    backward, update) for scale; Sec 8's rebuild of every block at k ≤ 3 ("sec8") against the
    warm-up rule ("rule"), with the default bound and unbounded.
@@ -83,6 +85,24 @@ def state_rows() -> list[dict]:
     return rows
 
 
+def refresh_rows() -> list[dict]:
+    import statistics
+
+    rows = []
+    for n in (512, 1024, 1152, 2304, 4608):
+        X = torch.randn(2 * n, n)
+        M = X.t() @ X / (2 * n)
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            L, _ = torch.linalg.cholesky_ex(M + 1e-3 * torch.eye(n))
+            torch.cholesky_inverse(L)
+            ts.append(time.perf_counter() - t0)
+        rows.append({"what": "damped factor inverse (Cholesky), float32", "n": n, "median_s": statistics.median(ts)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def warmup_rows(repeats: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 3, 224, 224, generator=g), torch.randint(0, 1000, (8,), generator=g)) for _ in range(3)]
@@ -134,6 +154,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-state", action="store_true")
     p.add_argument("--skip-warmup", action="store_true")
+    p.add_argument("--skip-refresh", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     info = dict(machine_info(), load_average=os.getloadavg()[0])
@@ -142,6 +163,10 @@ def main() -> None:
         print_table(rows, ["what", "max_block_dim", "factors_MB", "inverse_MB", "params_MB", "state_over_params",
                            "diagonal"])
         write_csv("large_factors_state", rows, info)
+    if not args.skip_refresh:
+        rows = refresh_rows()
+        print_table(rows, ["what", "n", "median_s"])
+        write_csv("large_factors_refresh", rows, dict(info, load_average_end=os.getloadavg()[0]))
     if not args.skip_warmup:
         rows = warmup_rows(args.repeats)
         print_table(rows, ["max_block_dim", "rule", "repeat", "iter1_s", "iter2_s", "iter3_s", "first3_s",

@@ -248,21 +248,26 @@ def test_kfac_trains_with_the_bound_and_checkpoints_round_trip():
         assert torch.equal(p, q)
 
 
-def test_checkpoint_without_the_bound_loads_with_it():
+@pytest.mark.parametrize("inverse", ["block_diagonal", "block_tridiagonal"])
+def test_checkpoint_without_the_bound_loads_with_it(inverse):
     """A preconditioner checkpoint written with every factor dense loads into a bounded one: the
-    bounded factors become the saved factors' diagonals and the inverse is rebuilt from them."""
+    bounded factors become the saved factors' diagonals (the tridiagonal coupling of the blocks
+    now diagonal dropped) and the inverse is rebuilt from them."""
     model = cnn()
     x, y = _data()
-    pre, _ = _pre_one_step(copy.deepcopy(model), x, y, None)
+    pre, _ = _pre_one_step(copy.deepcopy(model), x, y, None, inverse=inverse)
+    if inverse == "block_tridiagonal":
+        assert pre.factors.current[2].A_next is not None  # linear 5 was coupled to 7
     state = pre.state_dict()
     bounded = kfac_fast.KFACPreconditioner(copy.deepcopy(model), loss="softmax_cross_entropy", fisher="empirical",
-                                           capture="hooks", factor_dtype=D, max_block_dim=BOUND, step_size=None)
+                                           capture="hooks", factor_dtype=D, max_block_dim=BOUND, step_size=None,
+                                           inverse=inverse)
     bounded.load_state_dict(state)
     for f, g in zip(bounded.factors.current, pre.factors.current):
         for got, full in ((f.A, g.A), (f.G, g.G)):
             assert torch.equal(got, torch.diagonal(full) if got.dim() == 1 else full)
     assert [bounded.inverse.records[i].name for i in bounded.inverse.kron_idx] == ["model.9"]
-    fresh, _ = _pre_one_step(copy.deepcopy(model), x, y, BOUND)
+    fresh, _ = _pre_one_step(copy.deepcopy(model), x, y, BOUND, inverse=inverse)
     V = [torch.randn(s, dtype=D) for s in fresh.inverse.shapes]
     for u, v in zip(bounded.inverse.apply(V), fresh.inverse.apply(V)):
         assert torch.allclose(u, v, rtol=1e-12, atol=1e-14)

@@ -76,7 +76,8 @@ from .curvature.inverses import (build_block_inverse, inverse_state, load_invers
 from .curvature.losses import check_output, get_loss, rows, sample_targets
 from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors, ema_decay, snapshot
-from .curvature.factors import DEFAULT_MAX_BLOCK_DIM, BlockFisher, KroneckerFactors, check_max_block_dim, factor_like, record_to_dict
+from .curvature.factors import (DEFAULT_MAX_BLOCK_DIM, BlockFisher, KroneckerFactors, check_max_block_dim,
+                                cross_factor_like, factor_like, record_to_dict)
 from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_targets, block_rows, concat_statistics,
                                    sampled_statistics)
 from .distributed import (Distributor, PhaseTimer, ShardedInverse, check_mode, common_seed, default_distributor,
@@ -951,8 +952,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                         return None if v is None else factor_like(v, like).to(like.device, like.dtype)
 
                     records.append(KroneckerFactors(A=cv(dct["A"], t.A), G=cv(dct["G"], t.G),
-                                                    A_next=None if t.A_next is None else cv(dct.get("A_next"), t.A_next),
-                                                    G_next=None if t.G_next is None else cv(dct.get("G_next"), t.G_next),
+                                                    A_next=cv(cross_factor_like(dct.get("A_next"), t.A_next), t.A_next),
+                                                    G_next=cv(cross_factor_like(dct.get("G_next"), t.G_next), t.G_next),
                                                     name=t.name, homogeneous=t.homogeneous))
             self.inverse = self._new_inverse()
             self.inverse.refresh(records)

@@ -23,7 +23,7 @@ import torch
 
 from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
-from .factors import BlockFisher, KroneckerFactors, factor_like, factors_to_dict, record_to_dict
+from .factors import BlockFisher, KroneckerFactors, cross_factor_like, factor_like, factors_to_dict, record_to_dict
 from .block_diagonal import BlockDiagonal
 from .inverse_kinds import INVERSE_KINDS, build_inverse
 
@@ -78,8 +78,8 @@ def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
         else:
             dev = t.A.device
             records.append(KroneckerFactors(
-                A=factor_like(d["A"], t.A).to(dev), G=factor_like(d["G"], t.G).to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
-                G_next=None if d.get("G_next") is None else d["G_next"].to(dev), name=t.name,
+                A=factor_like(d["A"], t.A).to(dev), G=factor_like(d["G"], t.G).to(dev),
+                A_next=cross_factor_like(d.get("A_next"), t.A_next), G_next=cross_factor_like(d.get("G_next"), t.G_next), name=t.name,
                 homogeneous=t.homogeneous))
     return records
 

@@ -80,6 +80,18 @@ def factor_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return src
 
 
+def cross_factor_like(saved: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A saved cross factor (Ā_{i-1,i} or G_{i,i+1}) for a record whose cross factor is
+    ``like``: zeros where a checkpoint written without the ``max_block_dim`` bound coupled a
+    block the bound now makes diagonal (such a block is a block-diagonal entry, its neighbours
+    unlinked), None where ``like`` is None."""
+    if like is None:
+        return None
+    if saved is None or tuple(saved.shape) != tuple(like.shape):
+        return torch.zeros_like(like)
+    return saved.to(like.device)
+
+
 def record_to_dict(f) -> dict:
     """Detached copies of a factor record's tensors (checkpoints)."""
     if isinstance(f, BlockFisher):

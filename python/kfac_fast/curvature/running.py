@@ -292,6 +292,14 @@ class RunningFactors:
             keys = ("F",) if isinstance(f, BlockFisher) else ("A", "G", "A_next", "G_next")
             for k in keys:
                 t = getattr(f, k)
+                cross = k in ("A_next", "G_next")
+                if cross and self.max_block_dim is not None and (
+                        (t is None) != (d.get(k) is None) or (t is not None and tuple(d[k].shape) != tuple(t.shape))):
+                    # saved without the bound: a block it now makes diagonal was coupled to its neighbours;
+                    # here it is a block-diagonal entry and the pair is unlinked (zero cross factors)
+                    if t is not None:
+                        t.zero_()
+                    continue
                 if t is None:
                     if d.get(k) is not None:
                         raise ValueError(f"checkpoint has {k} for layer {f.name} but this optimizer does not use it")

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .curvature.blocks import CurvatureBlock
+from .curvature.coverage import diagonal_factors_note
 
 
 def _first_param(blocks: Sequence[CurvatureBlock]) -> torch.nn.Parameter:
@@ -84,3 +85,19 @@ def warn_low_coverage(cov, owner: str, var: str) -> None:
                   f"blocks (scale-shift {cov.count('scale-shift')}, dense {cov.count('dense')}, diagonal "
                   f"{cov.count('diagonal')}, skipped {cov.count('skipped')}). Largest left out: {shown}{more}. "
                   f"print({var}.coverage()) lists every block", CoverageWarning, stacklevel=3)
+
+
+class MemoryReport(dict):
+    """``memory_report()``'s bytes by kind (a ``dict[str, int]``), with ``diagonal_factors``:
+    per Kronecker block whose Ā or G the ``max_block_dim`` bound keeps as a diagonal, which and
+    why (e.g. ``{"model.head": "G diagonal: 50257 > max_block_dim=4096"}``)."""
+
+    def __init__(self, sizes: dict, diagonal_factors: dict):
+        super().__init__(sizes)
+        self.diagonal_factors = dict(diagonal_factors)
+
+
+def memory_report_of(sizes: dict, layers, max_block_dim) -> MemoryReport:
+    """A :class:`MemoryReport` of ``sizes`` with the diagonal-factor notes of ``layers``."""
+    notes = {l.name: diagonal_factors_note(l, max_block_dim) for l in layers}
+    return MemoryReport(sizes, {n: v for n, v in notes.items() if v})

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from .curvature.factors import DEFAULT_MAX_BLOCK_DIM, check_max_block_dim
 from .curvature.inverse_kinds import INVERSE_KINDS
 
 RHO_LOW_BOUND = 0.25  # rho_min < 1/4, the LM rule's lower threshold (Sec 6.5)
@@ -33,6 +34,12 @@ class KFACConfig:
             eigendecomposition per factor and refresh, needed by the native eigensolver) or
             ``"auto"``: Cholesky for ``block_diagonal`` unless ``backend="native"``. The
             tridiagonal inverse always uses eigendecompositions (Appendix B).
+        max_block_dim: the largest Kronecker factor (Ā or G) kept dense; a larger one is kept
+            as its diagonal, the block staying a Kronecker product (diag ⊗ dense) and a
+            block-diagonal entry also with ``inverse="block_tridiagonal"``. Default
+            :data:`~kfac_fast.curvature.factors.DEFAULT_MAX_BLOCK_DIM` (4096: an LM head's
+            vocabulary-sized G, a 3×3×512-input convolution's Ā); None: no bound (every
+            factor dense, O(n²) memory and O(n³) refresh per factor).
         lambda_init: initial λ (Sec 6.5). The paper used 150 on its autoencoders; with our
             measured default budget 1.0 leaves the initial plateau far sooner (see README).
             ``KFACConfig.paper()`` restores 150.
@@ -82,6 +89,7 @@ class KFACConfig:
 
     inverse: str = "block_diagonal"
     factorization: str = "auto"
+    max_block_dim: Optional[int] = DEFAULT_MAX_BLOCK_DIM
     lambda_init: float = 1.0
     weight_decay: float = 1e-5
     momentum: bool = True
@@ -111,6 +119,7 @@ class KFACConfig:
         if self.inverse not in INVERSES:
             raise ValueError(f"unknown inverse {self.inverse!r}; choose one of {', '.join(INVERSES)}")
         check_factorization(self.factorization, self.inverse)
+        check_max_block_dim(self.max_block_dim)
         for name in ("lambda_init", "lambda_min", "lambda_max", "gamma_min", "gamma_max"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
@@ -156,7 +165,7 @@ class KFACConfig:
         """The paper's settings for its autoencoder experiments (Sec 6.5, 6.6, 8, 13)."""
         base = dict(lambda_init=150.0, weight_decay=1e-5, T1=5, T2=20, T3=20, tau1=1 / 8, tau2=1 / 4, ema_max=0.95,
                     reject_steps=False, tau2_min_rows=0, mu_max=math.inf, rho_batch="same", rho_rows=0,
-                    lambda_min=1e-8, gamma_min=1e-8)
+                    lambda_min=1e-8, gamma_min=1e-8, max_block_dim=None)
         base.update(overrides)
         return cls(**base)
 

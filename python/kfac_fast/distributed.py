@@ -66,6 +66,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_c
 
 import torch
 
+from .curvature.block_inverse import apply_factored
 from .curvature.running import RunningFactors, pack_tensors, packed_numel, unpack_tensors_
 from .curvature.tied_inverse import TiedSumInverse
 
@@ -162,8 +163,9 @@ def imbalance(costs: Sequence[float], owners: Sequence[int], world: int) -> floa
 
 
 def record_cost(record) -> float:
-    """n³ cost of one block's inverse refresh: Σ n³ over its dense factors (a³ + g³ for a dense
-    Kronecker block, g³ + a for a diagonal Ā, k·b³ for k small dense blocks of size b)."""
+    """n³ cost of one block's inverse refresh: Σ n³ over its dense factors and n over its
+    diagonal ones (a³ + g³ for a dense Kronecker block, g³ + a for a diagonal Ā, a³ + g for a
+    diagonal G, k·b³ for k small dense blocks of size b)."""
     from .curvature.factors import BlockFisher
 
     if isinstance(record, BlockFisher):
@@ -171,7 +173,7 @@ def record_cost(record) -> float:
         return float(k * b ** 3)
     a = record.A.shape[0]
     g = record.G.shape[0]
-    return float((a ** 3 if record.A.dim() == 2 else a) + g ** 3)
+    return float((a ** 3 if record.A.dim() == 2 else a) + (g ** 3 if record.G.dim() == 2 else g))
 
 
 def _splitmix64(x: int) -> int:
@@ -601,7 +603,8 @@ class PhaseTimer:
 
 def record_kind(record) -> str:
     """How a factor record's inverse is applied: ``"kron"`` (dense Ā, G: U = G⁻¹ V Ā⁻¹),
-    ``"diag_a"`` (diagonal Ā: U = (G⁻¹ V) diag(1/Ā)), ``"diag"`` (k scalars) or ``"dense"``
+    ``"kron_diag"`` (a diagonal Ā and/or G: U = G⁻¹ V Ā⁻¹ with the diagonal sides elementwise),
+    ``"diag"`` (k scalars) or ``"dense"``
     (k small b×b blocks); a tied pair (:mod:`~kfac_fast.curvature.blocks.tied`): ``"kron_sum"``
     (the head: Appendix B's K₂, s₂, K₁, s₁ of the Kronecker sum) and ``"zero"`` (the embedding)."""
     from .curvature.factors import BlockFisher
@@ -612,7 +615,7 @@ def record_kind(record) -> str:
         return "kron_sum"
     if record.tied_owner is not None:
         return "zero"
-    return "kron" if record.A.dim() == 2 else "diag_a"
+    return "kron" if record.A.dim() == 2 and record.G.dim() == 2 else "kron_diag"
 
 
 # CPU BLAS runs GEMMs with odd sizes (785, 1001: the bias column) markedly slower than on
@@ -633,8 +636,8 @@ def _part_buffers(record, kind: str) -> tuple[list[torch.Tensor], list[bool]]:
     ones are views into padded buffers, see :func:`_padded`)."""
     if kind == "kron":
         return [_padded(record.G.shape[0], record.G)[0], _padded(record.A.shape[0], record.A)[0]], [True, True]
-    if kind == "diag_a":
-        return [torch.empty_like(record.A), torch.empty_like(record.G)], [False, True]
+    if kind == "kron_diag":
+        return [torch.empty_like(record.A), torch.empty_like(record.G)], [record.A.dim() == 2, record.G.dim() == 2]
     if kind == "kron_sum":  # K2 (V, V) or (V,) with a diagonal G, s2 (V,), K1 (d, d), s1 (d,)
         V, d, like = record.G.shape[0], record.A.shape[0], record.A
         e = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
@@ -839,9 +842,9 @@ class ShardedInverse:
                 out[i] = u[: grads[i].shape[0], : grads[i].shape[1]]
         for i, k in enumerate(self._kinds):
             V = grads[i].to(dt)
-            if k == "diag_a":
+            if k == "kron_diag":
                 ainv, Ginv = self.parts[i]
-                out[i] = (Ginv @ V) * ainv.unsqueeze(0)
+                out[i] = apply_factored(V, Ginv, ainv)
             elif k == "diag":
                 out[i] = V * self.parts[i][0].unsqueeze(1)
             elif k == "dense":

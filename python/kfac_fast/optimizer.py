@@ -414,7 +414,7 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
                                           tridiagonal=self.config.inverse == "block_tridiagonal",
-                                          compute_dtype=self.compute_dtype)
+                                          compute_dtype=self.compute_dtype, max_block_dim=self.config.max_block_dim)
 
     def _examples_for(self, terms: int) -> int:
         """Examples holding at least ``terms`` loss terms (P per example, from the last gradient pass)."""
@@ -556,7 +556,8 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
     def coverage(self) -> Coverage:
         """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
         skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
-        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx)
+        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx,
+                        max_block_dim=self.config.max_block_dim)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of K-FAC state by kind, each storage counted once (views share storage).
@@ -565,7 +566,8 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         so a rejected step leaves the current ones untouched); ``inverse``: the damped inverses,
         eigenbases or Appendix B matrices plus the factor snapshot they were built from;
         ``delta0``: the previous update δ₀ (Sec 7); ``params``: the model's K-FAC parameters,
-        for scale. Nothing else persists between steps.
+        for scale. Nothing else persists between steps. Its ``diagonal_factors`` name the factors
+        the ``max_block_dim`` bound keeps as diagonals, and why.
         """
         return checkpoint_io.memory_report(self)
 

@@ -62,7 +62,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._parts import default_factor_dtype, default_generator, model_device, state_bytes, tensors_in, warn_low_coverage
+from ._parts import (default_factor_dtype, default_generator, memory_report_of, model_device, state_bytes, tensors_in,
+                     warn_low_coverage)
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
@@ -70,11 +71,13 @@ from .curvature.coverage import Coverage, coverage
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
 from .curvature.capture import forward_order, internal_pass
 from .curvature.hooks import CapturedPass, HookCapture, check_pass
-from .curvature.inverses import build_block_inverse, inverse_state, load_inverse, resolve_factorization
+from .curvature.inverses import (build_block_inverse, inverse_state, load_inverse, resolve_factorization,
+                                 warmup_rebuild)
 from .curvature.losses import check_output, get_loss, rows, sample_targets
 from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors, ema_decay, snapshot
-from .curvature.factors import BlockFisher, KroneckerFactors, record_to_dict
+from .curvature.factors import (DEFAULT_MAX_BLOCK_DIM, BlockFisher, KroneckerFactors, check_max_block_dim,
+                                cross_factor_like, factor_like, record_to_dict)
 from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_targets, block_rows, concat_statistics,
                                    sampled_statistics)
 from .distributed import (Distributor, PhaseTimer, ShardedInverse, check_mode, common_seed, default_distributor,
@@ -187,6 +190,10 @@ class KFACPreconditioner:
             ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
             optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
             scaled so that lr²∇ᵀu ≤ κ) or None (u itself: tune the learning rate for it).
+        max_block_dim: the largest Kronecker factor (Ā or G) kept dense; a larger one is kept as
+            its diagonal (the block stays a Kronecker product, diag ⊗ dense, and a block-diagonal
+            entry also with ``inverse="block_tridiagonal"``). Default 4096 (an LM head's
+            vocabulary-sized G, a 3×3×512-input convolution's Ā); None: no bound.
     """
 
     def __new__(cls, *args, **kwargs):
@@ -221,8 +228,10 @@ class KFACPreconditioner:
         loss_reduction: str = "mean",
         step_size: StepSize = Graft(),
         Tf: int = 1,
+        max_block_dim: Optional[int] = DEFAULT_MAX_BLOCK_DIM,
     ):
         check_factorization(factorization, inverse)
+        self.max_block_dim = check_max_block_dim(max_block_dim)
         if capture not in CAPTURES:
             raise ValueError(f"unknown capture {capture!r}; choose one of {', '.join(CAPTURES)}")
         if loss_reduction not in REDUCTIONS:
@@ -283,17 +292,18 @@ class KFACPreconditioner:
     def coverage(self) -> Coverage:
         """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
         skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
-        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx)
+        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx, max_block_dim=self.max_block_dim)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of K-FAC state by kind, each storage counted once: ``factors`` (the running Ā, G
         and their pending buffer), ``inverse`` (the damped inverses or eigenbases and the factor
-        snapshot they were built from), ``params`` (the parameters with blocks, for scale)."""
-        return {
+        snapshot they were built from), ``params`` (the parameters with blocks, for scale). Its
+        ``diagonal_factors`` name the factors the ``max_block_dim`` bound keeps as diagonals."""
+        return memory_report_of({
             "factors": state_bytes([] if self.factors is None else self.factors.tensors()),
             "inverse": state_bytes(tensors_in(self.inverse)),
             "params": state_bytes([p for layer in self.layers for p in layer.params()]),
-        }
+        }, self.layers, self.max_block_dim)
 
     def remove_hooks(self) -> None:
         """Take the ``capture="hooks"`` hooks off the model and drop what they recorded (idempotent;
@@ -489,13 +499,17 @@ class KFACPreconditioner:
         """Running factors ← this batch's statistics (Sec 5); inverse refresh on k ≤ 3 and every T3."""
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
+                                          tridiagonal=self.inverse_kind == "block_tridiagonal",
+                                          max_block_dim=self.max_block_dim)
         self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
         self.factors.commit()
-        if self.inverse is None or self.k <= 3 or self.k % self.T3 == 0:
-            self.inverse = build_block_inverse(self.inverse_kind, snapshot(self.factors.current), damping=self.damping,
-                                         backend=self.backend, warm_start=self.inverse,
-                                         factorization=self.factorization)
+        scheduled = self.inverse is None or self.k % self.T3 == 0
+        if scheduled or self.k <= 3:  # k = 2, 3: the small blocks only (warmup_rebuild)
+            records = snapshot(self.factors.current)
+            self.inverse = build_block_inverse(self.inverse_kind, records, damping=self.damping,
+                                               backend=self.backend, warm_start=self.inverse,
+                                               factorization=self.factorization,
+                                               rebuild=warmup_rebuild(records, self.k, scheduled=scheduled))
 
     def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
@@ -696,7 +710,8 @@ class KFACPreconditioner:
         self.factors = None
         if state["factors"] is not None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
+                                          tridiagonal=self.inverse_kind == "block_tridiagonal",
+                                          max_block_dim=self.max_block_dim)
             self.factors.load(state["factors"])
 
     def load_state_dict(self, state: dict) -> None:
@@ -837,7 +852,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             self._ordered = True
         if self.factors is None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
+                                          tridiagonal=self.inverse_kind == "block_tridiagonal",
+                                          max_block_dim=self.max_block_dim)
         with t("factor_update"):
             self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
         refresh = self.inverse is None or self.k <= 3 or self.k % self.T3 == 0
@@ -932,10 +948,12 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 if isinstance(t, BlockFisher):
                     records.append(BlockFisher(F=dct["F"].to(t.F.device, t.F.dtype), name=t.name, kind=t.kind))
                 else:
-                    cv = lambda v, like: None if v is None else v.to(like.device, like.dtype)  # noqa: E731
+                    def cv(v, like):
+                        return None if v is None else factor_like(v, like).to(like.device, like.dtype)
+
                     records.append(KroneckerFactors(A=cv(dct["A"], t.A), G=cv(dct["G"], t.G),
-                                                    A_next=cv(dct.get("A_next"), t.A),
-                                                    G_next=cv(dct.get("G_next"), t.G),
+                                                    A_next=cv(cross_factor_like(dct.get("A_next"), t.A_next), t.A_next),
+                                                    G_next=cv(cross_factor_like(dct.get("G_next"), t.G_next), t.G_next),
                                                     name=t.name, homogeneous=t.homogeneous,
                                                     tied_partner=t.tied_partner, tied_owner=t.tied_owner))
             self.inverse = self._new_inverse()

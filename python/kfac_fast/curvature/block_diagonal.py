@@ -62,6 +62,11 @@ class BlockDiagonal(ComputeDtypeOperands):
             ``"eigh"`` path and its fallbacks).
         warm_start: a previous :class:`BlockDiagonal` (or its ``eig``) whose eigenbases start
             the iterative eigensolver (native engine).
+        keep: positions of ``factors`` whose damped inverses (and eigenbases) are taken from
+            ``warm_start`` instead of being rebuilt (the warm-up rule of
+            :func:`~kfac_fast.curvature.inverses.warmup_rebuild`); ``warm_start`` must be a
+            :class:`BlockDiagonal` over the same blocks at the same γ, and its factors at those
+            positions are the ones given.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class BlockDiagonal(ComputeDtypeOperands):
         factorization: str = "eigh",
         _eig: Optional[list[FactorEig]] = None,
         _pis: Optional[list[float]] = None,
+        keep: Sequence[int] = (),
     ):
         check_factors(factors)
         if factorization not in FACTORIZATIONS:
@@ -89,19 +95,39 @@ class BlockDiagonal(ComputeDtypeOperands):
         self.backend = backend
         self.pis = list(_pis) if _pis is not None else resolve_pis(pi, self.factors)
         self.factorization = factorization
-        if factorization == "cholesky" and _eig is None and self.damping > 0 and self._build_cholesky():
+        prev = warm_start if keep else None
+        if prev is not None and (not isinstance(prev, BlockDiagonal) or prev.exact_damping or self.exact_damping
+                                 or prev.damping != self.damping or len(prev.factors) != len(self.factors)):
+            prev = None  # nothing reusable: every block is rebuilt
+        keep = set(keep) if prev is not None else set()
+        if factorization == "cholesky" and _eig is None and self.damping > 0 and \
+                self._build_cholesky({j: (prev.Ainv[j], prev.Ginv[j]) for j in keep}):
             self.eig, self.fallbacks = None, []
             return
         self.factorization = "eigh"
-        self.eig, self.fallbacks = factor_eigs(self.factors, backend=backend, warm_start=warm_start, eig=_eig)
+        if keep and _eig is None and prev.eig is not None:
+            todo = [j for j in range(len(self.factors)) if j not in keep]
+            new, self.fallbacks = factor_eigs([self.factors[j] for j in todo], backend=backend,
+                                              warm_start=[prev.eig[j] for j in todo])
+            _eig = list(prev.eig)
+            for j, e in zip(todo, new):
+                _eig[j] = e
+            self.eig = _eig
+        else:
+            self.eig, self.fallbacks = factor_eigs(self.factors, backend=backend, warm_start=warm_start, eig=_eig)
         self._build()
 
-    def _build_cholesky(self) -> bool:
-        """Ainv, Ginv from Cholesky factors; False (nothing set) when any damped factor is not
-        positive definite or not finite. One host sync for the whole check."""
+    def _build_cholesky(self, given: Optional[dict] = None) -> bool:
+        """Ainv, Ginv from Cholesky factors (``given``: position -> (Ainv, Ginv) reused as they
+        are); False (nothing set) when any damped factor is not positive definite or not finite.
+        One host sync for the whole check."""
         g = self.damping
+        given = given or {}
         Ls, ok = [], []
-        for f, pi in zip(self.factors, self.pis):
+        for j, (f, pi) in enumerate(zip(self.factors, self.pis)):
+            if j in given:
+                Ls += [None, None]
+                continue
             for M, c in ((f.A, pi * g), (f.G, g / pi)):
                 S = 0.5 * (M + M.t())
                 S.diagonal().add_(c)
@@ -110,7 +136,9 @@ class BlockDiagonal(ComputeDtypeOperands):
                 ok.append((info == 0) & torch.isfinite(L).all())
         if ok and not bool(torch.stack(ok).all()):
             return False
-        inv = [torch.cholesky_inverse(L) for L in Ls]
+        inv = [None if L is None else torch.cholesky_inverse(L) for L in Ls]
+        for j, (Ai, Gi) in given.items():
+            inv[2 * j], inv[2 * j + 1] = Ai, Gi
         self.Ainv, self.Ginv, self.kron_sum = inv[0::2], inv[1::2], []
         self._pad_inverses()
         return True

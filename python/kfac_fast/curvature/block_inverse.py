@@ -3,8 +3,11 @@
 * Dense Kronecker blocks (Linear, Conv2d) go to the chosen inverse kind, block-diagonal
   (Sec 4.2) or block-tridiagonal (Sec 4.3, coupling consecutive Kronecker blocks:
   :class:`~kfac_fast.curvature.running.RunningFactors` says which pairs).
-* Kronecker blocks with a diagonal Ā (Embedding) are block-diagonal entries:
-  U = (G + (γ/π) I)⁻¹ V diag(1/(Ā + πγ)), π by the trace rule with tr Ā = Σ Ā.
+* Kronecker blocks with a diagonal factor (the Embedding's Ā; any Ā or G larger than
+  ``max_block_dim``, :mod:`.factors`) are block-diagonal entries, also with the
+  block-tridiagonal kind: U = (G + (γ/π) I)⁻¹ V (Ā + πγ I)⁻¹ with a diagonal side applied
+  elementwise (1/(Ā + πγ) per column, 1/(G + γ/π) per row), π by the trace rule with the
+  trace of a diagonal factor its sum (tr/size = its mean, Sec 6.3).
 * A tied weight (an embedding shared with a bias-free output layer, two records: the head's
   with ``tied_partner``, the embedding's with ``tied_owner``) is a block-diagonal entry in both
   kinds: the head's is the inverse of the Kronecker sum over both records
@@ -24,14 +27,24 @@ import torch
 
 from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
-from .factors import BlockFisher, KroneckerFactors, factors_to_dict, record_to_dict
+from .factors import BlockFisher, KroneckerFactors, cross_factor_like, factor_like, factors_to_dict, record_to_dict
+from .block_diagonal import BlockDiagonal
 from .inverse_kinds import INVERSE_KINDS, build_inverse
 from .tied_inverse import tied_sum_inverse
 
 
 def _is_dense_kron(f) -> bool:
-    """A dense Kronecker block of the chosen inverse kind (a tied pair's are not: Kronecker sum)."""
-    return isinstance(f, KroneckerFactors) and f.A.dim() == 2 and not f.tied
+    """A dense Kronecker block of the chosen inverse kind (not a tied pair's: Kronecker sum; not one
+    with a diagonal factor)."""
+    return isinstance(f, KroneckerFactors) and f.dense and not f.tied
+
+
+def apply_factored(V: torch.Tensor, g_side: torch.Tensor, a_side: torch.Tensor) -> torch.Tensor:
+    """U = G⁻¹ V Ā⁻¹ for a Kronecker block whose damped factor inverses are dense (n, n) or
+    diagonal (n,) (their diagonals, applied elementwise). V: (g, a) -> (g, a)."""
+    V = V.to(g_side.dtype)
+    U = g_side @ V if g_side.dim() == 2 else V * g_side.unsqueeze(1)
+    return U @ a_side if a_side.dim() == 2 else U * a_side.unsqueeze(0)
 
 
 def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
@@ -48,9 +61,23 @@ def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
     return ((Q / w.unsqueeze(-2)) @ Q.transpose(-1, -2)).to(S.dtype), False
 
 
+def _shape(f) -> tuple[int, int]:
+    """The (g_dim, a_dim) block matrix shape of a record."""
+    return (f.F.shape[0], f.F.shape[1]) if isinstance(f, BlockFisher) else (f.G.shape[0], f.A.shape[0])
+
+
+def largest_dense_factor(f) -> int:
+    """The size of a record's largest dense factor (the n of its n³ refresh): max over its dense
+    Ā, G; b for small b×b blocks; 1 for a block whose factors are all diagonal."""
+    if isinstance(f, BlockFisher):
+        return f.F.shape[-1]
+    return max([M.shape[0] for M in (f.A, f.G) if M.dim() == 2] or [1])
+
+
 def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
     """Factor records from their checkpoint dicts (``record_to_dict``), with the names, kinds and
-    devices of ``template`` (the running factors)."""
+    devices of ``template`` (the running factors). A dense factor where the template keeps a
+    diagonal (a checkpoint written without the ``max_block_dim`` bound) becomes its diagonal."""
     records = []
     for t, d in zip(template, dicts):
         if isinstance(t, BlockFisher):
@@ -58,9 +85,10 @@ def records_from_dicts(dicts: Sequence[dict], template: Sequence) -> list:
         else:
             dev = t.A.device
             records.append(KroneckerFactors(
-                A=d["A"].to(dev), G=d["G"].to(dev), A_next=None if d.get("A_next") is None else d["A_next"].to(dev),
-                G_next=None if d.get("G_next") is None else d["G_next"].to(dev), name=t.name,
-                homogeneous=t.homogeneous, tied_partner=t.tied_partner, tied_owner=t.tied_owner))
+                A=factor_like(d["A"], t.A).to(dev), G=factor_like(d["G"], t.G).to(dev),
+                A_next=cross_factor_like(d.get("A_next"), t.A_next), G_next=cross_factor_like(d.get("G_next"), t.G_next), name=t.name,
+                homogeneous=t.homogeneous, tied_partner=t.tied_partner,
+                tied_owner=t.tied_owner))
     return records
 
 
@@ -74,11 +102,28 @@ class BlockInverse:
             blocks; records carry ``A_next``/``G_next`` between consecutive ones).
         damping: γ ≥ 0; pi: ``"trace"`` or a positive float; backend, warm_start,
             factorization: as :class:`~kfac_fast.curvature.BlockDiagonal`.
+        rebuild: the record indices to build (None: all). The others keep their record and
+            damped inverses from ``warm_start`` (a :class:`BlockInverse` over the same blocks, at
+            the same γ and kind; otherwise every block is built): the warm-up rule of
+            :func:`~kfac_fast.curvature.inverses.warmup_rebuild`. The block-tridiagonal kind
+            couples its blocks: it is kept whole whenever a block of it is not in ``rebuild``.
     """
 
     def __init__(self, records: Sequence, *, kind: str = "block_diagonal", damping: float, pi="trace",
-                 backend: str = "auto", warm_start=None, factorization: str = "eigh", _kron=None):
-        self.records = list(records)
+                 backend: str = "auto", warm_start=None, factorization: str = "eigh", _kron=None,
+                 rebuild: Optional[Sequence[int]] = None):
+        records = list(records)
+        prev = warm_start if rebuild is not None and _kron is None else None
+        if prev is not None and not (isinstance(prev, BlockInverse) and prev.kind == kind
+                                     and prev.damping == check_damping(damping) and prev.pi_spec == pi
+                                     and prev.shapes == [_shape(f) for f in records]
+                                     and prev.kron_idx == [i for i, f in enumerate(records) if _is_dense_kron(f)]):
+            prev = None  # nothing reusable: every block is built
+        keep = set() if prev is None else set(range(len(records))) - set(rebuild)
+        if keep and kind != "block_diagonal" and any(i in keep for i in prev.kron_idx):
+            keep |= set(prev.kron_idx)  # the tridiagonal inverse couples its blocks: kept whole
+        records = [prev.records[i] if i in keep else f for i, f in enumerate(records)]
+        self.records = records
         self.kind = kind
         self.damping = check_damping(damping)
         self.pi_spec = pi
@@ -96,22 +141,29 @@ class BlockInverse:
             elif self.kron_idx:
                 ws = warm_start.kron if isinstance(warm_start, BlockInverse) else warm_start
                 facs = [self.records[i] for i in self.kron_idx]
+                kept = [j for j, i in enumerate(self.kron_idx) if i in keep]
                 if kind == "block_diagonal":
                     # cross factors (if any) are not needed here
                     facs = [KroneckerFactors(A=f.A, G=f.G, name=f.name, homogeneous=f.homogeneous) for f in facs]
-                self.kron = build_inverse(kind, facs, damping=self.damping, backend=backend, warm_start=ws, pi=pi,
-                                          factorization=factorization)
+                    if kept:
+                        self.kron = BlockDiagonal(facs, damping=self.damping, pi=pi, backend=backend, warm_start=ws,
+                                                  factorization=factorization, keep=kept)
+                if not kept:
+                    self.kron = build_inverse(kind, facs, damping=self.damping, backend=backend, warm_start=ws,
+                                              pi=pi, factorization=factorization)
+                elif kind != "block_diagonal":
+                    self.kron = ws
             else:
                 self.kron = None
             self.fallbacks = list(self.kron.fallbacks) if self.kron is not None else []
-            self._build_others()
+            self._build_others({} if prev is None else {i: prev.other[i] for i in keep if i in prev.other})
 
     # ------------------------------------------------------------------ the other kinds
     def _pi(self, f: KroneckerFactors) -> float:
         if not isinstance(self.pi_spec, str):
             return float(self.pi_spec)
-        ta, tg = torch.stack([f.A.sum().double() / f.A.shape[0],
-                              torch.diagonal(f.G).sum().double() / f.G.shape[0]]).tolist()
+        tr = lambda M: M.sum() if M.dim() == 1 else torch.diagonal(M).sum()  # noqa: E731
+        ta, tg = torch.stack([tr(f.A).double() / f.A.shape[0], tr(f.G).double() / f.G.shape[0]]).tolist()
         return _pi_from_traces(ta, tg)
 
     def _pi_small(self, f: BlockFisher) -> float:
@@ -121,10 +173,12 @@ class BlockInverse:
         ta = float(torch.diagonal(f.F, dim1=-2, dim2=-1).double().mean())
         return _pi_from_traces(ta, 1.0)
 
-    def _build_others(self) -> None:
+    def _build_others(self, given: Optional[dict] = None) -> None:
         g = self.damping
-        self.other: dict[int, tuple] = {}
+        self.other: dict[int, tuple] = dict(given or {})
         for i in self.other_idx:
+            if i in self.other:
+                continue
             f = self.records[i]
             if isinstance(f, KroneckerFactors) and f.tied_owner is not None:
                 self.other[i] = ("zero",)
@@ -135,16 +189,22 @@ class BlockInverse:
                                      "is not its embedding; pass the records of both blocks of the pair")
                 self.other[i] = ("kron_sum", tied_sum_inverse(
                     f.A, f.G, e.A, e.G, damping=g, pi=self.pi_spec, backend=self.backend))
-            elif isinstance(f, KroneckerFactors):  # diagonal Ā
+            elif isinstance(f, KroneckerFactors):  # a diagonal Ā and/or G
                 pi = self._pi(f)
-                a = f.A.clamp_min(0) + pi * g
-                if g == 0 and bool((a <= 0).any()):
-                    raise ValueError(f"layer {f.name}: a token never seen makes Ā singular and damping is 0; "
-                                     "use damping > 0")
-                Ginv, ok = _spd_inverse(f.G, g / pi)
-                if not ok:
-                    self.fallbacks.append(f"{f.name}: G (clamped eigenvalues)")
-                self.other[i] = ("diag_a", 1.0 / a, Ginv)
+                sides = []
+                for key, M, c in (("A", f.A, pi * g), ("G", f.G, g / pi)):
+                    if M.dim() == 1:
+                        d = M.clamp_min(0) + c
+                        if g == 0 and bool((d <= 0).any()):
+                            raise ValueError(f"layer {f.name}: a zero entry of the diagonal factor {key} (e.g. a "
+                                             "token never seen) makes it singular and damping is 0; use damping > 0")
+                        sides.append(1.0 / d)
+                    else:
+                        Minv, ok = _spd_inverse(M, c)
+                        if not ok:
+                            self.fallbacks.append(f"{f.name}: {key} (clamped eigenvalues)")
+                        sides.append(Minv)
+                self.other[i] = ("kron_diag", sides[0], sides[1])
             else:
                 pi = self._pi_small(f)
                 c = max(pi * g, torch.finfo(f.F.dtype).tiny)
@@ -240,10 +300,9 @@ class BlockInverse:
                 out[i] = entry[1].apply(V)
             elif entry[0] == "zero":
                 out[i] = torch.zeros(V.shape, dtype=self._dtype(i), device=V.device)
-            elif entry[0] == "diag_a":
+            elif entry[0] == "kron_diag":
                 _, ainv, Ginv = entry
-                V = V.to(Ginv.dtype)
-                out[i] = (Ginv @ V) * ainv.unsqueeze(0)
+                out[i] = apply_factored(V, Ginv, ainv)
             elif entry[0] == "diag":
                 out[i] = V.to(entry[1].dtype) * entry[1].unsqueeze(1)
             else:
@@ -268,6 +327,11 @@ class BlockInverse:
                      "kron": state, "records": [factors_to_dict(t) for t in template]}
         records = records_from_dicts(state["records"], template)
         kron_idx = [i for i, f in enumerate(records) if _is_dense_kron(f)]
+        saved = [r for r in state["records"] if "A" in r]
+        if sum(1 for r in saved if r["A"].dim() == 2 and r["G"].dim() == 2) != len(kron_idx):
+            # saved without the max_block_dim bound: rebuilt from the (diagonalised) records
+            return cls(records, kind=state["kind"], damping=state["damping"], pi=state["pi"], backend=backend,
+                       factorization=state.get("factorization") or "eigh")
         kron = None
         if state["kron"] is not None:
             kron = INVERSE_KINDS[state["kind"]].from_state(state["kron"], [template[i] for i in kron_idx],

@@ -1,7 +1,9 @@
 """Which trainable parameters K-FAC models how: per block (and per parameter no block takes) its
 kind, its parameter count and, for what is diagonal or skipped, why; and the fraction of the
 trainable parameters in Kronecker blocks (Sec 3's approximation covers only those: the rest get a
-diagonal (``unsupported="diagonal"``) or no curvature at all (``"skip"``))."""
+diagonal (``unsupported="diagonal"``) or no curvature at all (``"skip"``)). A Kronecker block
+whose Ā or G exceeds ``max_block_dim`` keeps that factor as its diagonal (still a Kronecker
+product, diag ⊗ dense): its entry says which factor and why."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from torch import nn
 from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, ScaleShiftBlock
 from .blocks.registry import why_unmodelled
 from .blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
+from .factors import diagonal_factor
 
 KINDS = ("kronecker", "kronecker_sum", "scale-shift", "dense", "diagonal", "skipped")
 #: the kinds that are Kronecker approximations (``kronecker_sum``: a tied weight, the sum of its
@@ -26,7 +29,8 @@ class CoverageEntry:
     ``name``: the block's name (a module path; ``….in_proj`` / ``….out_proj`` for attention;
     ``head + embedding`` for a tied pair, one entry holding the shared weight once) or the
     parameter's; ``kind``: one of ``KINDS``; ``params``: its number of scalar parameters;
-    ``reason``: for ``diagonal`` / ``skipped``, why no Kronecker or norm block models it."""
+    ``reason``: for ``diagonal`` / ``skipped``, why no Kronecker or norm block models it; for
+    ``kronecker``, which factor is kept diagonal and why (the ``max_block_dim`` bound), else None."""
 
     name: str
     kind: str
@@ -73,8 +77,22 @@ def _kind(block: CurvatureBlock) -> str:
     raise ValueError(f"block {block.name}: unknown factor kind {k!r}")
 
 
+def diagonal_factors_note(block: CurvatureBlock, max_block_dim: Optional[int]) -> Optional[str]:
+    """Which factor of a Kronecker block the bound makes diagonal, e.g. ``"G diagonal: 50257 >
+    max_block_dim=4096"``; None when both factors stay as they are (the Embedding's Ā is
+    diagonal by construction, not by the bound)."""
+    if block.factor_kind not in (KRONECKER, KRONECKER_DIAG_A):
+        return None
+    parts = []
+    if block.factor_kind == KRONECKER and diagonal_factor(block.a_dim, max_block_dim):
+        parts.append(f"Ā diagonal: {block.a_dim} > max_block_dim={max_block_dim}")
+    if diagonal_factor(block.g_dim, max_block_dim):
+        parts.append(f"G diagonal: {block.g_dim} > max_block_dim={max_block_dim}")
+    return "; ".join(parts) or None
+
+
 def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: str = "model",
-             kfac_approx: str = "expand") -> Coverage:
+             kfac_approx: str = "expand", max_block_dim: Optional[int] = None) -> Coverage:
     """How ``blocks`` (from :func:`~kfac_fast.curvature.blocks.find_blocks` on ``model`` with the
     same ``model_name``) model the trainable parameters of ``model``.
 
@@ -83,7 +101,9 @@ def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: 
     for the pair; ``scale-shift`` for norm layers; ``dense`` for grouped convolutions;
     ``diagonal`` with the reason its parameter has no Kronecker/norm block) and one ``skipped``
     entry per trainable parameter no block holds (``unsupported="skip"``), with the reason;
-    ``kronecker_fraction`` the share of trainable parameters in Kronecker blocks.
+    ``kronecker_fraction`` the share of trainable parameters in Kronecker blocks. With
+    ``max_block_dim`` a Kronecker block with a factor above it is still ``kronecker``, its
+    ``reason`` naming the diagonal factor (:func:`diagonal_factors_note`).
     """
     reasons = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx)
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -94,12 +114,15 @@ def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: 
         ps = [p for p in b.params() if id(p) not in seen]
         seen.update(id(p) for p in ps)
         if isinstance(b, TiedHeadBlock):
-            entries.append(CoverageEntry(f"{b.name} + {b.partner.name}", "kronecker_sum", sum(p.numel() for p in ps)))
+            entries.append(CoverageEntry(f"{b.name} + {b.partner.name}", "kronecker_sum", sum(p.numel() for p in ps),
+                                         diagonal_factors_note(b, max_block_dim)))
             continue
         kind = _kind(b)
         reason = None
         if kind == "diagonal":
             reason = reasons.get(name_of.get(id(b.params()[0]), ""), "a parameter of no layer with a block")
+        elif kind == "kronecker":
+            reason = diagonal_factors_note(b, max_block_dim)
         entries.append(CoverageEntry(b.name, kind, sum(p.numel() for p in ps), reason))
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:

@@ -5,6 +5,13 @@ block (paper Sec 3, 5) and the per-block Fisher of the small dense blocks, with 
 g_i = ∂L(y, z)/∂s_i is the per-example derivative (not scaled by 1/m) with y drawn from the
 MODEL's predictive distribution. Ā averages over its rows; G divides by N, the number of loss
 terms (N = m for (m, k) outputs), see :mod:`kfac_fast.curvature.blocks.base`.
+
+Diagonal factors. Either factor of a :class:`KroneckerFactors` may be a 1-D tensor: its
+diagonal (diag Ā = the mean over the rows of ā∘ā, with the homogeneous coordinate's 1 last;
+diag G = (1/N) Σ g∘g). The block is then still a Kronecker product, diag ⊗ dense (or diag ⊗
+diag), with the same damping and inverse form (:mod:`.block_inverse`). A factor is diagonal
+when its size exceeds the ``max_block_dim`` bound (:func:`diagonal_factor`), and the
+Embedding's Ā is always (its ā are one-hot). Code reading records tests ``t.dim() == 1``.
 """
 from __future__ import annotations
 
@@ -16,10 +23,12 @@ import torch
 
 @dataclass
 class KroneckerFactors:
-    """Factors of one layer i (shapes: A (a_i, a_i), G (g_i, g_i)).
+    """Factors of one layer i (shapes: A (a_i, a_i) or its diagonal (a_i,), G (g_i, g_i) or
+    its diagonal (g_i,); see the module docstring).
 
     A = Ā_{i-1,i-1}, G = G_{i,i}. For the block-tridiagonal inverse also
-    A_next = Ā_{i-1,i} (a_i, a_{i+1}) and G_next = G_{i,i+1} (g_i, g_{i+1}); None on the last layer.
+    A_next = Ā_{i-1,i} (a_i, a_{i+1}) and G_next = G_{i,i+1} (g_i, g_{i+1}); None on the last
+    layer and on any block with a diagonal factor (such a block is a block-diagonal entry).
 
     Tied weights (:mod:`kfac_fast.curvature.blocks.tied`): the head's record has
     ``tied_partner`` = the index of the embedding's record in the same list (the inverse of its
@@ -41,6 +50,11 @@ class KroneckerFactors:
         """Whether this record is one of a tied pair (a Kronecker-sum block, not a chain block)."""
         return self.tied_partner is not None or self.tied_owner is not None
 
+    @property
+    def dense(self) -> bool:
+        """Whether both factors are dense matrices (a block of the chosen inverse kind)."""
+        return self.A.dim() == 2 and self.G.dim() == 2
+
 
 @dataclass
 class BlockFisher:
@@ -51,6 +65,43 @@ class BlockFisher:
     F: torch.Tensor
     name: str = ""
     kind: str = "dense"
+
+
+def check_max_block_dim(max_block_dim) -> "int | None":
+    """Validate the factor-size bound: a positive int, or None (no bound)."""
+    if max_block_dim is None:
+        return None
+    if isinstance(max_block_dim, bool) or not isinstance(max_block_dim, int) or max_block_dim < 1:
+        raise ValueError(f"max_block_dim must be a positive integer (the largest factor kept dense) or None "
+                         f"(no bound), got {max_block_dim!r}")
+    return max_block_dim
+
+
+def diagonal_factor(size: int, max_block_dim: "int | None") -> bool:
+    """Whether a Kronecker factor of ``size`` × ``size`` is kept as its diagonal: its size exceeds
+    the bound (None: never)."""
+    return max_block_dim is not None and size > max_block_dim
+
+
+def factor_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A saved factor for a record whose factor is ``like``: ``src``, or its diagonal where
+    ``like`` is the diagonal (n,) of a dense (n, n) ``src`` (a checkpoint written without the
+    ``max_block_dim`` bound)."""
+    if like.dim() == 1 and src.dim() == 2 and tuple(src.shape) == (like.shape[0],) * 2:
+        return torch.diagonal(src).clone()
+    return src
+
+
+def cross_factor_like(saved: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A saved cross factor (Ā_{i-1,i} or G_{i,i+1}) for a record whose cross factor is
+    ``like``: zeros where a checkpoint written without the ``max_block_dim`` bound coupled a
+    block the bound now makes diagonal (such a block is a block-diagonal entry, its neighbours
+    unlinked), None where ``like`` is None."""
+    if like is None:
+        return None
+    if saved is None or tuple(saved.shape) != tuple(like.shape):
+        return torch.zeros_like(like)
+    return saved.to(like.device)
 
 
 def record_to_dict(f) -> dict:
@@ -96,3 +147,10 @@ def factors_to_dict(f: KroneckerFactors) -> dict:
     """Detached copies of A, G, A_next, G_next (None where absent), for checkpoints."""
     return {k: (None if getattr(f, k) is None else getattr(f, k).detach().clone())
             for k in ("A", "G", "A_next", "G_next")}
+
+
+#: The default bound on a dense Kronecker factor's size (``max_block_dim``): larger factors are
+#: kept as their diagonals. 4096 keeps every factor of the paper's networks and of a width-≤4095
+#: transformer dense and makes an LM head's vocabulary-sized G (32000-50257) and a
+#: 3×3×512-input convolution's Ā (4609) diagonal (docs/measurements.md has the progress cost).
+DEFAULT_MAX_BLOCK_DIM = 4096

@@ -13,7 +13,8 @@ from .. import ops
 from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
 from .blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
 from .compute_dtype import operand_dtype, precision
-from .factors import BlockFisher, KroneckerFactors, record_to_dict
+from .diagonal_factors import accumulate_diagonal_, patch_square_sum, row_square_sum
+from .factors import BlockFisher, KroneckerFactors, check_max_block_dim, diagonal_factor, factor_like, record_to_dict
 from .statistics import BatchStatistics
 
 
@@ -21,9 +22,12 @@ class RunningFactors:
     """Exponentially decayed averages of every block's curvature (Sec 5), double-buffered.
 
     Per block (the blocks' order): a :class:`KroneckerFactors` (Ā dense (a, a), or a vector (a,)
-    for a diagonal Ā; G (g, g); with ``tridiagonal`` the cross factors Ā_{i-1,i}, G_{i,i+1}
-    towards the next Kronecker block), or a :class:`BlockFisher` F (k, b, b) for the small
-    dense / diagonal kinds. ``update`` writes into the spare buffers, ``commit`` makes them
+    for a diagonal Ā; G (g, g) or a vector (g,); with ``tridiagonal`` the cross factors
+    Ā_{i-1,i}, G_{i,i+1} towards the next dense Kronecker block), or a :class:`BlockFisher` F
+    (k, b, b) for the small dense / diagonal kinds.
+
+    ``max_block_dim``: a Kronecker factor larger than this is kept as its diagonal (a vector,
+    :mod:`.factors`); None keeps every Ā and G dense. The Embedding's Ā is always diagonal. ``update`` writes into the spare buffers, ``commit`` makes them
     current, so a rejected step leaves the committed factors untouched (no lost state).
 
     Tridiagonal coupling (Sec 4.3) links consecutive dense Kronecker blocks that are adjacent
@@ -33,13 +37,25 @@ class RunningFactors:
     """
 
     def __init__(self, layers: Sequence[CurvatureBlock], *, dtype: torch.dtype, device, tridiagonal: bool,
-                 compute_dtype=None):
+                 compute_dtype=None, max_block_dim: Optional[int] = None):
         self.layers = list(layers)
         # the dtype the accumulation X̄ᵀX̄ reads its rows in (fp32 accumulation; .compute_dtype)
         self.compute_dtype = compute_dtype
         self.tridiagonal = tridiagonal
         self.dtype = dtype
-        self.kron = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER]
+        self.max_block_dim = check_max_block_dim(max_block_dim)
+        has_g = (KRONECKER, KRONECKER_DIAG_A)
+        # per block: whether its Ā / G is kept as a diagonal (vector)
+        self.diag_a = [l.factor_kind == KRONECKER_DIAG_A or
+                       (l.factor_kind == KRONECKER and diagonal_factor(l.a_dim, self.max_block_dim))
+                       for l in self.layers]
+        self.diag_g = [l.factor_kind in has_g and diagonal_factor(l.g_dim, self.max_block_dim) for l in self.layers]
+        # dense Kronecker blocks (both factors dense): the chosen inverse kind, the tridiagonal links
+        self.kron = [i for i, l in enumerate(self.layers)
+                     if l.factor_kind == KRONECKER and not self.diag_a[i] and not self.diag_g[i]]
+        # Ā from rows or the convolution kernel, dense or diagonal
+        self.dense_a = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER and not self.diag_a[i]]
+        self.bounded_a = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER and self.diag_a[i]]
         self.tied = tied_pairs(self.layers)
         # the chain of the tridiagonal inverse: the dense Kronecker blocks but a tied head (its
         # inverse is the Kronecker sum with its embedding, a block-diagonal entry)
@@ -55,11 +71,12 @@ class RunningFactors:
         z = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=device)  # noqa: E731
         for l in self.layers:
             kind = l.factor_kind
-            if kind == KRONECKER:
-                out.append(KroneckerFactors(A=z(l.a_dim, l.a_dim), G=z(l.g_dim, l.g_dim), name=l.name,
-                                            homogeneous=l.factor_spec.homogeneous))
-            elif kind == KRONECKER_DIAG_A:
-                out.append(KroneckerFactors(A=z(l.a_dim), G=z(l.g_dim, l.g_dim), name=l.name, homogeneous=False))
+            if kind in (KRONECKER, KRONECKER_DIAG_A):
+                i = len(out)
+                A = z(l.a_dim) if self.diag_a[i] else z(l.a_dim, l.a_dim)
+                G = z(l.g_dim) if self.diag_g[i] else z(l.g_dim, l.g_dim)
+                out.append(KroneckerFactors(A=A, G=G, name=l.name,
+                                            homogeneous=kind == KRONECKER and l.factor_spec.homogeneous))
             elif kind in (DENSE, DIAGONAL):
                 out.append(BlockFisher(F=z(l.g_dim, l.a_dim, l.a_dim), name=l.name, kind=kind))
             else:
@@ -125,7 +142,7 @@ class RunningFactors:
         cd = operand_dtype(self.compute_dtype)
         if cd is not None:  # rows rounded once to the compute dtype (convolution inputs stay: their patches
             # are formed inside ops.conv_factor_update)
-            imp = {i for i in self.kron if self.layers[i].implicit_a}
+            imp = {i for i in self.dense_a + self.bounded_a if self.layers[i].implicit_a}
             rnd = lambda t: t if t is None or not t.is_floating_point() else t.to(cd)  # noqa: E731
             stats = BatchStatistics(a=[t if i in imp else rnd(t) for i, t in enumerate(stats.a)],
                                     g=[rnd(t) for t in stats.g], u=stats.u, n_terms=stats.n_terms)
@@ -137,8 +154,8 @@ class RunningFactors:
     def _accumulate(self, stats: BatchStatistics, *, eps: float, w: float, N: int, backend: str, valid) -> None:
         """The EMA's accumulation into the pending buffers (their ε·current part is done)."""
         pen = self.pending
-        implicit = [i for i in self.kron if self.layers[i].implicit_a]
-        rows_a = [i for i in self.kron if i not in set(implicit)]
+        implicit = [i for i in self.dense_a if self.layers[i].implicit_a]
+        rows_a = [i for i in self.dense_a if i not in set(implicit)]
         hom = lambda k: self.layers[k].factor_spec.homogeneous  # noqa: E731
         if rows_a:
             ops.factor_update([pen[i].A for i in rows_a], [stats.a[i] for i in rows_a], eps=eps,
@@ -152,10 +169,23 @@ class RunningFactors:
                                    kernel_size=[g["kernel_size"] for g in geo], stride=[g["stride"] for g in geo],
                                    padding=[g["padding"] for g in geo], dilation=[g["dilation"] for g in geo],
                                    backend=backend)
-        has_g = [i for i, l in enumerate(self.layers) if l.factor_kind in (KRONECKER, KRONECKER_DIAG_A)]
+        for i in self.bounded_a:  # diagonal Ā of a Kronecker block whose Ā exceeds max_block_dim
+            l = self.layers[i]
+            if l.implicit_a:
+                geo = l.geometry()
+                sq = patch_square_sum(l.batched(stats.a[i]), dtype=self.dtype, **geo)
+            else:
+                sq = row_square_sum(stats.a[i], self.dtype)
+            accumulate_diagonal_(pen[i].A, sq, eps=eps, scale=w / max(self._a_count(i, stats), 1),
+                                 homogeneous_weight=w if hom(i) else None)
+        has_g = [i for i, l in enumerate(self.layers)
+                 if l.factor_kind in (KRONECKER, KRONECKER_DIAG_A) and not self.diag_g[i]]
         if has_g:
             ops.factor_update([pen[i].G for i in has_g], [stats.g[i] for i in has_g], eps=eps, scale=w / N,
                               homogeneous=False, backend=backend)
+        for i, d in enumerate(self.diag_g):
+            if d:
+                accumulate_diagonal_(pen[i].G, row_square_sum(stats.g[i], self.dtype), eps=eps, scale=w / N)
         for i, l in enumerate(self.layers):
             if l.factor_kind == KRONECKER_DIAG_A:
                 tok = stats.a[i].reshape(-1)
@@ -191,9 +221,12 @@ class RunningFactors:
         """(pending corner view, current corner value) of every factor whose [-1, -1] entry the
         fused homogeneous coordinate feeds even when the rows are zeroed."""
         pen, out = self.pending, []
-        for i in self.kron:
+        for i in self.dense_a:
             if self.layers[i].factor_spec.homogeneous:
                 out.append((pen[i].A[-1:, -1:], cur[i].A[-1:, -1:].clone()))
+        for i in self.bounded_a:
+            if self.layers[i].factor_spec.homogeneous:
+                out.append((pen[i].A[-1:], cur[i].A[-1:].clone()))
         if self.tridiagonal:
             for i, j, linked in self.links:
                 if linked and self.layers[i].factor_spec.homogeneous and self.layers[j].factor_spec.homogeneous:
@@ -216,8 +249,8 @@ class RunningFactors:
         """The factor tensors of ``which`` (``"pending"`` or ``"current"``) in the flat buffer's
         order (blocks in order; per block A, G, A_next, G_next or F) and whether each is
         symmetric in its last two dimensions (dense Ā (a, a), G (g, g), the small dense blocks
-        F (k, b, b) with b > 1; not the diagonal Ā (a,), the diagonal kind (k, 1, 1) or the
-        cross factors Ā_{i-1,i}, G_{i,i+1}, which are rectangular)."""
+        F (k, b, b) with b > 1; not a diagonal Ā (a,) or G (g,), the diagonal kind (k, 1, 1) or
+        the cross factors Ā_{i-1,i}, G_{i,i+1}, which are rectangular)."""
         if which not in ("pending", "current"):
             raise ValueError(f"which must be 'pending' or 'current', got {which!r}")
         ts, sym = [], []
@@ -229,7 +262,7 @@ class RunningFactors:
             ts.append(f.A)
             sym.append(f.A.dim() == 2)
             ts.append(f.G)
-            sym.append(True)
+            sym.append(f.G.dim() == 2)
             for t in (f.A_next, f.G_next):
                 if t is not None:
                     ts.append(t)
@@ -269,11 +302,21 @@ class RunningFactors:
             keys = ("F",) if isinstance(f, BlockFisher) else ("A", "G", "A_next", "G_next")
             for k in keys:
                 t = getattr(f, k)
+                cross = k in ("A_next", "G_next")
+                if cross and self.max_block_dim is not None and (
+                        (t is None) != (d.get(k) is None) or (t is not None and tuple(d[k].shape) != tuple(t.shape))):
+                    # saved without the bound: a block it now makes diagonal was coupled to its neighbours;
+                    # here it is a block-diagonal entry and the pair is unlinked (zero cross factors)
+                    if t is not None:
+                        t.zero_()
+                    continue
                 if t is None:
                     if d.get(k) is not None:
                         raise ValueError(f"checkpoint has {k} for layer {f.name} but this optimizer does not use it")
                     continue
                 src = d.get(k)
+                if src is not None:  # a dense factor saved without the max_block_dim bound: its diagonal
+                    src = factor_like(src, t)
                 if src is None or tuple(src.shape) != tuple(t.shape):
                     raise ValueError(f"checkpoint factor {k} of layer {f.name} has shape "
                                      f"{None if src is None else tuple(src.shape)}, expected {tuple(t.shape)}")

@@ -14,7 +14,7 @@ from ..checkpoint import READABLE_VERSIONS, STATE_VERSION
 from ..config import KFACConfig
 from ..curvature.inverses import inverse_state, load_inverse
 from ..distributed import rank_generator
-from .._parts import state_bytes, tensors_in
+from .._parts import memory_report_of, state_bytes, tensors_in
 from ..rules import NU_INIT
 
 __all__ = ["load_state_dict", "memory_report", "state_dict"]
@@ -27,14 +27,15 @@ def memory_report(opt) -> dict[str, int]:
     so a rejected step leaves the current ones untouched); ``inverse``: the damped inverses,
     eigenbases or Appendix B matrices plus the factor snapshot they were built from;
     ``delta0``: the previous update δ₀ (Sec 7); ``params``: the model's K-FAC parameters,
-    for scale. Nothing else persists between steps.
+    for scale. Nothing else persists between steps. A :class:`~kfac_fast._parts.MemoryReport`:
+    its ``diagonal_factors`` name the factors the ``max_block_dim`` bound keeps as diagonals.
     """
-    return {
+    return memory_report_of({
         "factors": state_bytes([] if opt.factors is None else opt.factors.tensors()),
         "inverse": state_bytes(tensors_in(opt.inverse)),
         "delta0": state_bytes(opt._delta0 or []),
         "params": state_bytes(opt._params()),
-    }
+    }, opt.layers, opt.config.max_block_dim)
 
 
 def state_dict(opt) -> dict:
@@ -91,6 +92,7 @@ def load_state_dict(opt, state: dict) -> None:
     cfg = dict(state["config"])
     if state["version"] < 3:  # written before step rejection existed: resume as it ran
         cfg.setdefault("reject_steps", False)
+    cfg.setdefault("max_block_dim", None)  # written before the bound existed: every factor dense, as it ran
     opt.config = KFACConfig(**cfg)
     opt.layers = layers
     opt._ordered = state["ordered"]

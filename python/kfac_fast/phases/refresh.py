@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..curvature.inverses import build_block_inverse, resolve_factorization
+from ..curvature.inverses import build_block_inverse, resolve_factorization, warmup_rebuild
 from ..curvature.running import snapshot
 from ..distributed import ShardedInverse
 from ..step_state import StepStats
@@ -24,7 +24,8 @@ class RefreshPhase:
 
     def _refresh_due(self) -> bool:
         """Sec 8: the inverse is rebuilt when k ≡ 0 (mod T3), in the first three iterations, and
-        whenever there is none yet."""
+        whenever there is none yet (on iterations 2 and 3 only its small blocks:
+        :func:`~kfac_fast.curvature.inverses.warmup_rebuild`)."""
         return (self.k % self.config.T3 == 0) or self.k <= 3 or self.inverse is None
 
     def _refresh_if_due(self, stats: StepStats, refresh: bool):
@@ -47,12 +48,13 @@ class RefreshPhase:
         fact = resolve_factorization(self.config.factorization, self.config.inverse, self.backend)
         kind = self.config.inverse
 
-        def build(recs, warm):
+        def build(recs, warm, rebuild=None):
             return build_block_inverse(kind, recs, damping=gamma, backend=self.backend, warm_start=warm,
-                                       factorization=fact)
+                                       factorization=fact, rebuild=rebuild)
 
         if self.dist.world_size == 1 or self.distributed_mode == "replicated_work":
-            return build(records, self.inverse)
+            scheduled = self.inverse is None or self.k % self.config.T3 == 0
+            return build(records, self.inverse, warmup_rebuild(records, self.k, scheduled=scheduled))
         inv = ShardedInverse(self.dist, mode=self.distributed_mode, kind=kind, build=build, backend=self.backend,
                              damping=gamma)
         prev = self.inverse

@@ -3,7 +3,7 @@
 
 Checked against independent computation: the two records are the factors computed by hand
 from the model's own autograd derivatives; the inverse entry is a dense float64 solve of
-(G_out + πγI) ⊗ (Ā_out + (γ/π)I) + diag(C) ⊗ G_emb built with torch.kron (row-major vec of the
+(G_out + (γ/π)I) ⊗ (Ā_out + πγI) + diag(C) ⊗ G_emb built with torch.kron (row-major vec of the
 head's (V, d) layout), with a dense and a diagonal G_out; training falls with both optimizers
 and every capture; checkpoints round-trip; and every other sharing keeps the diagonal fallback."""
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _dense_damped(A_out, G_out, C, G_emb, gamma, pi):
     """The damped Kronecker sum as a dense (V·d, V·d) matrix acting on the row-major vec of (V, d)."""
     sq = lambda M: torch.diag(M) if M.dim() == 1 else M  # noqa: E731
     I = lambda n: torch.eye(n, dtype=D)  # noqa: E731, E741
-    return (torch.kron(sq(G_out) + pi * gamma * I(V), sq(A_out) + gamma / pi * I(DIM))
+    return (torch.kron(sq(G_out) + gamma / pi * I(V), sq(A_out) + pi * gamma * I(DIM))
             + torch.kron(torch.diag(C), sq(G_emb)))
 
 
@@ -389,3 +389,19 @@ def test_the_exact_fisher_products_see_both_uses_of_the_shared_weight():
     for provider in ("forward", "reverse_over_reverse"):
         _, (jv,) = linearize.jvp(model, blocks, ids, [direction], provider=provider)
         torch.testing.assert_close(jv, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("diag_g", [False, True], ids=["dense_G_out", "diagonal_G_out"])
+def test_without_the_embedding_term_the_head_is_damped_as_an_ordinary_kronecker_block(diag_g):
+    """C = 0, G_emb = 0: the pair's inverse must be the head's own Kronecker inverse with the
+    damping convention of every other block (Sec 6.3: Ā + πγI, G + (γ/π)I, π = sqrt((tr Ā/d)/(tr G/V))).
+    Swapping the two damping terms keeps the dense-solve test above passing (its reference is
+    built from the same formula) but is wrong by a factor π² on one side; this pins the convention."""
+    A_out, G_out, _, _ = _random_factors(diag_g)
+    G_out = G_out * 1e-2  # a head's logit-gradient factor is far smaller than its input factor: π ≫ 1
+    X = torch.randn(V, DIM, generator=torch.Generator().manual_seed(8), dtype=D)
+    zero_c, zero_g = torch.zeros(V, dtype=D), torch.zeros(DIM, DIM, dtype=D)
+    tied = tied_sum_inverse(A_out, G_out, zero_c, zero_g, damping=0.3).apply(X)
+    plain = BlockInverse([KroneckerFactors(A=A_out, G=G_out, name="head", homogeneous=False)],
+                         kind="block_diagonal", damping=0.3).apply([X])[0]
+    close(tied, plain, "the tied head without its embedding term vs an ordinary Kronecker block")

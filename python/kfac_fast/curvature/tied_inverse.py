@@ -3,7 +3,7 @@ blocks: :mod:`kfac_fast.curvature.blocks.tied`).
 
 In the head's layout X (V, d) (V-side rows, d-side columns) the damped block is
 
-    F̆ vec(X) = vec( (G_out + πγ I) X (Ā_out + (γ/π) I)  +  C X G_emb )
+    F̆ vec(X) = vec( (G_out + (γ/π) I) X (Ā_out + πγ I)  +  C X G_emb )
 
 * G_out (V, V), or its diagonal (V,) (a factor stored as a diagonal), from the head's logits;
   Ā_out (d, d) from the head's input; C (V,) the embedding's token frequencies; G_emb (d, d)
@@ -14,14 +14,14 @@ In the head's layout X (V, d) (V-side rows, d-side columns) the damped block is
   embedding term C ⊗ G_emb is positive semi-definite and enters undamped (a token never seen,
   C_v = 0, or a singular G_emb costs nothing).
 
-Appendix B with A = Ā_out + (γ/π) I, B = G_out + πγ I (the positive definite pair) and
+Appendix B with A = Ā_out + πγ I, B = G_out + (γ/π) I (the positive definite pair) and
 C' = G_emb, D' = diag(C): with A^{-1/2} G_emb A^{-1/2} = E₁S₁E₁ᵀ, B^{-1/2} diag(C) B^{-1/2} = E₂S₂E₂ᵀ,
 K₁ = A^{-1/2}E₁, K₂ = B^{-1/2}E₂,
 
     F̆⁻¹ vec(X) = vec( K₂ ((K₂ᵀ X K₁) ⊘ (11ᵀ + s₂s₁ᵀ)) K₁ᵀ ).
 
-With a diagonal G_out the V-side problem is elementwise: K₂ = diag((G_out + πγ)^{-1/2}),
-s₂ = C / (G_out + πγ), so the V-side costs O(V) (no V×V matrix is ever formed) and one apply
+With a diagonal G_out the V-side problem is elementwise: K₂ = diag((G_out + γ/π)^{-1/2}),
+s₂ = C / (G_out + γ/π), so the V-side costs O(V) (no V×V matrix is ever formed) and one apply
 is two (V, d)×(d, d) products and elementwise work. A diagonal Ā_out or G_emb (1-D) is taken
 the same way on the d side (both diagonal: K₁ is a diagonal too).
 """
@@ -127,8 +127,8 @@ def tied_sum_inverse(A_out: torch.Tensor, G_out: torch.Tensor, counts: torch.Ten
     gamma = float(damping)
     p = tied_pi(A_out, G_out) if isinstance(pi, str) else float(pi)
     eye = lambda n: torch.eye(n, dtype=A_out.dtype, device=A_out.device)  # noqa: E731
-    A = A_out + gamma / p if A_out.dim() == 1 else A_out + (gamma / p) * eye(d)
-    B = G_out + p * gamma if G_out.dim() == 1 else G_out + (p * gamma) * eye(V)
-    K1, s1 = _side(A, G_emb, "Ā_out + (γ/π) I", backend)
-    K2, s2 = _side(B, counts.clamp_min(0).to(B.dtype), "G_out + πγ I", backend)
+    A = A_out + p * gamma if A_out.dim() == 1 else A_out + (p * gamma) * eye(d)
+    B = G_out + gamma / p if G_out.dim() == 1 else G_out + (gamma / p) * eye(V)
+    K1, s1 = _side(A, G_emb, "Ā_out + πγ I", backend)
+    K2, s2 = _side(B, counts.clamp_min(0).to(B.dtype), "G_out + (γ/π) I", backend)
     return TiedSumInverse(K1=K1, K2=K2, s1=s1.clamp_min(0), s2=s2.clamp_min(0), pi=p)

@@ -301,6 +301,21 @@ def test_coverage_counts_grouped_kronecker_blocks():
     grouped = [e for e in cov.entries if e.name.endswith("grouped")]
     assert [e.kind for e in grouped] == ["kronecker"] and grouped[0].params == 16 * 4 * 9
     assert cov.kronecker_fraction == 1.0
+    # memory: both factor buffers and the damped per-group inverses (Ā_j⁻¹, G_j⁻¹) are counted
+    x, y = _data()
+    opt.step(x, y)
+    rep = opt.memory_report()
+    f = opt.factors.current[1]
+    grouped_bytes = (f.A.numel() + f.G.numel()) * 4
+    assert rep["factors"] >= 2 * sum((r.A.numel() + r.G.numel()) * 4 for r in opt.factors.current)
+    assert rep["inverse"] >= 2 * grouped_bytes  # the inverse's record snapshot and Ā_j⁻¹, G_j⁻¹
+    from kfac_fast._parts import tensors_in
+
+    inv = opt.inverse if isinstance(opt.inverse, BlockInverse) else opt.inverse.local
+    kind, Ainv, Ginv = inv.other[1]
+    assert kind == "kron_grouped" and Ainv.shape == (4, 36, 36) and Ginv.shape == (4, 4, 4)
+    held = {t.data_ptr() for t in tensors_in(opt.inverse)}
+    assert Ainv.data_ptr() in held and Ginv.data_ptr() in held
 
 
 @pytest.mark.parametrize("how", ["kfac", "pass"])

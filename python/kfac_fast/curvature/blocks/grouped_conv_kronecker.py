@@ -27,16 +27,16 @@ group:
   e.g. depthwise 3×3 or 7×7, b = 10 or 50), or a depthwise convolution without channel
   multiplier (g = 1) with b ≤ 1,024: there Ā_j alone is already b × b, so the exact block costs
   what the Kronecker form costs and drops K-FAC's independence assumption (Sec 3);
-* otherwise one Kronecker product per group (ResNeXt / RegNet groups: a = 4·9 … 232·9, g = 4 …
-  232), whose a² + g² numbers per group replace the exact block's b² = g²a²: a RegNet group of
-  width 8 keeps 72² + 8² = 5,248 numbers instead of 576² = 331,776;
+* otherwise one Kronecker product per group (ResNeXt / RegNet groups of 4 … 32 channels), whose
+  a² + g² numbers per group replace the exact block's b² = g²a²: a RegNet group of width 8
+  (3×3, no bias) keeps 72² + 8² = 5,248 numbers instead of 576² = 331,776;
 * refused (the ``unsupported=`` policy decides) when a per-group factor exceeds
   :data:`MAX_GROUP_FACTOR` (4,096, the default ``max_block_dim``).
 
 ``max_block_dim`` does not apply to the per-group factors: no per-group diagonal form is
 implemented; instead a group whose Ā_j or G_j exceeds :data:`MAX_GROUP_FACTOR` is refused. The
-per-group factors of the grouped convolutions in timm's and torchvision's ResNeXt and RegNet
-models are at most 2,089 (a RegNet group of 232 channels, 3×3, with bias).
+per-group factors of timm's resnext50_32x4d, regnetx_002 and regnety_016 are at most 288 (Ā_j)
+and 32 (G_j), and a refresh costs groups·(a³ + g³) instead of the exact block's groups·b³.
 """
 from __future__ import annotations
 

@@ -127,6 +127,27 @@ def test_factors_equal_the_per_group_factors(key, approx):
         assert rel <= 1e-9, (key, approx, rel)
 
 
+def test_one_example_at_one_position_equals_the_exact_per_group_fisher():
+    """m = 1, R = 1, empirical Fisher: each group's Fisher is rank one, u uᵀ with u = g ⊗ ā, so
+    Ā_j ⊗ G_j must equal the exact block of GroupedConvBlock (vec_rows order: kron(G_j, Ā_j))."""
+    import kfac_fast.curvature.blocks.grouped_conv_kronecker as gk
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, groups=4)  # a 3×3 input, no padding: one output position
+    model = nn.Sequential(conv, nn.Flatten(), nn.Tanh(), nn.Linear(16, 5)).to(D)
+    x, y = torch.randn(1, 8, 3, 3, dtype=D), torch.tensor([2])
+    kron = block_factors(model, x, CE, fisher="empirical", targets=y)[0]
+    saved = gk.EXACT_MAX_PARAMS
+    try:
+        gk.EXACT_MAX_PARAMS = 10 ** 6  # the exact per-group block for the same layer
+        assert isinstance(find_blocks(model)[0], GroupedConvBlock)
+        exact = block_factors(model, x, CE, fisher="empirical", targets=y)[0].F
+    finally:
+        gk.EXACT_MAX_PARAMS = saved
+    ref = torch.stack([torch.kron(G, A) for A, G in zip(kron.A, kron.G)])
+    torch.testing.assert_close(ref, exact, rtol=1e-10, atol=1e-14)
+
+
 def test_factors_are_chunked_over_groups_without_changing_them(monkeypatch):
     import kfac_fast.curvature.running as running
 

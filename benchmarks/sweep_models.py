@@ -168,10 +168,11 @@ def main(argv=None):
     p.add_argument("--out", default="sweep_models_cpu")
     p.add_argument("--traceback", action="store_true", help="print the traceback of every failure")
     p.add_argument("--full-size", action="store_true",
-                   help="only the coverage of full-size timm models (FULL_SIZE), to results/<out>_full_size.csv")
+                   help="only the coverage of full-size timm models (FULL_SIZE, or those of --models among them), "
+                        "to results/<out>_full_size.csv")
     args = p.parse_args(argv)
-    if args.full_size:
-        rows = full_size_coverage(FULL_SIZE)
+    if args.full_size:  # --models picks among FULL_SIZE (default: all of them)
+        rows = full_size_coverage([n for n in args.models.split(",") if n in FULL_SIZE] or FULL_SIZE)
         print()
         print_table(rows, ["model", "trainable", "kron_pct", "norm_pct", "dense_pct", "left_pct", "left_out"])
         write_csv(f"{args.out}_full_size", rows, machine_info())

@@ -361,11 +361,12 @@ def test_conv_1x1_on_1x1_image_equals_linear():
 
 
 def test_conv_groups_refused_naming_the_module():
-    # groups with more than GroupedConvBlock's MAX_BLOCK parameters each: 32·(32·9 + 1) here
+    # groups whose per-group Kronecker factor Ā_j exceeds 4096 (GroupedKroneckerConvBlock's
+    # MAX_GROUP_FACTOR): 512·9 = 4608 here
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(64, 64, 3, groups=2), nn.Flatten(), nn.Linear(64 * 2 * 2, 3)).to(D)
+    model = nn.Sequential(nn.Conv2d(1024, 8, 3, groups=2, bias=False), nn.Flatten(), nn.Linear(8 * 2 * 2, 3)).to(D)
     with pytest.raises(ValueError) as err:
-        kfac_api()(model, torch.randn(2, 64, 4, 4, dtype=D), CE)
+        kfac_api()(model, torch.randn(2, 1024, 4, 4, dtype=D), CE)
     assert "0" in str(err.value) and "group" in str(err.value).lower(), str(err.value)
 
 

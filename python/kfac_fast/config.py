@@ -55,8 +55,10 @@ class KFACConfig:
             the same per-iteration rate (19/20).
         T2: γ update period (Sec 6.6); must be a multiple of T3; ω₂ = sqrt(19/20)^T2.
         T3: inverse refresh period (Sec 8); also refreshed at k ≤ 3.
-        tau1: fraction of the batch for the factor statistics (Sec 8).
-        tau2: fraction of the batch for the exact-Fisher quadratic forms (Sec 8).
+        tau1: fraction of the batch for the factor statistics (Sec 8); at least one example
+            (a batch of 1-7 examples at τ₁ = 1/8 uses one).
+        tau2: fraction of the batch for the exact-Fisher quadratic forms (Sec 8); at least one
+            example and ``tau2_min_rows``.
         tau2_min_rows: S₂ has at least this many rows (or the whole batch). The quadratic
             model's curvature ΔᵀFΔ is estimated from S₂; on a few rows it misses most of the
             curvature the step meets and α, µ come out far too large (measured in

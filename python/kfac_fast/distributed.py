@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_c
 
 import torch
 
-from .curvature.block_inverse import apply_factored
+from .curvature.block_inverse import apply_factored, apply_grouped
 from .curvature.running import RunningFactors, pack_tensors, packed_numel, unpack_tensors_
 from .curvature.tied_inverse import TiedSumInverse
 
@@ -165,12 +165,15 @@ def imbalance(costs: Sequence[float], owners: Sequence[int], world: int) -> floa
 def record_cost(record) -> float:
     """n³ cost of one block's inverse refresh: Σ n³ over its dense factors and n over its
     diagonal ones (a³ + g³ for a dense Kronecker block, g³ + a for a diagonal Ā, a³ + g for a
-    diagonal G, k·b³ for k small dense blocks of size b)."""
+    diagonal G, k·b³ for k small dense blocks of size b, groups·(a³ + g³) for a grouped block's
+    per-group factors)."""
     from .curvature.factors import BlockFisher
 
     if isinstance(record, BlockFisher):
         k, b = record.F.shape[0], record.F.shape[-1]
         return float(k * b ** 3)
+    if record.grouped:
+        return float(record.A.shape[0] * (record.A.shape[-1] ** 3 + record.G.shape[-1] ** 3))
     a = record.A.shape[0]
     g = record.G.shape[0]
     return float((a ** 3 if record.A.dim() == 2 else a) + (g ** 3 if record.G.dim() == 2 else g))
@@ -604,6 +607,7 @@ class PhaseTimer:
 def record_kind(record) -> str:
     """How a factor record's inverse is applied: ``"kron"`` (dense Ā, G: U = G⁻¹ V Ā⁻¹),
     ``"kron_diag"`` (a diagonal Ā and/or G: U = G⁻¹ V Ā⁻¹ with the diagonal sides elementwise),
+    ``"kron_grouped"`` (per-group factors (groups, a, a), (groups, g, g): U_j = G_j⁻¹ V_j Ā_j⁻¹),
     ``"diag"`` (k scalars) or ``"dense"``
     (k small b×b blocks); a tied pair (:mod:`~kfac_fast.curvature.blocks.tied`): ``"kron_sum"``
     (the head: Appendix B's K₂, s₂, K₁, s₁ of the Kronecker sum) and ``"zero"`` (the embedding)."""
@@ -615,6 +619,8 @@ def record_kind(record) -> str:
         return "kron_sum"
     if record.tied_owner is not None:
         return "zero"
+    if record.grouped:
+        return "kron_grouped"
     return "kron" if record.A.dim() == 2 and record.G.dim() == 2 else "kron_diag"
 
 
@@ -638,6 +644,8 @@ def _part_buffers(record, kind: str) -> tuple[list[torch.Tensor], list[bool]]:
         return [_padded(record.G.shape[0], record.G)[0], _padded(record.A.shape[0], record.A)[0]], [True, True]
     if kind == "kron_diag":
         return [torch.empty_like(record.A), torch.empty_like(record.G)], [record.A.dim() == 2, record.G.dim() == 2]
+    if kind == "kron_grouped":
+        return [torch.empty_like(record.A), torch.empty_like(record.G)], [True, True]
     if kind == "kron_sum":  # K2 (V, V) or (V,) with a diagonal G, s2 (V,), K1 (d, d), s1 (d,)
         V, d, like = record.G.shape[0], record.A.shape[0], record.A
         e = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
@@ -845,6 +853,9 @@ class ShardedInverse:
             if k == "kron_diag":
                 ainv, Ginv = self.parts[i]
                 out[i] = apply_factored(V, Ginv, ainv)
+            elif k == "kron_grouped":
+                Ainv, Ginv = self.parts[i]
+                out[i] = apply_grouped(V, Ginv, Ainv)
             elif k == "diag":
                 out[i] = V * self.parts[i][0].unsqueeze(1)
             elif k == "dense":

@@ -399,11 +399,6 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
             raise ValueError(f"inputs has {m} rows but targets {tuple(targets.shape)[:1] or 'none (0-d)'}")
         if targets.device != self.device:
             raise ValueError(f"targets are on {targets.device} but the model is on {self.device}; move them with .to()")
-        for tau_name in ("tau1", "tau2"):
-            tau = getattr(self.config, tau_name)
-            if int(round(tau * m)) < 1:
-                raise ValueError(f"a batch of {m} rows leaves the {tau_name} subset empty ({tau_name}={tau:g}); "
-                                 f"use at least {math.ceil(0.5 / tau)} rows or raise {tau_name}")
         for l in self.layers:
             for p in l.params():
                 if not p.requires_grad:
@@ -421,7 +416,9 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         return -(-terms // self._terms_per_example) if terms > 0 else 0
 
     def _subset(self, m: int, frac: float, min_rows: int = 0) -> torch.Tensor:
-        size = min(m, max(int(round(frac * m)), min_rows))
+        """A random subset of the m ≥ 1 examples: round(frac·m) of them, at least ``min_rows`` and at
+        least one (a batch of 2-4 sequences still gets a τ₁ / τ₂ subset), at most m."""
+        size = min(m, max(int(round(frac * m)), min_rows, 1))
         return torch.randperm(m, generator=self.generator, device=self.device)[:size]
 
     def _objective(self, inputs, targets: torch.Tensor,

@@ -8,6 +8,10 @@
   block-tridiagonal kind: U = (G + (γ/π) I)⁻¹ V (Ā + πγ I)⁻¹ with a diagonal side applied
   elementwise (1/(Ā + πγ) per column, 1/(G + γ/π) per row), π by the trace rule with the
   trace of a diagonal factor its sum (tr/size = its mean, Sec 6.3).
+* A grouped convolution (batched per-group factors Ā (groups, a, a), G (groups, g, g)) is a
+  block-diagonal entry in both kinds: one Kronecker product per group, damped by the factored
+  Tikhonov rule with its own π_j by the trace rule (Sec 6.3), U_j = (G_j + (γ/π_j) I)⁻¹ V_j
+  (Ā_j + π_j γ I)⁻¹ as batched products (V_j: group j's rows of the block matrix).
 * A tied weight (an embedding shared with a bias-free output layer, two records: the head's
   with ``tied_partner``, the embedding's with ``tied_owner``) is a block-diagonal entry in both
   kinds: the head's is the inverse of the Kronecker sum over both records
@@ -27,7 +31,8 @@ import torch
 
 from .compute_dtype import autocast_off
 from .damping import _pi_from_traces, check_damping
-from .factors import BlockFisher, KroneckerFactors, cross_factor_like, factor_like, factors_to_dict, record_to_dict
+from .factors import (BlockFisher, KroneckerFactors, block_shape, cross_factor_like, factor_like, factors_to_dict,
+                      record_to_dict)
 from .block_diagonal import BlockDiagonal
 from .inverse_kinds import INVERSE_KINDS, build_inverse
 from .tied_inverse import tied_sum_inverse
@@ -47,30 +52,55 @@ def apply_factored(V: torch.Tensor, g_side: torch.Tensor, a_side: torch.Tensor) 
     return U @ a_side if a_side.dim() == 2 else U * a_side.unsqueeze(0)
 
 
-def _spd_inverse(M: torch.Tensor, c: float) -> tuple[torch.Tensor, bool]:
-    """(M + cI)⁻¹ for a symmetric PSD M by Cholesky, with an eigenvalue-clamped fallback."""
+def apply_grouped(V: torch.Tensor, g_side: torch.Tensor, a_side: torch.Tensor) -> torch.Tensor:
+    """U_j = G_j⁻¹ V_j Ā_j⁻¹ for every group j: damped inverses (groups, g, g) and (groups, a, a),
+    V (groups·g, a) with group j's rows j·g … (j+1)·g − 1 -> (groups·g, a)."""
+    G, g = g_side.shape[0], g_side.shape[1]
+    Vg = V.to(g_side.dtype).reshape(G, g, -1)
+    return torch.bmm(torch.bmm(g_side, Vg), a_side).reshape(V.shape)
+
+
+def grouped_pi(A: torch.Tensor, G: torch.Tensor, pi) -> torch.Tensor:
+    """π_j per group (float64, (groups,)): the trace rule sqrt((tr Ā_j / a) / (tr G_j / g)), 1 where
+    either trace is not positive (as :func:`~.damping._pi_from_traces`), or the given float."""
+    if not isinstance(pi, str):
+        return torch.full((A.shape[0],), float(pi), dtype=torch.float64, device=A.device)
+    ta = torch.diagonal(A, dim1=-2, dim2=-1).double().mean(-1)
+    tg = torch.diagonal(G, dim1=-2, dim2=-1).double().mean(-1)
+    r = ta / tg
+    ok = (ta > 0) & (tg > 0) & torch.isfinite(r)
+    return torch.where(ok, r.clamp_min(0).sqrt(), torch.ones_like(r))
+
+
+def _spd_inverse(M: torch.Tensor, c) -> tuple[torch.Tensor, bool]:
+    """(M + cI)⁻¹ for a symmetric PSD M (or a batch (k, n, n)) by Cholesky, with an
+    eigenvalue-clamped fallback; ``c`` a float or one value per matrix of the batch (k,)."""
     S = 0.5 * (M + M.transpose(-1, -2))
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    L, info = torch.linalg.cholesky_ex(S + c * eye)
+    per = isinstance(c, torch.Tensor)
+    L, info = torch.linalg.cholesky_ex(S + (c.to(S.dtype)[..., None, None] if per else c) * eye)
     if bool((info == 0).all()) and bool(torch.isfinite(L).all()):
         return torch.cholesky_inverse(L), True
     if not bool(torch.isfinite(S).all()):
         return torch.zeros_like(S), False
     w, Q = torch.linalg.eigh(S.double())
-    w = (w.clamp_min(0) + c).clamp_min(torch.finfo(torch.float64).tiny)
+    w = (w.clamp_min(0) + (c.double()[..., None] if per else c)).clamp_min(torch.finfo(torch.float64).tiny)
     return ((Q / w.unsqueeze(-2)) @ Q.transpose(-1, -2)).to(S.dtype), False
 
 
 def _shape(f) -> tuple[int, int]:
     """The (g_dim, a_dim) block matrix shape of a record."""
-    return (f.F.shape[0], f.F.shape[1]) if isinstance(f, BlockFisher) else (f.G.shape[0], f.A.shape[0])
+    return block_shape(f)
 
 
 def largest_dense_factor(f) -> int:
     """The size of a record's largest dense factor (the n of its n³ refresh): max over its dense
-    Ā, G; b for small b×b blocks; 1 for a block whose factors are all diagonal."""
+    Ā, G; b for small b×b blocks; the largest per-group factor of a grouped block; 1 for a block
+    whose factors are all diagonal."""
     if isinstance(f, BlockFisher):
         return f.F.shape[-1]
+    if f.grouped:
+        return max(f.A.shape[-1], f.G.shape[-1])
     return max([M.shape[0] for M in (f.A, f.G) if M.dim() == 2] or [1])
 
 
@@ -189,6 +219,15 @@ class BlockInverse:
                                      "is not its embedding; pass the records of both blocks of the pair")
                 self.other[i] = ("kron_sum", tied_sum_inverse(
                     f.A, f.G, e.A, e.G, damping=g, pi=self.pi_spec, backend=self.backend))
+            elif isinstance(f, KroneckerFactors) and f.grouped:  # one Kronecker product per group
+                pi = grouped_pi(f.A, f.G, self.pi_spec)
+                tiny = torch.finfo(f.A.dtype).tiny
+                Ainv, ok_a = _spd_inverse(f.A, (pi * g).clamp_min(tiny))
+                Ginv, ok_g = _spd_inverse(f.G, (g / pi).clamp_min(tiny))
+                for key, ok in (("A", ok_a), ("G", ok_g)):
+                    if not ok:
+                        self.fallbacks.append(f"{f.name}: per-group {key} (clamped eigenvalues)")
+                self.other[i] = ("kron_grouped", Ainv, Ginv)
             elif isinstance(f, KroneckerFactors):  # a diagonal Ā and/or G
                 pi = self._pi(f)
                 sides = []
@@ -247,13 +286,7 @@ class BlockInverse:
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
-        out = []
-        for f in self.records:
-            if isinstance(f, BlockFisher):
-                out.append((f.F.shape[0], f.F.shape[1]))
-            else:
-                out.append((f.G.shape[0], f.A.shape[0]))
-        return out
+        return [block_shape(f) for f in self.records]
 
     @property
     def compute_dtype(self):
@@ -303,6 +336,9 @@ class BlockInverse:
             elif entry[0] == "kron_diag":
                 _, ainv, Ginv = entry
                 out[i] = apply_factored(V, Ginv, ainv)
+            elif entry[0] == "kron_grouped":
+                _, Ainv, Ginv = entry
+                out[i] = apply_grouped(V, Ginv, Ainv)
             elif entry[0] == "diag":
                 out[i] = V.to(entry[1].dtype) * entry[1].unsqueeze(1)
             else:

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock, ScaleShiftBlock
+from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, KRONECKER_GROUPED, CurvatureBlock, ScaleShiftBlock
 from .blocks.registry import why_unmodelled
 from .blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
 from .factors import diagonal_factor
@@ -68,7 +68,7 @@ class Coverage:
 
 def _kind(block: CurvatureBlock) -> str:
     k = block.factor_kind
-    if k in (KRONECKER, KRONECKER_DIAG_A):
+    if k in (KRONECKER, KRONECKER_DIAG_A, KRONECKER_GROUPED):  # grouped: one Kronecker product per group
         return "kronecker"
     if k == DENSE:
         return "scale-shift" if isinstance(block, ScaleShiftBlock) else "dense"
@@ -98,7 +98,9 @@ def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: 
 
     Returns a :class:`Coverage`: one entry per block (kind ``kronecker`` for Linear, Conv, Embedding,
     attention projections; ``kronecker_sum`` for an embedding tied to its output layer, one entry
-    for the pair; ``scale-shift`` for norm layers; ``dense`` for grouped convolutions;
+    for the pair; ``scale-shift`` for norm layers; ``kronecker`` also for a grouped convolution
+    with one Kronecker product per group; ``dense`` for a grouped convolution with small groups
+    (the exact per-group Fisher, :mod:`.blocks.grouped_conv_kronecker` has the rule);
     ``diagonal`` with the reason its parameter has no Kronecker/norm block) and one ``skipped``
     entry per trainable parameter no block holds (``unsupported="skip"``), with the reason;
     ``kronecker_fraction`` the share of trainable parameters in Kronecker blocks. With

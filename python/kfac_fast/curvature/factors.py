@@ -12,6 +12,11 @@ diag G = (1/N) Σ g∘g). The block is then still a Kronecker product, diag ⊗ 
 diag), with the same damping and inverse form (:mod:`.block_inverse`). A factor is diagonal
 when its size exceeds the ``max_block_dim`` bound (:func:`diagonal_factor`), and the
 Embedding's Ā is always (its ā are one-hot). Code reading records tests ``t.dim() == 1``.
+
+Grouped factors. A grouped convolution's record (kind ``kronecker_grouped``) holds one
+Kronecker product per group, batched: A (groups, a, a) and G (groups, g, g) (``t.dim() == 3``;
+:attr:`KroneckerFactors.grouped`); its block matrix is (groups·g, a), group j's rows j·g …
+(:mod:`.blocks.grouped_conv_kronecker`). It is a block-diagonal entry of either inverse kind.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ class KroneckerFactors:
     """Factors of one layer i (shapes: A (a_i, a_i) or its diagonal (a_i,), G (g_i, g_i) or
     its diagonal (g_i,); see the module docstring).
 
-    A = Ā_{i-1,i-1}, G = G_{i,i}. For the block-tridiagonal inverse also
+    A = Ā_{i-1,i-1}, G = G_{i,i}. A grouped convolution's record has batched factors A
+    (groups, a, a), G (groups, g, g), one Kronecker product per group (:attr:`grouped`). For the block-tridiagonal inverse also
     A_next = Ā_{i-1,i} (a_i, a_{i+1}) and G_next = G_{i,i+1} (g_i, g_{i+1}); None on the last
     layer and on any block with a diagonal factor (such a block is a block-diagonal entry).
 
@@ -55,6 +61,11 @@ class KroneckerFactors:
         """Whether both factors are dense matrices (a block of the chosen inverse kind)."""
         return self.A.dim() == 2 and self.G.dim() == 2
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the factors are batched per group (A (groups, a, a), G (groups, g, g))."""
+        return self.A.dim() == 3 and self.G.dim() == 3
+
 
 @dataclass
 class BlockFisher:
@@ -65,6 +76,16 @@ class BlockFisher:
     F: torch.Tensor
     name: str = ""
     kind: str = "dense"
+
+
+def block_shape(f) -> tuple[int, int]:
+    """The (g_dim, a_dim) block matrix shape of a record: (k, b) for a :class:`BlockFisher`,
+    (groups·g, a) for grouped factors, (g, a) otherwise."""
+    if isinstance(f, BlockFisher):
+        return (f.F.shape[0], f.F.shape[1])
+    if f.grouped:
+        return (f.G.shape[0] * f.G.shape[1], f.A.shape[-1])
+    return (f.G.shape[0], f.A.shape[0])
 
 
 def check_max_block_dim(max_block_dim) -> "int | None":

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import ops
-from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
+from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, KRONECKER_GROUPED, CurvatureBlock
 from .blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
 from .compute_dtype import operand_dtype, precision
 from .diagonal_factors import accumulate_diagonal_, patch_square_sum, row_square_sum
@@ -18,16 +18,22 @@ from .factors import BlockFisher, KroneckerFactors, check_max_block_dim, diagona
 from .statistics import BatchStatistics
 
 
+#: the most patch entries a grouped convolution's factor update forms at once (a chunk of groups)
+GROUPED_CHUNK = 1 << 24
+
+
 class RunningFactors:
     """Exponentially decayed averages of every block's curvature (Sec 5), double-buffered.
 
     Per block (the blocks' order): a :class:`KroneckerFactors` (Ā dense (a, a), or a vector (a,)
-    for a diagonal Ā; G (g, g) or a vector (g,); with ``tridiagonal`` the cross factors
+    for a diagonal Ā; G (g, g) or a vector (g,); a grouped convolution's batched per-group
+    factors Ā (groups, a, a), G (groups, g, g); with ``tridiagonal`` the cross factors
     Ā_{i-1,i}, G_{i,i+1} towards the next dense Kronecker block), or a :class:`BlockFisher` F
     (k, b, b) for the small dense / diagonal kinds.
 
     ``max_block_dim``: a Kronecker factor larger than this is kept as its diagonal (a vector,
-    :mod:`.factors`); None keeps every Ā and G dense. The Embedding's Ā is always diagonal. ``update`` writes into the spare buffers, ``commit`` makes them
+    :mod:`.factors`); None keeps every Ā and G dense. The per-group factors of a grouped
+    convolution are not bounded by it (:mod:`.blocks.grouped_conv_kronecker`). The Embedding's Ā is always diagonal. ``update`` writes into the spare buffers, ``commit`` makes them
     current, so a rejected step leaves the committed factors untouched (no lost state).
 
     Tridiagonal coupling (Sec 4.3) links consecutive dense Kronecker blocks that are adjacent
@@ -56,6 +62,8 @@ class RunningFactors:
         # Ā from rows or the convolution kernel, dense or diagonal
         self.dense_a = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER and not self.diag_a[i]]
         self.bounded_a = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER and self.diag_a[i]]
+        # one Kronecker product per group: batched (groups, a, a), (groups, g, g)
+        self.grouped = [i for i, l in enumerate(self.layers) if l.factor_kind == KRONECKER_GROUPED]
         self.tied = tied_pairs(self.layers)
         # the chain of the tridiagonal inverse: the dense Kronecker blocks but a tied head (its
         # inverse is the Kronecker sum with its embedding, a block-diagonal entry)
@@ -77,6 +85,10 @@ class RunningFactors:
                 G = z(l.g_dim) if self.diag_g[i] else z(l.g_dim, l.g_dim)
                 out.append(KroneckerFactors(A=A, G=G, name=l.name,
                                             homogeneous=kind == KRONECKER and l.factor_spec.homogeneous))
+            elif kind == KRONECKER_GROUPED:
+                G = l.groups
+                out.append(KroneckerFactors(A=z(G, l.a_dim, l.a_dim), G=z(G, l.g_dim, l.g_dim), name=l.name,
+                                            homogeneous=l.factor_spec.homogeneous))
             elif kind in (DENSE, DIAGONAL):
                 out.append(BlockFisher(F=z(l.g_dim, l.a_dim, l.a_dim), name=l.name, kind=kind))
             else:
@@ -197,6 +209,8 @@ class RunningFactors:
                 if eps != 1.0:
                     pen[i].A.mul_(eps)
                 pen[i].A.add_(counts, alpha=w / max(tok.numel(), 1))
+            elif l.factor_kind == KRONECKER_GROUPED:
+                self._accumulate_grouped(i, stats, eps=eps, w=w, N=N)
             elif l.factor_kind in (DENSE, DIAGONAL):
                 u = stats.u[i].to(self.dtype)
                 if eps != 1.0:
@@ -217,6 +231,32 @@ class RunningFactors:
                                         homogeneous_x=[False] * len(live), homogeneous_y=[False] * len(live),
                                         backend=backend)
 
+    def _accumulate_grouped(self, i: int, stats: BatchStatistics, *, eps: float, w: float, N: int) -> None:
+        """Ā_j ← ε Ā_j + w·mean_rows ā_j ā_jᵀ and G_j ← ε G_j + (w/N) Σ_rows g_j g_jᵀ for every group
+        j of a grouped convolution, as batched products; the patches are formed for a chunk of
+        groups at a time (at most :data:`GROUPED_CHUNK` patch entries)."""
+        l, f = self.layers[i], self.pending[i]
+        x = stats.a[i]
+        G, a0 = l.groups, l.group_in
+        rows = l.a_row_count(x)
+        scale = w / max(rows, 1)
+        if eps != 1.0:
+            f.A.mul_(eps)
+            f.G.mul_(eps)
+        step = max(1, GROUPED_CHUNK // max(rows * a0, 1))
+        for j0 in range(0, G, step):
+            j1 = min(G, j0 + step)
+            X = l.a_rows(x, slice(j0, j1)).to(self.dtype)  # (rows, groups in the chunk, a0)
+            A = f.A[j0:j1]
+            A[:, :a0, :a0].add_(torch.einsum("rgi,rgj->gij", X, X), alpha=scale)
+            if l.factor_spec.homogeneous:  # ā = [a; 1]: the mean a in the last row and column, 1 in the corner
+                s = X.sum(0) * scale
+                A[:, :a0, a0].add_(s)
+                A[:, a0, :a0].add_(s)
+                A[:, a0, a0].add_(w)
+        g = stats.g[i].to(self.dtype)  # (rows, groups, g)
+        f.G.add_(torch.einsum("rgi,rgj->gij", g, g), alpha=w / N)
+
     def _homogeneous_corners(self, cur: list, stats: BatchStatistics) -> list:
         """(pending corner view, current corner value) of every factor whose [-1, -1] entry the
         fused homogeneous coordinate feeds even when the rows are zeroed."""
@@ -227,6 +267,9 @@ class RunningFactors:
         for i in self.bounded_a:
             if self.layers[i].factor_spec.homogeneous:
                 out.append((pen[i].A[-1:], cur[i].A[-1:].clone()))
+        for i in self.grouped:
+            if self.layers[i].factor_spec.homogeneous:
+                out.append((pen[i].A[:, -1:, -1:], cur[i].A[:, -1:, -1:].clone()))
         if self.tridiagonal:
             for i, j, linked in self.links:
                 if linked and self.layers[i].factor_spec.homogeneous and self.layers[j].factor_spec.homogeneous:
@@ -248,7 +291,8 @@ class RunningFactors:
     def flat_tensors(self, which: str = "pending") -> tuple[list[torch.Tensor], list[bool]]:
         """The factor tensors of ``which`` (``"pending"`` or ``"current"``) in the flat buffer's
         order (blocks in order; per block A, G, A_next, G_next or F) and whether each is
-        symmetric in its last two dimensions (dense Ā (a, a), G (g, g), the small dense blocks
+        symmetric in its last two dimensions (dense Ā (a, a), G (g, g), the per-group factors
+        (groups, a, a), (groups, g, g), the small dense blocks
         F (k, b, b) with b > 1; not a diagonal Ā (a,) or G (g,), the diagonal kind (k, 1, 1) or
         the cross factors Ā_{i-1,i}, G_{i,i+1}, which are rectangular)."""
         if which not in ("pending", "current"):
@@ -260,9 +304,9 @@ class RunningFactors:
                 sym.append(f.F.shape[-1] > 1)
                 continue
             ts.append(f.A)
-            sym.append(f.A.dim() == 2)
+            sym.append(f.A.dim() >= 2)  # (n, n) or per group (groups, n, n)
             ts.append(f.G)
-            sym.append(f.G.dim() == 2)
+            sym.append(f.G.dim() >= 2)
             for t in (f.A_next, f.G_next):
                 if t is not None:
                     ts.append(t)

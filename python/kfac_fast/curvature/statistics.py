@@ -5,6 +5,7 @@ loss terms (targets sampled from the model, or given for the empirical Fisher):
 
 * Kronecker blocks: the A rows (patches, positions or examples) and the G rows;
 * Kronecker with diagonal Ā (Embedding): the token ids and the G rows;
+* one Kronecker product per group (grouped convolutions): the raw input and G rows (rows, groups, g);
 * small dense blocks (norm scale-and-shift): per-example derivatives u (m, k, b);
 * diagonal blocks (any other parameter): the summed gradient as (1, numel, 1).
 
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock
+from .blocks import DENSE, DIAGONAL, KRONECKER, KRONECKER_DIAG_A, KRONECKER_GROUPED, CurvatureBlock
 from .capture import Recording, internal_pass
 
 
@@ -49,7 +50,7 @@ def block_rows(blocks: Sequence[CurvatureBlock], rec: Recording, grads: Sequence
     a, g, u = [], [], []
     for i, b in enumerate(blocks):
         kind = b.factor_kind
-        if kind in (KRONECKER, KRONECKER_DIAG_A):
+        if kind in (KRONECKER, KRONECKER_DIAG_A, KRONECKER_GROUPED):
             a.append(b.a_input(rec.inputs[i]))
             g.append(b.output_rows(rec.inputs[i], grads[i]))
             u.append(None)

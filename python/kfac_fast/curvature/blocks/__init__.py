@@ -1,12 +1,14 @@
 """Curvature blocks: one file per layer type, a registry from module types to block classes."""
 from .attention import AttentionInProjBlock, AttentionOutProjBlock
-from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KFAC_APPROX, KRONECKER, KRONECKER_DIAG_A, CurvatureBlock,
+from .base import (DENSE, DIAGONAL, FACTOR_KINDS, KFAC_APPROX, KRONECKER, KRONECKER_DIAG_A,
+                   KRONECKER_GROUPED, CurvatureBlock,
                    FactorSpec, check_kfac_approx)
 from .conv1d import Conv1dBlock
 from .conv2d import Conv2dBlock
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
 from .grouped_conv import GroupedConvBlock
+from .grouped_conv_kronecker import GroupedKroneckerConvBlock
 from .layer_scale import LayerScaleBlock
 from .linear import LinearBlock
 from .registry import UNSUPPORTED, block_class, check_unsupported, find_blocks, register_block, registered_blocks
@@ -26,9 +28,11 @@ __all__ = [
     "FACTOR_KINDS",
     "FactorSpec",
     "GroupedConvBlock",
+    "GroupedKroneckerConvBlock",
     "KFAC_APPROX",
     "KRONECKER",
     "KRONECKER_DIAG_A",
+    "KRONECKER_GROUPED",
     "LayerScaleBlock",
     "LinearBlock",
     "ScaleShiftBlock",

@@ -35,12 +35,15 @@ import torch
 from torch import nn
 
 # Factor kinds (Sec 3; kfac-jax names the same families): a Kronecker product Ā ⊗ G of dense
-# factors; the same with a diagonal Ā; a diagonal; one small dense block.
+# factors; the same with a diagonal Ā; one Kronecker product per group (a grouped convolution:
+# Ā_j ⊗ G_j, factors stored batched (groups, a, a) and (groups, g, g)); a diagonal; one small
+# dense block.
 KRONECKER = "kronecker"
 KRONECKER_DIAG_A = "kronecker_diag_a"
+KRONECKER_GROUPED = "kronecker_grouped"
 DIAGONAL = "diagonal"
 DENSE = "dense"
-FACTOR_KINDS = (KRONECKER, KRONECKER_DIAG_A, DIAGONAL, DENSE)
+FACTOR_KINDS = (KRONECKER, KRONECKER_DIAG_A, KRONECKER_GROUPED, DIAGONAL, DENSE)
 KFAC_APPROX = ("expand", "reduce")
 
 
@@ -58,7 +61,8 @@ class FactorSpec:
     of G; ``homogeneous``: the A rows get a trailing 1 (ā = [a; 1], Sec 2.1) when the factor is
     formed (the kernels append it, so ``a_rows`` returns the rows without it). For the kinds
     ``dense``/``diagonal`` the block matrix is (g_dim, a_dim) = (k, b): k small dense blocks of
-    size b (b = 1: a diagonal).
+    size b (b = 1: a diagonal). For ``kronecker_grouped`` a_dim and g_dim are ONE group's
+    factor sizes (the block has ``groups`` of them) and the block matrix is (groups·g_dim, a_dim).
     """
 
     kind: str

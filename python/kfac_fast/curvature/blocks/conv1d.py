@@ -4,7 +4,8 @@ the (m, C, 1, L) view of its (m, C, L) input, so the 2-D patch kernel and factor
 W = [weight.reshape(C_out, C_in·k) | bias] (homogeneous coordinate last); a patch ā_{n,r} holds
 the C_in·k inputs under the kernel at output position r (entries ordered channel, tap), and
 Ā = (1/(m·R)) Σ ā āᵀ, G = (1/N) Σ_{n,r} g_{n,r} g_{n,r}ᵀ with R = L_out (expand); reduce: the
-mean patch and the summed g per example. Grouped Conv1d: :class:`~.grouped_conv.GroupedConvBlock`.
+mean patch and the summed g per example. Grouped Conv1d: :class:`~.grouped_conv.GroupedConvBlock` or
+:class:`~.grouped_conv_kronecker.GroupedKroneckerConvBlock` (:meth:`Conv2dBlock.specialise`).
 """
 from __future__ import annotations
 

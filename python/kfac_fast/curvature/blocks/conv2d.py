@@ -10,8 +10,9 @@ derivative at output location r. With R = H_out·W_out locations per example:
 
 (N = m for one loss term per example); for R = 1 this is the Linear convention.
 ``kfac_approx="reduce"``: one row per example, the mean patch and the summed g.
-Grouped convolutions (groups > 1) get :class:`~.grouped_conv.GroupedConvBlock` instead
-(:meth:`Conv2dBlock.specialise`); padding modes other than zeros are refused (the ``unsupported=``
+Grouped convolutions (groups > 1) get :class:`~.grouped_conv.GroupedConvBlock` (small groups:
+the exact per-group Fisher) or :class:`~.grouped_conv_kronecker.GroupedKroneckerConvBlock` (one
+Kronecker product per group) instead (:meth:`Conv2dBlock.specialise`); padding modes other than zeros are refused (the ``unsupported=``
 policy then decides). ``nn.Conv1d`` is the same block on a (m, C, 1, L) view (:mod:`.conv1d`).
 """
 from __future__ import annotations
@@ -35,10 +36,12 @@ class Conv2dBlock(CurvatureBlock):
 
     @classmethod
     def specialise(cls, module: nn.Module) -> type:
-        """A grouped or depthwise convolution (groups > 1) gets its per-group block."""
+        """A grouped or depthwise convolution (groups > 1) gets its per-group block: the exact
+        per-group Fisher where it is small, else one Kronecker product per group
+        (:func:`~.grouped_conv_kronecker.grouped_conv_block`)."""
         if module.groups != 1:
-            from .grouped_conv import GroupedConvBlock
-            return GroupedConvBlock
+            from .grouped_conv_kronecker import grouped_conv_block
+            return grouped_conv_block(module)
         return cls
 
     @classmethod

@@ -9,13 +9,14 @@ examples folded into the groups; no patch matrix):
     u_{n,j} = vec_rows( Σ_r g_{n,j,r} ā_{n,j,r}ᵀ ),   F_j = (1/N) Σ_n u_{n,j} u_{n,j}ᵀ
 
 (ā the group's patch with a trailing 1, g the group's output derivative at position r), a
-(b × b) block with b = (C_out/G)·(C_in/G·K + 1). Why the exact per-group block and not a
-Kronecker product per group (Ā_j ⊗ G_j, KFC restricted to the group): for the groups these
-layers have (depthwise: C_out/G = 1 or a small multiplier; ResNeXt-style: a few channels) the
-exact block costs no more memory than the two factors (depthwise 3×3: b = 10, a 10 × 10 block per
-channel against a 10 × 10 Ā_j and a 1 × 1 G_j) and drops K-FAC's independence assumption
-between activations and derivatives (Sec 3) instead of adding it. Groups with b > MAX_BLOCK
-(b² memory per group) are refused: a per-group Kronecker form is not implemented.
+(b × b) block with b = (C_out/G)·(C_in/G·K + 1). This exact form is chosen where it is small
+(b ≤ 64, or a depthwise convolution with C_out/G = 1 and b ≤ 1,024: depthwise 3×3, b = 10, a
+10 × 10 block per channel against a 10 × 10 Ā_j and a 1 × 1 G_j for the Kronecker form): it costs
+no more than the Kronecker factors and drops K-FAC's independence assumption between
+activations and derivatives (Sec 3). Larger groups (ResNeXt, RegNet) get one Kronecker product
+per group, :class:`~.grouped_conv_kronecker.GroupedKroneckerConvBlock`; the rule is
+:func:`~.grouped_conv_kronecker.grouped_conv_block`. Used directly, this block refuses groups with
+b > MAX_BLOCK (b² memory per group).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class GroupedConvBlock(CurvatureBlock):
         b = cls._group_size(module)
         if b > MAX_BLOCK:
             return (f"groups={module.groups} with {b} parameters per group (exact per-group Fisher blocks are kept up to "
-                    f"{MAX_BLOCK}; a per-group Kronecker form is not implemented)")
+                    f"{MAX_BLOCK}; larger groups take the per-group Kronecker block, GroupedKroneckerConvBlock)")
         return frozen_bias(module)
 
     @staticmethod

@@ -225,3 +225,24 @@ def test_mc_through_compiled_donated_buffers_names_the_fix():
         else:
             with pytest.raises(RuntimeError, match="donated.*fisher='empirical' or capture='pass'.*donated_buffer"):
                 F.cross_entropy(model(x), y).backward()
+
+
+def test_recomputation_counts_are_checked():
+    """check_pass asks every block run under no_grad in the forward to be recomputed once per
+    backward of its pass: fewer (never recomputed) and more (another pass's recomputation) are
+    refused, naming the fix."""
+    from kfac_fast.curvature.blocks import find_blocks
+    from kfac_fast.curvature.hooks import CapturedPass, check_pass
+
+    blocks = find_blocks(Net().double())
+    p = CapturedPass.empty(len(blocks))
+    p.calls = [1] * len(blocks)
+    p.no_grad, p.backwards = [1], 2
+    for n, match in [(1, "not recomputed with grad"), (3, "recomputed 3 times in 2 backward.*use_reentrant=False")]:
+        p.recomputed = {1: n}
+        with pytest.raises(ValueError, match=match):
+            check_pass(blocks, p)
+    p.recomputed = {1: 2}
+    check_pass(blocks, p)  # one per backward
+    with pytest.raises(ValueError, match="use_reentrant=False.*fisher='empirical' or capture='pass'"):
+        check_pass(blocks, p, sampled=True)

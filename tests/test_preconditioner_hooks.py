@@ -124,17 +124,19 @@ def test_empirical_hooks_equal_pass_and_block_factors(name, inverse):
     assert pre_h.k == pre_p.k == 4
 
 
+@pytest.mark.parametrize("retain_graph", [False, True])
 @pytest.mark.parametrize("name", list(PROBLEMS))
-def test_mc_hooks_equal_block_factors_same_draws(name):
-    """MC Fisher: the extra backward through the user's retained graph on targets sampled from
-    the user's outputs gives block_factors' MC factors for the same generator state (its own
-    forward, its own sampled backward)."""
+def test_mc_hooks_equal_block_factors_same_draws(name, retain_graph):
+    """MC Fisher: the sampled backward inside the user's (from the model output to the blocks, on
+    targets sampled from the user's outputs, the terms the user's loss ignores left out) gives
+    block_factors' MC factors for the same generator state (its own forward, its own sampled
+    backward), whether or not the user retains the graph."""
     factory, kw = PROBLEMS[name]
     model, x, y = factory()
     ref_model = copy.deepcopy(model)
     pre = KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="mc", capture="hooks", damping=0.1,
                              generator=torch.Generator().manual_seed(7), **kw)
-    user_step(model, pre, x, y, retain_graph=True, targets=y)
+    user_step(model, pre, x, y, retain_graph=retain_graph, targets=y)
     ref = block_factors(ref_model, x, "softmax_cross_entropy", fisher="mc", targets=y,
                         generator=torch.Generator().manual_seed(7), **kw)
     assert_factors_close(pre.factors.current, ref)
@@ -289,7 +291,7 @@ def test_no_grad_paused_and_unbackpropagated_forwards_are_not_used():
 def test_internal_passes_are_not_recorded():
     model, x, y = mlp_problem()
     blocks = find_blocks(model)
-    cap = HookCapture(model, blocks, record_grads=True, keep_outputs=False)
+    cap = HookCapture(model, blocks, record_grads=True)
     sampled_statistics(model, blocks, x, get_loss("softmax_cross_entropy"), fisher="empirical", targets=y)
     block_factors(model, x, "softmax_cross_entropy", fisher="mc", generator=torch.Generator().manual_seed(0))
     assert cap.passes == [] and cap.stray == []
@@ -330,15 +332,14 @@ def test_errors_name_the_fix():
     pre = KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="mc", capture="hooks")
     with pytest.raises(RuntimeError, match="backward"):  # no .grad yet
         pre.step()
-    ce(model(x), y).backward()  # no retain_graph: the MC backward cannot run
-    with pytest.raises(RuntimeError, match=r"retain_graph=True"):
-        pre.step(targets=y)
+    ce(model(x), y).backward()
+    pre.step(targets=y)  # no retain_graph: the sampled backward ran inside the user's
     with pytest.raises(RuntimeError, match="nothing recorded"):
-        pre.step()  # the failed step dropped its pass
-    ce(model(x), y).backward(retain_graph=True)
+        pre.step()
+    ce(model(x), y).backward()
     with pytest.raises(ValueError, match="inputs has 5 rows"):
         pre.step(x[:5], y)
-    ce(model(x), y).backward(retain_graph=True)
+    ce(model(x), y).backward()
     with pytest.raises(ValueError, match="grad_scale"):
         pre.step(targets=y, grad_scale=0.0)
     model[0](x)  # a layer called outside a forward of the model
@@ -421,23 +422,15 @@ def test_bare_layer_model_needs_a_wrapper():
         pass
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
-def test_activation_checkpointing_is_refused(reentrant):
-    """Checkpointed layers run under no_grad in the forward and again in the backward: their
-    statistics would be zeros or strays; refused, naming the way out (capture='pass')."""
-    from torch.utils.checkpoint import checkpoint
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=reentrant))
-
-    model = Net().double()
-    pre = KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="empirical", capture="hooks")
-    x, y = torch.randn(8, 4, dtype=D, requires_grad=reentrant), torch.randint(0, 3, (8,))
-    ce(model(x), y).backward()
-    with pytest.raises(ValueError, match="checkpointing.*capture='pass'"):
-        pre.step(targets=y)
+def test_mc_targets_must_ignore_the_terms_the_loss_ignored():
+    """The sampled loss leaves out the terms the user's loss ignored (zero rows of its output
+    gradient); targets that ignore other terms are refused."""
+    model, x, y = lm_problem()
+    pre = KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="mc", capture="hooks", loss_reduction="sum")
+    y2 = y.clone()
+    y2[0, 0] = -100  # a term the loss kept (a sum loss: the scale check cannot tell)
+    assert int(y[0, 0]) != -100
+    z = model(x)
+    F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum").backward()
+    with pytest.raises(ValueError, match="terms the targets keep are not those your loss kept"):
+        pre.step(targets=y2)

@@ -41,12 +41,12 @@ class _Counting(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
-def _train(model, optimizers, tmp_path):
+def _train(model, optimizers, tmp_path, **training_args):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="Hugging Face Trainer needs accelerate")
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8,
                                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                                          dataloader_num_workers=0, max_grad_norm=1.0, seed=0)
+                                          dataloader_num_workers=0, max_grad_norm=1.0, seed=0, **training_args)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Counting(), optimizers=optimizers)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -54,17 +54,19 @@ def _train(model, optimizers, tmp_path):
     return losses
 
 
-def test_hf_trainer_with_preconditioner_attached_to_adamw(tmp_path):
+@pytest.mark.parametrize("fisher,checkpointing", [("empirical", False), ("mc", True)])
+def test_hf_trainer_with_preconditioner_attached_to_adamw(tmp_path, fisher, checkpointing):
+    """The Trainer's backward retains no graph: the MC Fisher's sampled backward runs inside it;
+    with gradient_checkpointing=True the recomputation in the backward is not a pass."""
     torch.set_num_threads(1)
     model = _llama()
-    # fisher="empirical": the Trainer's backward does not retain the graph, which the MC Fisher's
-    # extra backward through the user's pass would need
-    pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", fisher="empirical", capture="hooks",
+    pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", fisher=fisher, capture="hooks",
                                        damping=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.05 * k))
     pre.attach(opt, targets=lambda batch: kfac_fast.causal_lm_targets(batch["labels"]))
-    losses = _train(model, (opt, sched), tmp_path)
+    losses = _train(model, (opt, sched), tmp_path, gradient_checkpointing=checkpointing)
+    assert model.is_gradient_checkpointing == checkpointing
     assert pre.k == STEPS + 1  # preconditioned at every optimizer step
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
 

@@ -13,8 +13,8 @@ Where the statistics come from (``capture=``):
     subset of the batch (Sec 5), as it always has;
   * ``"hooks"``: hooks record the block inputs and output derivatives of YOUR forward and
     backward (:mod:`kfac_fast.curvature.hooks`), so ``step()`` runs no forward: the empirical
-    Fisher costs no extra pass, the MC Fisher one extra backward through your retained graph on
-    targets sampled from your outputs (no second forward).
+    Fisher costs no extra pass, the MC Fisher one extra backward (run inside yours, from the
+    outputs) on targets sampled from your outputs (no second forward).
 
 Data parallel (:class:`DistributedKFACPreconditioner`): the same preconditioner on p ranks, each
 with its own shard of the batch. ``KFACPreconditioner(...)`` constructs it when torch.distributed
@@ -78,7 +78,7 @@ from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors, ema_decay, snapshot
 from .curvature.factors import (DEFAULT_MAX_BLOCK_DIM, BlockFisher, KroneckerFactors, check_max_block_dim,
                                 cross_factor_like, factor_like, record_to_dict)
-from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, backward_targets, block_rows, concat_statistics,
+from .curvature.statistics import (BatchStatistics, NonFiniteOutputs, block_rows, concat_statistics,
                                    sampled_statistics)
 from .distributed import (Distributor, PhaseTimer, ShardedInverse, check_mode, common_seed, default_distributor,
                           rank_generator, rank_seed, unwrap_model)
@@ -90,7 +90,6 @@ REDUCTIONS = ("mean", "sum")
 #: relative tolerance of the first-step check that your loss's output gradient matches the scale
 #: capture="hooks" assumes (loss_reduction, grad_scale, N)
 SCALE_RTOL = 1e-2
-_FREED = "Trying to backward through the graph a second time"
 
 
 def _world_size(process_group=None) -> int:
@@ -120,7 +119,7 @@ class KFACPreconditioner:
                                            capture="hooks")
         for x, y in loader:
             sgd.zero_grad()
-            F.cross_entropy(model(x), y).backward()   # fisher="mc": .backward(retain_graph=True)
+            F.cross_entropy(model(x), y).backward()
             pre.step(targets=y)     # or pre.step(): see "N" below
             sgd.step()
 
@@ -148,9 +147,16 @@ class KFACPreconditioner:
         * several forwards before one ``step()`` (gradient accumulation): their rows are pooled
           (Ā averages every row, G divides by the total N); ``targets`` is then a list, one per
           pass in forward order, or None.
-        * ``fisher="mc"``: ``step`` samples targets from each pass's output (``generator``) and runs
-          one backward of their summed loss through your graph: call
-          ``loss.backward(retain_graph=True)``; the graph is freed by that backward.
+        * ``fisher="mc"``: in your backward, as soon as it reaches the model output z, targets are
+          sampled from z (``generator``) and their summed loss is backpropagated from z to the
+          blocks (a nested backward, before yours frees the graph: no ``retain_graph`` needed).
+          The terms your loss ignores (exactly zero rows of ∂L/∂z, when the loss can ignore
+          terms) are left out of it; given targets must ignore the same terms.
+        * activation checkpointing (``torch.utils.checkpoint``, transformers'
+          ``gradient_checkpointing_enable()``, timm's ``set_grad_checkpointing()``): the
+          recomputation in the backward is not a pass; the statistics equal those without
+          checkpointing. ``use_reentrant=True`` supports ``fisher="empirical"`` only, one
+          backward per forward.
         * hooks stay on the model until :meth:`remove_hooks` (or the end of a ``with pre:`` block);
           recorded tensors are released at every ``step``.
         * a non-finite ``.grad`` (GradScaler overflow) leaves ``.grad``, the factors and k as
@@ -284,7 +290,7 @@ class KFACPreconditioner:
         self._hooks: Optional[HookCapture] = None
         if capture == "hooks":
             self._hooks = HookCapture(model, self.layers, record_grads=fisher == "empirical",
-                                      keep_outputs=fisher == "mc")
+                                      sampler=self._sampled_cotangent if fisher == "mc" else None)
         self._attached: Optional[tuple] = None  # (optimizer, hook handle, GradScaler, constant grad_scale)
         self._recorder: Optional[RecordedBatch] = None
 
@@ -443,7 +449,7 @@ class KFACPreconditioner:
 
         ``capture="pass"``: statistics from one forward and backward of this method on a τ₁ subset
         of ``inputs``. ``capture="hooks"``: statistics from the passes the hooks recorded since
-        the last step (no forward; with ``fisher="mc"`` one backward through your graph).
+        the last step (no forward; with ``fisher="mc"`` the sampled backward ran inside yours).
 
         Args:
             inputs: ``"pass"``: the batch whose gradients are in ``.grad``: a tensor, tuple/list
@@ -561,8 +567,7 @@ class KFACPreconditioner:
                 self.layers = [blocks[i] for i in order]
                 grads = [l.grad_matrix() for l in self.layers]
                 self._ordered = True
-            parts = [self._pass_statistics(p, y, grad_scale, last=j == len(passes) - 1)
-                     for j, (p, y) in enumerate(zip(passes, ys))]
+            parts = [self._pass_statistics(p, y, grad_scale) for p, y in zip(passes, ys)]
             stats = concat_statistics(blocks, parts)
         finally:
             del passes  # release the recorded tensors (and the graph an MC pass kept) before the update
@@ -574,7 +579,7 @@ class KFACPreconditioner:
     def _check_passes(self, passes: list, stray: list, inputs) -> None:
         if stray:
             raise ValueError(f"layer {stray[0]} ran outside a forward of the model given to KFACPreconditioner (a "
-                             "submodule called directly, or recomputed by activation checkpointing in the backward?); "
+                             "submodule called directly?); "
                              "capture='hooks' opens a pass at model(...): call the model, wrap that forward in "
                              "`with pre.paused():` and leave its gradient out, or use capture='pass'")
         if not passes:
@@ -582,7 +587,7 @@ class KFACPreconditioner:
                                "grad enabled and its loss.backward() before pre.step() (forwards under torch.no_grad() "
                                "or pre.paused() are not recorded)")
         for p in passes:
-            check_pass(self._hooks.blocks, p)
+            check_pass(self._hooks.blocks, p, sampled=self.fisher == "mc")
             check_output(p.z, self.loss)
         if inputs is not None:
             m, got = batch_size(inputs, self.device), sum(int(p.z.shape[0]) for p in passes)
@@ -642,7 +647,7 @@ class KFACPreconditioner:
                 f"and make sure your loss is the {self.loss.name} of loss= (mean over the same N terms)")
         self._scale_checked = True
 
-    def _pass_statistics(self, p: CapturedPass, y, grad_scale: float, *, last: bool) -> BatchStatistics:
+    def _pass_statistics(self, p: CapturedPass, y, grad_scale: float) -> BatchStatistics:
         """One recorded pass -> its BatchStatistics in the capture's block order, G following the
         ∂(Σ loss terms)/∂s convention (:mod:`.curvature.blocks.base`)."""
         blocks = self._hooks.blocks
@@ -660,22 +665,48 @@ class KFACPreconditioner:
             raise NonFiniteOutputs("the model's outputs contain NaN or inf, so no targets can be sampled for the MC "
                                    "Fisher: the parameters or inputs have diverged (lower the learning rate or raise "
                                    "the damping)")
-        ys = sample_targets(self.loss, z.detach(), self.generator, like=y)
-        wrt = backward_targets(blocks, rec)
-        missing = [b.name for b, t in zip(blocks, wrt) if b.captures and t is None]
-        if missing:
-            raise ValueError(f"the output of layer {missing[0]} does not require grad in the recorded pass")
-        try:
-            with torch.enable_grad(), internal_pass():
-                g = list(torch.autograd.grad(self.loss.total(z, ys), wrt, retain_graph=not last, allow_unused=True))
-        except RuntimeError as exc:
-            if _FREED in str(exc):
-                raise RuntimeError("fisher='mc' with capture='hooks' runs one backward of the sampled-target loss "
-                                   "through your graph, which your backward already freed: call "
-                                   "loss.backward(retain_graph=True) before pre.step()") from exc
-            raise
-        g = [p.output_grad(i) if t is None and b.captures else t for i, (b, t) in enumerate(zip(blocks, g))]
-        return block_rows(blocks, rec, g, int(self.loss.count(z.detach(), ys)))
+        if p.sampled is None:
+            raise RuntimeError("no sampled-target backward ran in the backward of this pass (fisher='mc' takes it "
+                               "inside your loss.backward(), for the passes of a statistics step): call "
+                               "pre.step() after every backward, not load_state_dict() in between")
+        self._check_kept(p, y)
+        g = [p.sampled[i] if p.sampled[i] is not None or not b.captures else p.output_grad(i)
+             for i, b in enumerate(blocks)]
+        return block_rows(blocks, rec, g, rows(z).shape[0] if p.kept is None else int(p.kept.sum()))
+
+    def _sampled_cotangent(self, z: torch.Tensor, gz: torch.Tensor):
+        """The MC Fisher's cotangent at the model output z (m, ..., k), called by the hooks in your
+        backward (Sec 5): targets ŷ sampled from the predictive distribution at z, c = ∂(Σ kept
+        loss terms ℓ(z, ŷ))/∂z, and the kept terms (M,) bool (None: all): those whose row of
+        your ∂L/∂z (gz) is not exactly zero when the loss can ignore terms. None when the next
+        step takes no statistics (Tf) or z is not finite (the step raises)."""
+        if self._ordered and not self._statistics_step():
+            return None
+        if not bool(torch.isfinite(z).all()):
+            return None
+        can_mask = self.loss.ignore_index is not None or getattr(self.loss, "ignore_nan_targets", False)
+        kept = ~(rows(gz) == 0).all(-1) if can_mask else None
+        ys = sample_targets(self.loss, z, self.generator)
+        zz = z.detach().requires_grad_(True)
+        with torch.enable_grad(), internal_pass():
+            c, = torch.autograd.grad(self.loss.total(zz, ys), zz)
+        if kept is not None:
+            c = c * kept.reshape(z.shape[:-1]).unsqueeze(-1).to(c.dtype)
+        return c, kept
+
+    def _check_kept(self, p: CapturedPass, y) -> None:
+        """Given targets: the terms they keep are those your loss kept (its nonzero rows of ∂L/∂z),
+        which the sampled loss kept in the backward."""
+        if y is None:
+            return
+        want = self.loss.mask(y)
+        want = None if want is None or bool(want.all()) else want
+        got = None if p.kept is None or bool(p.kept.all()) else p.kept
+        if (want is None) != (got is None) or (want is not None and not torch.equal(want, got)):
+            raise ValueError("the loss terms the targets keep are not those your loss kept (its rows of dL/dz that "
+                             "are not exactly zero), which the sampled-target pass of fisher='mc' kept in your "
+                             "backward: make your loss ignore exactly the targets' ignored terms (ignore_index / "
+                             "all-NaN rows), or use fisher='empirical'")
 
     def state_dict(self) -> dict:
         return {

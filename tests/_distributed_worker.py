@@ -224,6 +224,13 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     res["pre_tridiagonal"] = train(pre, model, model, batches("mlp"), half)
     res["bytes_tridiagonal"] = pre.distributor.counter.snapshot()
 
+    # statistics every Tf = 3 steps (T3 = 6): factor traffic on statistics steps only
+    for mode in ("replicate_inverses", "shard_inverses"):
+        model = mlp_model()
+        pre = DistributedKFACPreconditioner(model, mode=mode, seed=0, **dict(PRE_KW, T3=6, Tf=3))
+        res[f"pre_Tf3_{mode}"] = train(pre, model, model, batches("mlp"), half)
+        res[f"Tf3_factor_calls_{mode}"] = pre.distributor.counter.calls["factors"]
+
     # fewer factor reductions, with a checkpoint taken while the factors are rank-local
     data = batches("mlp")
     model = mlp_model()

@@ -35,7 +35,9 @@ One iteration, per rank (the paper's Sec 8 tasks with the communication of
 1. gradient: with a plain model, start ONE flat all-reduce of every ``.grad`` (the mean over
    ranks, as DDP would); a DDP model has already averaged them;
 2. statistics on this rank's τ₁ subset (its own generator stream), the pending factors updated
-   locally (Sec 5);
+   locally (Sec 5); with ``Tf > 1`` only on statistics steps (the first 3 and every Tf-th, the
+   same steps on every rank), and steps 4-5 then only there too: the other steps precondition
+   with the current inverse, with no statistics pass and no factor traffic;
 3. one small all-reduce of the failure flags (a non-finite sampled-pass output, non-finite
    gradients on any rank): every rank takes the same decision;
 4. start ONE flat all-reduce of the pending factors (upper triangles), every
@@ -734,7 +736,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             rank preconditions every block) or ``"shard_inverses"`` (owners precondition their
             blocks, directions all-gathered every iteration).
         factor_reduce_every: reduce the factors every this many iterations (and always before
-            a refresh and a checkpoint). The running averages are linear, so the factors at a
+            a refresh and a checkpoint); with ``Tf > 1`` only statistics steps count, so keep
+            it 1 or a multiple of Tf. The running averages are linear, so the factors at a
             reduction are the same (to rounding) whatever this is: between reductions each rank
             keeps its own ε-average of its own estimates; only the traffic changes.
         average_gradients: average every ``.grad`` over the ranks in :meth:`step` (default:
@@ -769,9 +772,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError("capture='hooks' is not data-parallel yet: the statistics of the user's own passes "
                              "are not reduced over the ranks; use capture='pass' (the default) with "
                              "torch.distributed")
-        if kwargs.get("Tf", 1) != 1:
-            raise ValueError("Tf (statistics every Tf steps) is not data-parallel yet: drop it (factor_reduce_every "
-                             "thins the factor reductions instead) or train on one process")
         super().__init__(inner, loss=loss, generator=generator, **kwargs)
         self.timer = PhaseTimer()
         self.inverse: Optional[ShardedInverse] = None
@@ -808,16 +808,20 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 grads_all = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
                 handle_g = d.start_all_reduce_mean(grads_all, kind="gradient")
         failure: Optional[BaseException] = None
-        with t("statistics"):
-            size = max(1, int(round(self.tau1 * m)))
-            idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
-            x1 = select(inputs, idx)
-            y1 = None if targets is None else targets.index_select(0, idx)
-            try:
-                stats, rec = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher,
-                                                targets=y1, generator=self.generator)
-            except NonFiniteOutputs as exc:
-                failure = exc
+        # Tf: statistics (and the factor reduction) on the first 3 steps and every Tf-th only; k is
+        # the same on every rank, so all ranks skip together
+        stats_step = self._statistics_step()
+        if stats_step:
+            with t("statistics"):
+                size = max(1, int(round(self.tau1 * m)))
+                idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
+                x1 = select(inputs, idx)
+                y1 = None if targets is None else targets.index_select(0, idx)
+                try:
+                    stats, rec = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher,
+                                                    targets=y1, generator=self.generator)
+                except NonFiniteOutputs as exc:
+                    failure = exc
         with t("scalars"):
             # on the model's device: NCCL reduces CUDA tensors only
             flags = torch.tensor([float(failure is not None), float(not local_ok)], dtype=torch.float64,
@@ -830,20 +834,22 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 raise failure
             raise NonFiniteOutputs(f"the sampled-target pass met non-finite model outputs on {int(flags[0])} of "
                                    f"{d.world_size} ranks (not this one); the step is rejected on every rank")
-        if not self._ordered:
-            order = forward_order(self.layers, rec)
-            self.layers = [self.layers[i] for i in order]
-            stats = stats.permuted(order)
-            self._ordered = True
-        if self.factors is None:
-            self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.inverse_kind == "block_tridiagonal")
-        with t("factor_update"):
-            self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
-        refresh = self.inverse is None or self.k <= 3 or self.k % self.T3 == 0
-        reduce = d.world_size > 1 and (refresh or self.k % self.factor_reduce_every == 0)
-        with t("factor_start"):
-            handle_f = d.start_reduce_factors(self.factors) if reduce else None
+        handle_f, refresh = None, False
+        if stats_step:
+            if not self._ordered:
+                order = forward_order(self.layers, rec)
+                self.layers = [self.layers[i] for i in order]
+                stats = stats.permuted(order)
+                self._ordered = True
+            if self.factors is None:
+                self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
+                                              tridiagonal=self.inverse_kind == "block_tridiagonal")
+            with t("factor_update"):
+                self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
+            refresh = self.inverse is None or self.k <= 3 or self.k % self.T3 == 0
+            reduce = d.world_size > 1 and (refresh or self.k % self.factor_reduce_every == 0)
+            with t("factor_start"):
+                handle_f = d.start_reduce_factors(self.factors) if reduce else None
         with t("gradient_wait"):
             if handle_g is not None:
                 handle_g.wait()
@@ -866,11 +872,12 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         else:
             if ok:  # overlapped with the factor reduction in flight
                 U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
-            with t("factor_wait"):
-                if handle_f is not None:
-                    handle_f.wait()
-                self.factors.commit()
-            self._synced = handle_f is not None or d.world_size == 1
+            if stats_step:
+                with t("factor_wait"):
+                    if handle_f is not None:
+                        handle_f.wait()
+                    self.factors.commit()
+                self._synced = handle_f is not None or d.world_size == 1
         if U is None:
             # e.g. a GradScaler overflow step on any rank: leave .grad (non-finite) as it is
             self.k += 1

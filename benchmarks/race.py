@@ -47,7 +47,8 @@ from kfac_fast.step_size import Graft, KLClip  # noqa: E402
 BASELINES = ("sgd", "adamw")
 METHODS = ("sgd", "adamw", "kfac", "kfac-pre-sgd", "kfac-pre-adamw")
 #: a K-FAC preconditioner method may name its step-size rule: kfac-pre-sgd:kl, :graft or :none;
-#: kfac may name KFACConfig overrides: kfac:Tq=10 (several joined by '+')
+#: kfac may name KFACConfig overrides: kfac:Tq=10 (several joined by '+'); a preconditioner method
+#: its own keyword overrides after the rule: kfac-pre-sgd:graft+Tf=1
 CURVE_COLUMNS = ["task", "method", "seed", "lr", "seconds", "iterations", "loss", "batch_loss", "note"]
 OUT_DIR = os.path.join(RESULTS_DIR, "race")
 
@@ -83,6 +84,8 @@ def make_step(task: RaceTask, method: str, model: torch.nn.Module, lr: Optional[
     if method.startswith("kfac-pre-"):
         kw = dict(pre_kwargs or {})
         name, _, rule = method[len("kfac-pre-"):].partition(":")
+        rule, *extra = rule.split("+")  # kfac-pre-sgd:graft+Tf=1: keyword overrides of this method
+        kw.update(_pre_kwargs(",".join(extra)))
         opt, settings = base(name)
         if rule:  # the step-size rule (kfac_fast.step_size): graft, kl (KAISA's kappa 1e-3) or none
             kw["step_size"] = {"graft": Graft(), "kl": KLClip(kappa=1e-3, lr=opt), "none": None}[rule]
@@ -361,7 +364,7 @@ def main(argv=None) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m.split(":")[0] not in METHODS or (m.partition(":")[2] not in ("", "graft", "kl", "none")
+        if m.split(":")[0] not in METHODS or (m.partition(":")[2].split("+")[0] not in ("", "graft", "kl", "none")
                                                and m.split(":")[0] != "kfac"):
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     pre_kw = _pre_kwargs(args.pre)

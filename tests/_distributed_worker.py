@@ -125,7 +125,8 @@ def make_net(net: str):
     return (TokenNet().to(D) if net == "token" else mlp_model())
 
 
-PRE_KW = dict(loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0, T3=5, backend="torch")
+# Tf=1: these scenarios count the factor traffic of every iteration
+PRE_KW = dict(loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0, T3=5, Tf=1, backend="torch")
 
 
 def train(pre, model, params_model, data, rows, *, start=0, stop=ITERS, hook=None):

@@ -65,3 +65,10 @@ def test_Tf_in_the_data_parallel_preconditioner_on_one_process(mode):
         traces.append(trace)
     for k, (a, b) in enumerate(zip(*traces), start=1):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=f"step {k}")
+
+
+@pytest.mark.parametrize("T3,want", [(20, 10), (5, 5), (7, 7), (30, 10), (12, 6), (1, 1)])
+def test_default_Tf_is_the_largest_divisor_of_T3_up_to_10(T3, want):
+    pre = KFACPreconditioner(mlp([2, 2]), loss="softmax_cross_entropy", T3=T3)
+    assert pre.Tf == want and T3 % pre.Tf == 0
+    assert KFACPreconditioner(mlp([2, 2]), loss="softmax_cross_entropy", T3=T3, Tf=1).Tf == 1

@@ -100,6 +100,15 @@ def _world_size(process_group=None) -> int:
     return dist.get_world_size(process_group)
 
 
+DEFAULT_TF_MAX = 10
+
+
+def default_statistics_period(T3: int) -> int:
+    """The default ``Tf``: the largest divisor of ``T3`` not above ``DEFAULT_TF_MAX``, so that
+    every refresh falls on a statistics step (measured in docs/race.md)."""
+    return max(d for d in range(1, min(T3, DEFAULT_TF_MAX) + 1) if T3 % d == 0)
+
+
 class KFACPreconditioner:
     """Replace ``.grad`` of every K-FAC block's parameters by the K-FAC direction.
 
@@ -184,7 +193,8 @@ class KFACPreconditioner:
             the first 3 steps and every Tf-th; the other steps only precondition with the
             current inverse (no statistics pass; with ``capture="hooks"`` the recorded pass is
             dropped, no sampled backward). The inverse refreshes on statistics steps only, so
-            make T3 a multiple of Tf.
+            make T3 a multiple of Tf. Default (None): the largest divisor of T3 up to
+            ``DEFAULT_TF_MAX`` = 10 (10 at the default T3 = 20); 1 updates every step.
         step_size: what your optimizer receives in place of u = F̆⁻¹∇ (:mod:`kfac_fast.step_size`):
             ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
             optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
@@ -222,7 +232,7 @@ class KFACPreconditioner:
         capture: str = "pass",
         loss_reduction: str = "mean",
         step_size: StepSize = Graft(),
-        Tf: int = 1,
+        Tf: Optional[int] = None,
     ):
         check_factorization(factorization, inverse)
         if capture not in CAPTURES:
@@ -245,6 +255,8 @@ class KFACPreconditioner:
             raise ValueError(f"damping must be a positive finite number, got {damping}")
         if not isinstance(T3, int) or T3 < 1:
             raise ValueError(f"T3 must be a positive integer, got {T3!r}")
+        if Tf is None:
+            Tf = default_statistics_period(T3) if isinstance(T3, int) and T3 >= 1 else 1
         if not isinstance(Tf, int) or Tf < 1:
             raise ValueError(f"Tf must be a positive integer (statistics every Tf steps), got {Tf!r}")
         if not 0 < tau1 <= 1:

@@ -117,7 +117,8 @@ class Config:
             return
         self.d = TorchDistributor() if world > 1 else LocalDistributor()
         self.model = deep_autoencoder(generator=torch.Generator().manual_seed(0))
-        self.pre = DistributedKFACPreconditioner(self.model, loss="sigmoid_cross_entropy", damping=0.1, T3=20,
+        # Tf=1: statistics and a factor reduction every step, as the cost model counts them
+        self.pre = DistributedKFACPreconditioner(self.model, loss="sigmoid_cross_entropy", damping=0.1, T3=20, Tf=1,
                                                  mode=mode, distributor=self.d, seed=0)
         self.sgd = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.lossf = torch.nn.BCEWithLogitsLoss(reduction="sum")

@@ -3,7 +3,7 @@ statistics period Tf and the inverse refresh period T3?
 
 One iteration = zero_grad, forward, backward, [pre.step], opt.step on the race's ResNet
 (BatchNorm, batch 128) and SDPA language model (batch 32). Candidates: SGD alone (the baseline),
-KFACPreconditioner + SGD with capture="pass" at Tf = 1 (every step, the default) and Tf = 10,
+KFACPreconditioner + SGD with capture="pass" at Tf = 1 (every step) and Tf = 10 (the default at T3 = 20),
 and capture="hooks" (MC Fisher) at Tf = 10; T3 = 20 for all. After a warm-up of 25 steps each,
 windows of 20 steps (a multiple of Tf and T3, so every window holds the same share of statistics
 passes and refreshes) are timed, candidates interleaved window by window; reported: the median

@@ -146,7 +146,8 @@ class KfacFast(Method):
         super().__init__(task, model, fisher, args)
         self.capture = capture
         self.name = f"kfac_fast {capture}"
-        kw = dict(loss=task.loss, damping=args.damping, fisher=fisher, T3=args.T3, backend=args.backend,
+        # Tf=1: statistics every step, as the peers compute them
+        kw = dict(loss=task.loss, damping=args.damping, fisher=fisher, T3=args.T3, backend=args.backend, Tf=1,
                   generator=torch.Generator().manual_seed(args.seed))
         if capture == "hooks":
             self.pre = kfac_fast.KFACPreconditioner(model, capture="hooks", **kw)

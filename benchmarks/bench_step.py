@@ -103,7 +103,8 @@ def _warm_kfac(factory, X, backend: str, args, device, *, profile: bool):
     """A seeded K-FAC optimizer on a fresh model after args.warmup steps, and its batch stream."""
     torch.manual_seed(args.seed)
     model = factory()
-    cfg = KFACConfig(T1=args.T1, T2=args.T3, T3=args.T3, factorization=args.factorization)
+    cfg = KFACConfig(**{**dict(T1=args.T1, T2=args.T3, T3=args.T3, factorization=args.factorization),
+                        **getattr(args, "overrides", {})})
     opt = kfac_fast.KFAC(model, loss="sigmoid_cross_entropy", backend=backend, profile=profile, config=cfg,
                          generator=torch.Generator(device=device).manual_seed(args.seed))
     it = batches(X, args.batch, args.seed)
@@ -217,6 +218,19 @@ def time_baseline(factory, X, which: str, args, device) -> dict:
             "min [ms]": 1e3 * r["min_s"]}
 
 
+def parse_configs(text: str) -> list[tuple[str, dict]]:
+    """``--configs``: KFACConfig overrides per K-FAC run, ';' between runs, ',' between fields
+    ("Tq=1;Tq=5,T1=1"); each run's text labels its row ("" is the script's own settings)."""
+    out = []
+    for part in text.split(";"):
+        kv = {}
+        for item in filter(None, (x.strip() for x in part.split(","))):
+            k, _, v = item.partition("=")
+            kv[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+        out.append((part.strip(), kv))
+    return out
+
+
 def phases_section(args, device, info) -> None:
     backends = []
     status = kfac_fast.available_backends()
@@ -249,20 +263,22 @@ def phases_section(args, device, info) -> None:
         saved_iters = args.iters
         if prob == "wide":
             args.iters = args.wide_iters
-        for b, skip in backends:
+        for (b, skip), (cfg_text, overrides) in [(bk, c) for c in parse_configs(args.configs) for bk in backends]:
+            args.overrides = overrides
             if skip:
-                rows.append(dict(model=prob, method="KFAC", backend=b, note=skip))
+                rows.append(dict(model=prob, method="KFAC", backend=b, config=cfg_text, note=skip))
                 print(f"  KFAC[{b}]: {skip}", flush=True)
                 continue
             try:
                 r = time_kfac(factory, X, b, args, device)
             except Exception as exc:  # record why, keep going
-                rows.append(dict(model=prob, method="KFAC", backend=b, note=f"failed: {type(exc).__name__}: {exc}"))
+                rows.append(dict(model=prob, method="KFAC", backend=b, config=cfg_text,
+                                 note=f"failed: {type(exc).__name__}: {exc}"))
                 print(f"  KFAC[{b}] failed: {exc}", flush=True)
                 continue
             r["note"] = "amortised mean over a window of whole refresh periods; median iteration"
-            rows.append(dict(model=prob, method="KFAC", backend=b, **r))
-            print(f"  KFAC[{b}]: mean {r['total mean [ms]']:.1f} ms, median {r['total median [ms]']:.1f} ms; "
+            rows.append(dict(model=prob, method="KFAC", backend=b, config=cfg_text, **r))
+            print(f"  KFAC[{b}] {cfg_text}: mean {r['total mean [ms]']:.1f} ms, median {r['total median [ms]']:.1f} ms; "
                   f"interleaved SGD {r['SGD interleaved median [ms]']:.1f} ms -> {r['mean / SGD (interleaved)']:.2f}x", flush=True)
         args.iters = saved_iters
         # the baselines again after the K-FAC runs: a machine whose speed drifts (shared cores)
@@ -281,7 +297,7 @@ def phases_section(args, device, info) -> None:
                 r["median / SGD"] = r["total median [ms]"] / base["sgd"]
             if r["model"] == prob and r.get("unprofiled mean [ms]") is not None:
                 r["unprofiled / SGD"] = r["unprofiled mean [ms]"] / base["sgd"]
-    cols = ["model", "method", "backend"] + [f"{p} [ms]" for p in PHASES] + [
+    cols = ["model", "method", "backend", "config"] + [f"{p} [ms]" for p in PHASES] + [
         "other [ms]", "total mean [ms]", "total median [ms]", "mean / SGD", "median / SGD",
         "SGD interleaved median [ms]", "mean / SGD (interleaved)"] + (
         ["unprofiled mean [ms]", "unprofiled / SGD", "syncs / step"] if device.type == "cuda" else [])
@@ -634,6 +650,8 @@ def main(argv=None) -> None:
     ap.add_argument("--asdl-damping", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", default="", help="KFACConfig overrides per K-FAC run, ';' between runs, e.g. "
+                    "'Tq=1;Tq=5' (each run on every backend)")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (numbers meaningless)")
     args = ap.parse_args(argv)
     if args.quick:

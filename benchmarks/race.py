@@ -41,11 +41,14 @@ from _common import RESULTS_DIR, machine_info, print_table, write_csv  # noqa: E
 from race_tasks import TASKS, RaceTask, make_task  # noqa: E402
 
 import kfac_fast  # noqa: E402
+from kfac_fast.config import KFACConfig  # noqa: E402
 from kfac_fast.step_size import Graft, KLClip  # noqa: E402
 
 BASELINES = ("sgd", "adamw")
 METHODS = ("sgd", "adamw", "kfac", "kfac-pre-sgd", "kfac-pre-adamw")
-#: a K-FAC preconditioner method may name its step-size rule: kfac-pre-sgd:kl, :graft or :none
+#: a K-FAC preconditioner method may name its step-size rule: kfac-pre-sgd:kl, :graft or :none;
+#: kfac may name KFACConfig overrides: kfac:Tq=10 (several joined by '+'); a preconditioner method
+#: its own keyword overrides after the rule: kfac-pre-sgd:graft+Tf=1
 CURVE_COLUMNS = ["task", "method", "seed", "lr", "seconds", "iterations", "loss", "batch_loss", "note"]
 OUT_DIR = os.path.join(RESULTS_DIR, "race")
 
@@ -73,12 +76,16 @@ def make_step(task: RaceTask, method: str, model: torch.nn.Module, lr: Optional[
         opt, settings = base(method)
         return first_order(opt), settings
     gen = torch.Generator().manual_seed(seed)
-    if method == "kfac":
-        opt = kfac_fast.KFAC(model, loss=task.loss, generator=gen)
-        return (lambda x, y: opt.step(x, y).get("loss")), "KFAC defaults"
+    if method.split(":")[0] == "kfac":  # kfac:Tq=10+T2=40: KFACConfig overrides
+        overrides = _pre_kwargs(method.partition(":")[2].replace("+", ","))
+        opt = kfac_fast.KFAC(model, loss=task.loss, generator=gen, config=KFACConfig(**overrides))
+        return (lambda x, y: opt.step(x, y).get("loss")), "KFAC defaults" + "".join(
+            f", {k}={v}" for k, v in overrides.items())
     if method.startswith("kfac-pre-"):
         kw = dict(pre_kwargs or {})
         name, _, rule = method[len("kfac-pre-"):].partition(":")
+        rule, *extra = rule.split("+")  # kfac-pre-sgd:graft+Tf=1: keyword overrides of this method
+        kw.update(_pre_kwargs(",".join(extra)))
         opt, settings = base(name)
         if rule:  # the step-size rule (kfac_fast.step_size): graft, kl (KAISA's kappa 1e-3) or none
             kw["step_size"] = {"graft": Graft(), "kl": KLClip(kappa=1e-3, lr=opt), "none": None}[rule]
@@ -357,7 +364,8 @@ def main(argv=None) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m.split(":")[0] not in METHODS or m.partition(":")[2] not in ("", "graft", "kl", "none"):
+        if m.split(":")[0] not in METHODS or (m.partition(":")[2].split("+")[0] not in ("", "graft", "kl", "none")
+                                               and m.split(":")[0] != "kfac"):
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     pre_kw = _pre_kwargs(args.pre)
     os.makedirs(args.out, exist_ok=True)
@@ -374,7 +382,7 @@ def main(argv=None) -> list[dict]:
         runners = []
         for seed in seeds:
             for m in methods:
-                lr = None if m == "kfac" else lrs[m.split(":")[0].split("-")[-1]]
+                lr = None if m.split(":")[0] == "kfac" else lrs[m.split(":")[0].split("-")[-1]]
                 runners.append(Runner(task, m, seed, lr, args.budget, args.budget / args.evals,
                                       pre_kwargs=pre_kw if m.startswith("kfac-pre") else None))
         load0 = os.getloadavg()[0]

@@ -138,7 +138,8 @@ def make_net(net: str):
     return {"token": TokenNet, "tied": TiedNet}.get(net, mlp_model)().to(D)
 
 
-PRE_KW = dict(loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0, T3=5, backend="torch")
+# Tf=1: these scenarios count the factor traffic of every iteration
+PRE_KW = dict(loss="softmax_cross_entropy", damping=0.1, fisher="empirical", tau1=1.0, T3=5, Tf=1, backend="torch")
 
 
 def train(pre, model, params_model, data, rows, *, start=0, stop=ITERS, hook=None):
@@ -236,6 +237,13 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                                         **dict(PRE_KW, inverse="block_tridiagonal"))
     res["pre_tridiagonal"] = train(pre, model, model, batches("mlp"), half)
     res["bytes_tridiagonal"] = pre.distributor.counter.snapshot()
+
+    # statistics every Tf = 3 steps (T3 = 6): factor traffic on statistics steps only
+    for mode in ("replicate_inverses", "shard_inverses"):
+        model = mlp_model()
+        pre = DistributedKFACPreconditioner(model, mode=mode, seed=0, **dict(PRE_KW, T3=6, Tf=3))
+        res[f"pre_Tf3_{mode}"] = train(pre, model, model, batches("mlp"), half)
+        res[f"Tf3_factor_calls_{mode}"] = pre.distributor.counter.calls["factors"]
 
     # fewer factor reductions, with a checkpoint taken while the factors are rank-local
     data = batches("mlp")

@@ -356,6 +356,22 @@ def test_fewer_factor_reductions_same_trajectory(ranks):
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["pre_reduce_every_4"], ranks[1]["pre_reduce_every_4"]))
 
 
+@pytest.mark.parametrize("mode", ["replicate_inverses", "shard_inverses"])
+def test_statistics_every_Tf_steps_world_two_equals_world_one(ranks, mode):
+    """Tf = 3: world 2 on half batches follows the single-process KFACPreconditioner(Tf=3) on the
+    whole batch, and the factors are reduced on the statistics steps only (k ≤ 3, k ≡ 0 mod 3)."""
+    model = W.mlp_model()
+    pre = KFACPreconditioner(model, **dict(W.PRE_KW, T3=6, Tf=3), generator=torch.Generator().manual_seed(0))
+    ref = W.train(pre, model, model, W.batches("mlp"), slice(0, W.M))
+    t0, t1 = ranks[0][f"pre_Tf3_{mode}"], ranks[1][f"pre_Tf3_{mode}"]
+    assert len(t0) == len(ref) == W.ITERS
+    for it, (a, b, r) in enumerate(zip(t0, t1, ref)):
+        assert torch.equal(a, b), f"iteration {it}: parameters differ between ranks"
+        assert float((a - r).abs().max()) <= 1e-10, f"iteration {it}: world 2 differs from world 1"
+    stats_steps = [k for k in range(1, W.ITERS + 1) if k <= 3 or k % 3 == 0]
+    assert all(res[f"Tf3_factor_calls_{mode}"] == len(stats_steps) for res in ranks)
+
+
 def test_checkpoint_from_world_two_resumes_on_world_one(ranks):
     saved = ranks[0]["checkpoint"]
     assert saved["synced_before"] is False  # the factors were rank-local: state_dict reduced them

@@ -125,6 +125,27 @@ def test_ordinary_iterations_read_nothing_from_the_device(problem, inverse, mome
     assert opt.total_rejections == 0
 
 
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_steps_between_exact_fisher_checks_read_nothing(problem, monkeypatch):
+    """KFACConfig(Tq=3): ordinary iterations with and without the exact check stay sync-free
+    (Γ predicted from stored device quotients)."""
+    import kfac_fast.phases.proposal as proposal
+
+    checks = []
+    real = proposal.fisher_gram
+    monkeypatch.setattr(proposal, "fisher_gram", lambda *a, **kw: checks.append(1) or real(*a, **kw))
+    make, loss = PROBLEMS[problem]
+    model, x, y = make()
+    opt = KFAC(model, loss=loss, Tq=3, T3=5, T2=10, tau1=0.5, tau2=0.5, generator=torch.Generator().manual_seed(0))
+    predicted = 0
+    for _ in range(12):
+        n = len(checks)
+        with count_reads(forbid=_ordinary(opt)):
+            opt.step(x, y)
+        predicted += len(checks) == n
+    assert predicted >= 4  # a rejection between checks is a device selection too (no read)
+
+
 def test_rejection_count_is_read_at_most_once_per_max_rejections_iterations():
     model, x, y = _autoencoder()
     opt = KFAC(model, loss="sigmoid_cross_entropy", T3=50, T2=50, max_rejections=4,

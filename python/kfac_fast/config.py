@@ -55,6 +55,14 @@ class KFACConfig:
             the same per-iteration rate (19/20).
         T2: γ update period (Sec 6.6); must be a multiple of T3; ω₂ = sqrt(19/20)^T2.
         T3: inverse refresh period (Sec 8); also refreshed at k ≤ 3.
+        Tq: exact-Fisher check period. On iterations k ≡ 0 (mod Tq), on γ-candidate iterations
+            (every T2) and on the first step (and the first with δ₀), the quadratic forms
+            Γ = [Δ, δ₀]ᵀF[Δ, δ₀] of M are measured on S₂ (Sec 6.4, 7, Appendix C: linearized
+            passes costing about a forward and a backward on S₂). On the iterations between,
+            Γ is predicted from the last check's curvature quotients, Γ_ab ≈
+            q_ab‖d_a‖‖d_b‖ with q_ab = Γ_ab/(‖d_a‖‖d_b‖) then: the same 2×2 solve for α, µ
+            and the same M for ρ and the λ rule, on inner products only (so a λ raised by a
+            rejection still shortens the next step). 1 is the paper (every iteration).
         tau1: fraction of the batch for the factor statistics (Sec 8); at least one example
             (a batch of 1-7 examples at τ₁ = 1/8 uses one).
         tau2: fraction of the batch for the exact-Fisher quadratic forms (Sec 8); at least one
@@ -100,6 +108,7 @@ class KFACConfig:
     T1: int = 1
     T2: int = 20
     T3: int = 20
+    Tq: int = 1
     tau1: float = 1.0 / 8
     tau2: float = 1.0 / 4
     tau2_min_rows: int = 256
@@ -132,7 +141,7 @@ class KFACConfig:
             raise ValueError(f"rho_rows must be a non-negative integer, got {self.rho_rows!r}")
         if not isinstance(self.tau2_min_rows, int) or self.tau2_min_rows < 0:
             raise ValueError(f"tau2_min_rows must be a non-negative integer, got {self.tau2_min_rows!r}")
-        for name in ("T1", "T2", "T3", "max_rejections"):
+        for name in ("T1", "T2", "T3", "Tq", "max_rejections"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -166,7 +175,7 @@ class KFACConfig:
     def paper(cls, **overrides) -> "KFACConfig":
         """The paper's settings for its autoencoder experiments (Sec 6.5, 6.6, 8, 13)."""
         base = dict(lambda_init=150.0, weight_decay=1e-5, T1=5, T2=20, T3=20, tau1=1 / 8, tau2=1 / 4, ema_max=0.95,
-                    reject_steps=False, tau2_min_rows=0, mu_max=math.inf, rho_batch="same", rho_rows=0,
+                    reject_steps=False, tau2_min_rows=0, Tq=1, mu_max=math.inf, rho_batch="same", rho_rows=0,
                     lambda_min=1e-8, gamma_min=1e-8, max_block_dim=None)
         base.update(overrides)
         return cls(**base)

@@ -234,6 +234,8 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         self.factors: Optional[RunningFactors] = None
         self.inverse = None
         self._delta0: Optional[list[torch.Tensor]] = None  # δ₀ (zeros after a rejection: see has_delta0)
+        # Tq > 1: the last exact-Fisher check's curvature quotients Γ_ab/(‖d_a‖‖d_b‖), (n, n) float64
+        self._exact_model: Optional[torch.Tensor] = None
         self._last_stats: Optional[StepStats] = None
         self._reuse = None  # (outputs, recording) of a gradient pass whose graph the statistics reuse
         # rho_batch="next": the last step, to be checked on the next batch (θ_k, M(δ_k), whether the LM rule is due)

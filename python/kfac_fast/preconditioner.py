@@ -35,7 +35,9 @@ One iteration, per rank (the paper's Sec 8 tasks with the communication of
 1. gradient: with a plain model, start ONE flat all-reduce of every ``.grad`` (the mean over
    ranks, as DDP would); a DDP model has already averaged them;
 2. statistics on this rank's τ₁ subset (its own generator stream), the pending factors updated
-   locally (Sec 5);
+   locally (Sec 5); with ``Tf > 1`` only on statistics steps (the first 3 and every Tf-th, the
+   same steps on every rank), and steps 4-5 then only there too: the other steps precondition
+   with the current inverse, with no statistics pass and no factor traffic;
 3. one small all-reduce of the failure flags (a non-finite sampled-pass output, non-finite
    gradients on any rank): every rank takes the same decision;
 4. start ONE flat all-reduce of the pending factors (upper triangles), every
@@ -98,6 +100,15 @@ def _world_size(process_group=None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
+
+
+DEFAULT_TF_MAX = 10
+
+
+def default_statistics_period(T3: int) -> int:
+    """The default ``Tf``: the largest divisor of ``T3`` not above ``DEFAULT_TF_MAX``, so that
+    every refresh falls on a statistics step (measured in docs/race.md)."""
+    return max(d for d in range(1, min(T3, DEFAULT_TF_MAX) + 1) if T3 % d == 0)
 
 
 class KFACPreconditioner:
@@ -191,7 +202,8 @@ class KFACPreconditioner:
             the first 3 steps and every Tf-th; the other steps only precondition with the
             current inverse (no statistics pass; with ``capture="hooks"`` the recorded pass is
             dropped, no sampled backward). The inverse refreshes on statistics steps only, so
-            make T3 a multiple of Tf.
+            make T3 a multiple of Tf. Default (None): the largest divisor of T3 up to
+            ``DEFAULT_TF_MAX`` = 10 (10 at the default T3 = 20); 1 updates every step.
         step_size: what your optimizer receives in place of u = F̆⁻¹∇ (:mod:`kfac_fast.step_size`):
             ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
             optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
@@ -233,7 +245,7 @@ class KFACPreconditioner:
         capture: str = "pass",
         loss_reduction: str = "mean",
         step_size: StepSize = Graft(),
-        Tf: int = 1,
+        Tf: Optional[int] = None,
         max_block_dim: Optional[int] = DEFAULT_MAX_BLOCK_DIM,
     ):
         check_factorization(factorization, inverse)
@@ -258,6 +270,8 @@ class KFACPreconditioner:
             raise ValueError(f"damping must be a positive finite number, got {damping}")
         if not isinstance(T3, int) or T3 < 1:
             raise ValueError(f"T3 must be a positive integer, got {T3!r}")
+        if Tf is None:
+            Tf = default_statistics_period(T3) if isinstance(T3, int) and T3 >= 1 else 1
         if not isinstance(Tf, int) or Tf < 1:
             raise ValueError(f"Tf must be a positive integer (statistics every Tf steps), got {Tf!r}")
         if not 0 < tau1 <= 1:
@@ -780,7 +794,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             rank preconditions every block) or ``"shard_inverses"`` (owners precondition their
             blocks, directions all-gathered every iteration).
         factor_reduce_every: reduce the factors every this many iterations (and always before
-            a refresh and a checkpoint). The running averages are linear, so the factors at a
+            a refresh and a checkpoint); with ``Tf > 1`` only statistics steps count, so keep
+            it 1 or a multiple of Tf. The running averages are linear, so the factors at a
             reduction are the same (to rounding) whatever this is: between reductions each rank
             keeps its own ε-average of its own estimates; only the traffic changes.
         average_gradients: average every ``.grad`` over the ranks in :meth:`step` (default:
@@ -815,9 +830,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError("capture='hooks' is not data-parallel yet: the statistics of the user's own passes "
                              "are not reduced over the ranks; use capture='pass' (the default) with "
                              "torch.distributed")
-        if kwargs.get("Tf", 1) != 1:
-            raise ValueError("Tf (statistics every Tf steps) is not data-parallel yet: drop it (factor_reduce_every "
-                             "thins the factor reductions instead) or train on one process")
         super().__init__(inner, loss=loss, generator=generator, **kwargs)
         self.timer = PhaseTimer()
         self.inverse: Optional[ShardedInverse] = None
@@ -854,16 +866,20 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 grads_all = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
                 handle_g = d.start_all_reduce_mean(grads_all, kind="gradient")
         failure: Optional[BaseException] = None
-        with t("statistics"):
-            size = max(1, int(round(self.tau1 * m)))
-            idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
-            x1 = select(inputs, idx)
-            y1 = None if targets is None else targets.index_select(0, idx)
-            try:
-                stats, rec = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher,
-                                                targets=y1, generator=self.generator)
-            except NonFiniteOutputs as exc:
-                failure = exc
+        # Tf: statistics (and the factor reduction) on the first 3 steps and every Tf-th only; k is
+        # the same on every rank, so all ranks skip together
+        stats_step = self._statistics_step()
+        if stats_step:
+            with t("statistics"):
+                size = max(1, int(round(self.tau1 * m)))
+                idx = torch.randperm(m, generator=self.generator, device=self.device)[:size]
+                x1 = select(inputs, idx)
+                y1 = None if targets is None else targets.index_select(0, idx)
+                try:
+                    stats, rec = sampled_statistics(self.model, self.layers, x1, self.loss, fisher=self.fisher,
+                                                    targets=y1, generator=self.generator)
+                except NonFiniteOutputs as exc:
+                    failure = exc
         with t("scalars"):
             # on the model's device: NCCL reduces CUDA tensors only
             flags = torch.tensor([float(failure is not None), float(not local_ok)], dtype=torch.float64,
@@ -876,21 +892,23 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 raise failure
             raise NonFiniteOutputs(f"the sampled-target pass met non-finite model outputs on {int(flags[0])} of "
                                    f"{d.world_size} ranks (not this one); the step is rejected on every rank")
-        if not self._ordered:
-            order = forward_order(self.layers, rec)
-            self.layers = [self.layers[i] for i in order]
-            stats = stats.permuted(order)
-            self._ordered = True
-        if self.factors is None:
-            self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
-                                          tridiagonal=self.inverse_kind == "block_tridiagonal",
-                                          max_block_dim=self.max_block_dim)
-        with t("factor_update"):
-            self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
-        refresh = self.inverse is None or self.k <= 3 or self.k % self.T3 == 0
-        reduce = d.world_size > 1 and (refresh or self.k % self.factor_reduce_every == 0)
-        with t("factor_start"):
-            handle_f = d.start_reduce_factors(self.factors) if reduce else None
+        handle_f, refresh = None, False
+        if stats_step:
+            if not self._ordered:
+                order = forward_order(self.layers, rec)
+                self.layers = [self.layers[i] for i in order]
+                stats = stats.permuted(order)
+                self._ordered = True
+            if self.factors is None:
+                self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
+                                              tridiagonal=self.inverse_kind == "block_tridiagonal",
+                                              max_block_dim=self.max_block_dim)
+            with t("factor_update"):
+                self.factors.update(stats, eps=ema_decay(self.k, self.ema_max), backend=self.backend)
+            refresh = self.inverse is None or self.k <= 3 or self.k % self.T3 == 0
+            reduce = d.world_size > 1 and (refresh or self.k % self.factor_reduce_every == 0)
+            with t("factor_start"):
+                handle_f = d.start_reduce_factors(self.factors) if reduce else None
         with t("gradient_wait"):
             if handle_g is not None:
                 handle_g.wait()
@@ -913,11 +931,12 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         else:
             if ok:  # overlapped with the factor reduction in flight
                 U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
-            with t("factor_wait"):
-                if handle_f is not None:
-                    handle_f.wait()
-                self.factors.commit()
-            self._synced = handle_f is not None or d.world_size == 1
+            if stats_step:
+                with t("factor_wait"):
+                    if handle_f is not None:
+                        handle_f.wait()
+                    self.factors.commit()
+                self._synced = handle_f is not None or d.world_size == 1
         if U is None:
             # e.g. a GradScaler overflow step on any rank: leave .grad (non-finite) as it is
             self.k += 1

@@ -69,6 +69,9 @@ def state_dict(opt) -> dict:
             "theta": [[t.clone() for t in ps] for ps in opt._pending["theta"]],
             "M": opt._pending["M"], "lm_due": opt._pending["lm_due"]},
         "inverse_fallbacks": opt.inverse_fallbacks,
+        # Tq > 1: the last exact check's curvature quotients (absent from older checkpoints: the
+        # next step then checks exactly)
+        "exact_model": None if opt._exact_model is None else opt._exact_model.clone(),
         # torch.optim.Optimizer's layout: no per-parameter state, the param group's hyper-parameters
         "state": {},
         "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
@@ -136,5 +139,7 @@ def load_state_dict(opt, state: dict) -> None:
         "theta": [[t.to(opt.device) for t in ps] for ps in pend["theta"]], "M": float(pend["M"]),
         "lm_due": bool(pend["lm_due"])}
     opt.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
+    saved_model = state.get("exact_model")
+    opt._exact_model = None if saved_model is None else saved_model.to(opt.device)
     for group, saved in zip(opt.param_groups, state.get("param_groups") or []):
         group.update({k: v for k, v in saved.items() if k != "params"})

@@ -12,7 +12,7 @@ the loss after 20 steps of KFAC and of KFACPreconditioner + AdamW (lr 1e-3), as
 tests/test_integrations.py trains them (and KFAC's on the same GPT-2 untied). Then, on a 1-layer
 float64 GPT-2 (V = 32, d = 16) with the exact Fisher of the shared weight, how close each
 approximation's damped direction is to the exact natural gradient (results/tied_weights_exact_cpu.csv). The fallback is today's code with the tied pair
-disabled (the registry's ``tieable`` patched to refuse), in the same process. Writes
+(the default ``tied_weights="unsupported"``), in the same process. Writes
 results/tied_weights_cpu.csv with machine and versions.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 import warnings
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +35,13 @@ import kfac_fast  # noqa: E402
 from _common import machine_info, print_table, write_csv  # noqa: E402
 import test_integrations as T  # noqa: E402
 
-VARIANTS = {"kronecker_sum": {}, "fallback_skip": {"unsupported": "skip"},
+VARIANTS = {"kronecker_sum": {"tied_weights": "kronecker_sum"}, "fallback_skip": {"unsupported": "skip"},
             "fallback_diagonal": {"unsupported": "diagonal"}}
 
 
 def _patched(variant: str):
-    if variant == "kronecker_sum":
-        return contextlib.nullcontext()
-    return mock.patch("kfac_fast.curvature.blocks.registry.tieable", lambda *a: None)
+    """No patch: ``tied_weights=`` selects the pair (kept so the call sites read as before)."""
+    return contextlib.nullcontext()
 
 
 def _preconditioner(variant):

@@ -225,7 +225,8 @@ def main(rank: int, world: int, port: int, out: str) -> None:
             for mode in ("replicate_inverses", "shard_inverses"):
                 model = make_net(net)
                 run_model = DistributedDataParallel(model) if wrap == "ddp" else model
-                pre = DistributedKFACPreconditioner(run_model, mode=mode, seed=0, **PRE_KW)
+                kw = dict(PRE_KW, tied_weights="kronecker_sum") if net == "tied" else PRE_KW
+                pre = DistributedKFACPreconditioner(run_model, mode=mode, seed=0, **kw)
                 trace = train(pre, run_model, model, data, half)
                 res[f"pre_{net}_{wrap}_{mode}"] = trace
                 res[f"names_{net}_{wrap}_{mode}"] = [l.name for l in pre.layers]

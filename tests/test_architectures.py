@@ -182,8 +182,9 @@ def test_refused_configurations_follow_the_policy():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_tied_weights_are_a_kronecker_sum_pair_or_diagonal(bias):
-    """A bias-free head tied to the embedding: the Kronecker-sum pair (tests/test_tied_weights.py);
-    with a bias: the diagonal fallback of any other sharing."""
+    """A bias-free head tied to the embedding: the diagonal fallback by default, the Kronecker-sum
+    pair with tied_weights="kronecker_sum" (tests/test_tied_weights.py); with a bias: the diagonal
+    fallback of any other sharing either way."""
     from kfac_fast.curvature.blocks.tied import TiedEmbeddingBlock, TiedHeadBlock
 
     class Tied(nn.Module):
@@ -197,12 +198,15 @@ def test_tied_weights_are_a_kronecker_sum_pair_or_diagonal(bias):
             return self.out(torch.tanh(self.emb(ids)))
 
     model = Tied().double()
-    blocks = find_blocks(model, unsupported="diagonal")
+    # the default: the shared weight (one parameter) and any bias get one diagonal block each
+    assert [type(b) for b in find_blocks(model, unsupported="diagonal")] == [DiagonalBlock] * (2 if bias else 1)
+    blocks = find_blocks(model, unsupported="diagonal", tied_weights="kronecker_sum")
     want = [DiagonalBlock, DiagonalBlock] if bias else [TiedEmbeddingBlock, TiedHeadBlock]
     assert [type(b) for b in blocks] == want
     ids = torch.randint(0, 7, (10, 3))
-    opt = KFAC(model, loss="softmax_cross_entropy")
-    assert math.isfinite(opt.step(ids, ids)["loss"])
+    for tied_weights in ("unsupported", "kronecker_sum"):
+        opt = KFAC(model, loss="softmax_cross_entropy", tied_weights=tied_weights)
+        assert math.isfinite(opt.step(ids, ids)["loss"])
 
 
 @pytest.mark.parametrize("inverse", ["block_diagonal", "block_tridiagonal"])

@@ -291,7 +291,8 @@ def test_broadcast_and_all_gather(ranks):
 
 def _reference_trace(net):
     model = W.make_net(net)
-    pre = KFACPreconditioner(model, **W.PRE_KW, generator=torch.Generator().manual_seed(0))
+    kw = dict(W.PRE_KW, tied_weights="kronecker_sum") if net == "tied" else W.PRE_KW
+    pre = KFACPreconditioner(model, **kw, generator=torch.Generator().manual_seed(0))
     return W.train(pre, model, model, W.batches(net), slice(0, W.M))
 
 

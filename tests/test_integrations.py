@@ -116,22 +116,35 @@ def _loss(model, x, y):
 def test_coverage_is_kronecker(name):
     make, _ = MODELS[name]
     torch.manual_seed(0)
+    # GPT-2's tied embedding / output matrix: one Kronecker-sum block with tied_weights="kronecker_sum"
+    kw = {"tied_weights": "kronecker_sum"} if name == "gpt2" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", kfac_fast.CoverageWarning)
         model = make()
-        pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy")
+        pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", **kw)
     cov = pre.coverage()
     print(cov)
     if name == "gpt2":
-        # the tied embedding / output matrix is one Kronecker-sum block (the head owns it, counted
-        # once); nothing is diagonal or skipped, and no CoverageWarning fires
+        # the head owns the shared weight, counted once; nothing is diagonal or skipped
         (tied,) = [e for e in cov.entries if e.kind == "kronecker_sum"]
         assert tied.name == "model.lm_head + model.transformer.wte", str(cov)
         assert tied.params == model.transformer.wte.weight.numel(), str(cov)
         assert not [e for e in cov.entries if e.kind in ("diagonal", "skipped")], str(cov)
-        assert cov.kronecker_fraction >= 0.99, str(cov)
-    else:
-        assert cov.kronecker_fraction >= 0.99, str(cov)
+    assert cov.kronecker_fraction >= 0.99, str(cov)
+
+
+def test_gpt2_default_leaves_the_tied_matrix_to_the_fallback_and_says_how_to_model_it():
+    """The default tied_weights="unsupported": the tied matrix is skipped by the preconditioner
+    (92% of this tiny model's parameters stay Kronecker, above the warning threshold) and its
+    reason names tied_weights='kronecker_sum'."""
+    torch.manual_seed(0)
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kfac_fast.CoverageWarning)
+        cov = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy").coverage()
+    (e,) = [e for e in cov.entries if e.kind == "skipped"]
+    assert e.name == "model.transformer.wte.weight" and "tied_weights='kronecker_sum'" in e.reason, str(cov)
+    assert 0.9 < cov.kronecker_fraction < 0.99, str(cov)
 
 
 @pytest.mark.parametrize("capture", ["pass", "hooks"])

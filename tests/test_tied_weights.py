@@ -26,6 +26,7 @@ from kfac_fast.curvature.tied_inverse import tied_pi, tied_sum_inverse
 D = torch.float64
 CE = "softmax_cross_entropy"
 V, DIM = 7, 5
+TW = "kronecker_sum"  # the pair is opt-in: tied_weights="unsupported" (the fallback) is the default
 
 
 class TiedLM(nn.Module):
@@ -62,7 +63,7 @@ def rec(records, name):
 def test_the_pair_is_one_owner_and_other_sharing_keeps_the_fallback():
     model, _, _ = problem()
     for unsupported in ("error", "diagonal", "skip"):
-        blocks = find_blocks(model, unsupported=unsupported)
+        blocks = find_blocks(model, tied_weights=TW, unsupported=unsupported)
         assert [type(b) for b in blocks] == [TiedEmbeddingBlock, LinearBlock, TiedHeadBlock]
     emb, _, head = blocks
     assert head.partner is emb and emb.owner is head
@@ -72,10 +73,10 @@ def test_the_pair_is_one_owner_and_other_sharing_keeps_the_fallback():
     # a head with a bias is not the Kronecker-sum configuration: today's fallback and message
     model.lm_head = nn.Linear(DIM, V).to(D)
     model.lm_head.weight = model.embed.weight
-    blocks = find_blocks(model, unsupported="diagonal")
+    blocks = find_blocks(model, tied_weights=TW, unsupported="diagonal")
     assert [type(b) for b in blocks] == [LinearBlock, DiagonalBlock, DiagonalBlock]
     with pytest.raises(ValueError, match=r"sharing a parameter with model.lm_head \(tied weights"):
-        find_blocks(model, unsupported="error")
+        find_blocks(model, tied_weights=TW, unsupported="error")
     # two Linear layers sharing a weight: the fallback too
     lin = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False)).to(D)
     lin[2].weight = lin[0].weight
@@ -102,7 +103,7 @@ def _hand_factors(model, ids, y):
 
 def test_the_two_records_are_the_two_uses_factors():
     model, ids, y = problem()
-    recs = block_factors(model, ids, CE, fisher="empirical", targets=y)
+    recs = block_factors(model, ids, CE, fisher="empirical", targets=y, tied_weights=TW)
     A_out, G_out, C, G_emb = _hand_factors(model, ids, y)
     head, emb = rec(recs, "lm_head"), rec(recs, "embed")
     close(head.A, A_out, "Ā_out")
@@ -114,7 +115,7 @@ def test_the_two_records_are_the_two_uses_factors():
     assert head.tied_partner == pos[id(emb)] and emb.tied_owner == pos[id(head)]
     assert rec(recs, "hidden").tied is False
     # the tridiagonal chain skips the pair: no cross factors towards or from the head
-    tri = block_factors(model, ids, CE, fisher="empirical", targets=y, tridiagonal=True)
+    tri = block_factors(model, ids, CE, fisher="empirical", targets=y, tridiagonal=True, tied_weights=TW)
     assert rec(tri, "lm_head").A_next is None and rec(tri, "hidden").A_next is None
 
 
@@ -201,13 +202,13 @@ def _train(how, fisher, autocast, steps=20):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no CoverageWarning (and nothing else)
         if how == "kfac":
-            opt = KFAC(model, loss=CE, generator=torch.Generator().manual_seed(0))
-            cov = opt.coverage() if hasattr(opt, "coverage") else coverage(model, opt.layers)
+            opt = KFAC(model, tied_weights=TW, loss=CE, generator=torch.Generator().manual_seed(0))
+            cov = opt.coverage() if hasattr(opt, "coverage") else coverage(model, opt.layers, tied_weights=TW)
             for _ in range(steps):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     losses.append(float(opt.step(ids, y)["loss"]))
             return losses, cov
-        pre = KFACPreconditioner(model, loss=CE, damping=0.3, capture=how, step_size=None, fisher=fisher,
+        pre = KFACPreconditioner(model, tied_weights=TW, loss=CE, damping=0.3, capture=how, step_size=None, fisher=fisher,
                                  generator=torch.Generator().manual_seed(0))
         cov = pre.coverage()
         sgd = torch.optim.SGD(model.parameters(), lr=0.2)
@@ -242,7 +243,7 @@ def test_the_sum_block_steps_the_shared_weight_by_its_inverse():
     """KFACPreconditioner's update of W is the Kronecker-sum inverse applied to W.grad (the
     embedding use's gradient included: autograd sums both uses into one .grad)."""
     model, ids, y = problem()
-    pre = KFACPreconditioner(model, loss=CE, damping=0.1, capture="pass", fisher="empirical", step_size=None,
+    pre = KFACPreconditioner(model, tied_weights=TW, loss=CE, damping=0.1, capture="pass", fisher="empirical", step_size=None,
                              tau1=1.0)  # first step: the factors are this batch's (ε = 0), the inverse fresh
     F.cross_entropy(model(ids).flatten(0, -2), y.flatten()).backward()
     g = model.embed.weight.grad.clone()
@@ -263,25 +264,25 @@ def test_checkpoint_round_trip_resumes_the_same_steps():
         return out
 
     model, ids, y = problem()
-    opt = KFAC(model, loss=CE, T3=2, generator=torch.Generator().manual_seed(3))
+    opt = KFAC(model, tied_weights=TW, loss=CE, T3=2, generator=torch.Generator().manual_seed(3))
     run(opt, model, ids, y, 3)
     state, mstate = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
     after = run(opt, model, ids, y, 3)
     model2, _, _ = problem(seed=7)
     model2.load_state_dict(mstate)
-    opt2 = KFAC(model2, loss=CE, T3=2, generator=torch.Generator().manual_seed(99))
+    opt2 = KFAC(model2, tied_weights=TW, loss=CE, T3=2, generator=torch.Generator().manual_seed(99))
     opt2.load_state_dict(state)
     for a, b in zip(after, run(opt2, model2, ids, y, 3)):
         assert torch.equal(a, b)
     # KFACPreconditioner: the inverse (the pair's records) survives state_dict / load_state_dict
-    pre = KFACPreconditioner(model, loss=CE, capture="pass", fisher="empirical", step_size=None)
+    pre = KFACPreconditioner(model, tied_weights=TW, loss=CE, capture="pass", fisher="empirical", step_size=None)
     F.cross_entropy(model(ids).flatten(0, -2), y.flatten()).backward()
     pre.step(ids, y)
     st = copy.deepcopy(pre.state_dict())
     model.zero_grad()
     F.cross_entropy(model(ids).flatten(0, -2), y.flatten()).backward()
     g = model.embed.weight.grad.clone()
-    pre2 = KFACPreconditioner(model, loss=CE, capture="pass", fisher="empirical", step_size=None)
+    pre2 = KFACPreconditioner(model, tied_weights=TW, loss=CE, capture="pass", fisher="empirical", step_size=None)
     pre2.load_state_dict(st)
     ref = pre.inverse.apply([l.grad_matrix() for l in pre.layers])
     got = pre2.inverse.apply([l.grad_matrix() for l in pre2.layers])
@@ -347,7 +348,7 @@ def test_block_tridiagonal_couples_the_chain_and_leaves_the_pair_block_diagonal(
     model = TiedLM2()
     ids = torch.randint(0, V, (32, 4))
     y = torch.roll(ids, 1, 1)
-    pre = KFACPreconditioner(model, loss=CE, damping=0.3, capture="pass", fisher="empirical", step_size=None,
+    pre = KFACPreconditioner(model, tied_weights=TW, loss=CE, damping=0.3, capture="pass", fisher="empirical", step_size=None,
                              inverse="block_tridiagonal", generator=torch.Generator().manual_seed(0))
     sgd = torch.optim.SGD(model.parameters(), lr=0.2)
     losses = []
@@ -372,7 +373,7 @@ def test_the_exact_fisher_products_see_both_uses_of_the_shared_weight():
     from kfac_fast.curvature import linearize
 
     model, ids, _ = problem()
-    blocks = find_blocks(model)
+    blocks = find_blocks(model, tied_weights=TW)
     Dm = torch.randn(V, DIM, generator=torch.Generator().manual_seed(8), dtype=D)
     direction = [torch.zeros(b.g_dim, b.a_dim, dtype=D) for b in blocks]
     direction[2] = Dm  # the head's block: W
@@ -405,3 +406,17 @@ def test_without_the_embedding_term_the_head_is_damped_as_an_ordinary_kronecker_
     plain = BlockInverse([KroneckerFactors(A=A_out, G=G_out, name="head", homogeneous=False)],
                          kind="block_diagonal", damping=0.3).apply([X])[0]
     close(tied, plain, "the tied head without its embedding term vs an ordinary Kronecker block")
+
+
+def test_the_default_is_the_fallback_and_its_reason_names_the_option():
+    """tied_weights="unsupported" (the default): the shared weight follows unsupported= (KFAC: one
+    diagonal block; the preconditioner: skipped), and coverage() says how to get the pair."""
+    model, _, _ = problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cov in (KFAC(model, loss=CE).coverage(), KFACPreconditioner(model, loss=CE).coverage()):
+            (e,) = [e for e in cov.entries if e.name.endswith("embed.weight")]
+            assert e.kind in ("diagonal", "skipped") and "tied_weights='kronecker_sum'" in e.reason, str(cov)
+            assert not any(x.kind == "kronecker_sum" for x in cov.entries)
+    with pytest.raises(ValueError, match="tied_weights"):
+        KFAC(model, loss=CE, tied_weights="sum")

@@ -36,6 +36,7 @@ from .curvature.coverage import Coverage, coverage
 from .config import KFACConfig
 from .batch import batch_size, buffers_kept, call, functional_call
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
+from .curvature.blocks.registry import check_tied_weights
 from .curvature.losses import get_loss
 from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors
@@ -102,6 +103,11 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         unsupported: ``"diagonal"`` (default: a diagonal Fisher block for every trainable
             parameter no Kronecker/norm block models, so no model is refused), ``"skip"`` (those
             parameters are not updated: train them with another optimizer) or ``"error"``.
+        tied_weights: an ``nn.Embedding`` whose weight is also a bias-free ``nn.Linear`` output
+            layer's (GPT-2, Gemma): ``"unsupported"`` (default: the shared weight follows
+            ``unsupported``) or ``"kronecker_sum"`` (one Kronecker-sum block over both uses,
+            Appendix B; :func:`kfac_fast.curvature.blocks.find_blocks` gives the measurement
+            behind the default).
         ignore_index: softmax targets equal to it are excluded from the objective, the factors,
             the sampled targets and the quadratic forms (default −100, as ``F.cross_entropy``).
         ignore_nan_targets: for ``sigmoid_cross_entropy``/``squared_error``: a loss term whose
@@ -170,6 +176,7 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         profile: bool = False,
         kfac_approx: str = "expand",
         unsupported: str = "diagonal",
+        tied_weights: str = "unsupported",
         ignore_index: Optional[int] = -100,
         ignore_nan_targets: bool = False,
         validate: bool = False,
@@ -209,7 +216,9 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
         self.backend = backend
         self.kfac_approx = check_kfac_approx(kfac_approx)
         self.unsupported = check_unsupported(unsupported)
-        self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
+        self.tied_weights = check_tied_weights(tied_weights)
+        self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported,
+                                  tied_weights=tied_weights)
         warn_low_coverage(self.coverage(), "KFAC", "opt")
         self.device = model_device(self.layers)
         self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
@@ -555,7 +564,7 @@ class KFAC(StatisticsPhase, RefreshPhase, ProposalPhase, CommitPhase, torch.opti
     def coverage(self) -> Coverage:
         """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
         skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
-        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx,
+        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx, tied_weights=self.tied_weights,
                         max_block_dim=self.config.max_block_dim)
 
     def memory_report(self) -> dict[str, int]:

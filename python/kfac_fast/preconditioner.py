@@ -71,6 +71,7 @@ from .config import INVERSES, check_factorization
 from .batch import batch_size, select
 from .curvature.coverage import Coverage, coverage
 from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
+from .curvature.blocks.registry import check_tied_weights
 from .curvature.capture import forward_order, internal_pass
 from .curvature.hooks import CapturedPass, HookCapture, check_pass
 from .curvature.inverses import (build_block_inverse, inverse_state, load_inverse, resolve_factorization,
@@ -180,6 +181,11 @@ class KFACPreconditioner:
         unsupported: ``"skip"`` (default: parameters no Kronecker/norm block models keep the
             ``.grad`` you computed, for your optimizer as it is, as KAISA does), ``"diagonal"``
             (a diagonal Fisher block each) or ``"error"``.
+        tied_weights: an ``nn.Embedding`` whose weight is also a bias-free ``nn.Linear`` output
+            layer's (GPT-2, Gemma): ``"unsupported"`` (default: the shared weight follows
+            ``unsupported``) or ``"kronecker_sum"`` (one Kronecker-sum block over both uses,
+            Appendix B; :func:`kfac_fast.curvature.blocks.find_blocks` gives the measurement
+            behind the default).
         ignore_index: softmax targets equal to it are excluded (default −100); with
             ``fisher="mc"`` pass the targets to ``step`` so the sampled pass masks them too.
         ignore_nan_targets: the float losses' mask: terms whose targets are all NaN are excluded.
@@ -240,6 +246,7 @@ class KFACPreconditioner:
         factorization: str = "auto",
         kfac_approx: str = "expand",
         unsupported: str = "skip",
+        tied_weights: str = "unsupported",
         ignore_index: Optional[int] = -100,
         ignore_nan_targets: bool = False,
         capture: str = "pass",
@@ -282,13 +289,15 @@ class KFACPreconditioner:
         self.loss = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
         self.kfac_approx = check_kfac_approx(kfac_approx)
         self.unsupported = check_unsupported(unsupported)
+        self.tied_weights = check_tied_weights(tied_weights)
         self.damping = float(damping)
         self.fisher = fisher
         self.inverse_kind = inverse
         self.T3, self.Tf, self.tau1, self.ema_max = T3, Tf, tau1, ema_max
         self.backend = backend
         self.factorization = resolve_factorization(factorization, inverse, backend)
-        self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
+        self.layers = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported,
+                                  tied_weights=tied_weights)
         warn_low_coverage(self.coverage(), "KFACPreconditioner", "pre")
         self.device = model_device(self.layers)
         self.factor_dtype = factor_dtype or default_factor_dtype(self.layers)
@@ -312,7 +321,8 @@ class KFACPreconditioner:
     def coverage(self) -> Coverage:
         """Which trainable parameters have Kronecker, norm, dense or diagonal blocks and which are
         skipped, with reasons (:func:`kfac_fast.curvature.coverage`)."""
-        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx, max_block_dim=self.max_block_dim)
+        return coverage(self.model, self.layers, kfac_approx=self.kfac_approx, tied_weights=self.tied_weights,
+                        max_block_dim=self.max_block_dim)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of K-FAC state by kind, each storage counted once: ``factors`` (the running Ā, G

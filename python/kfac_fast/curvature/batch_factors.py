@@ -114,6 +114,7 @@ def block_factors(
     generator: Optional[torch.Generator] = None,
     kfac_approx: str = "expand",
     unsupported: str = "diagonal",
+    tied_weights: str = "unsupported",
     ignore_index: Optional[int] = -100,
     ignore_nan_targets: bool = False,
 ) -> list:
@@ -124,7 +125,7 @@ def block_factors(
     vector, its diagonal) and :class:`BlockFisher` (F: (k, b, b)) for norm scale-and-shift and
     diagonal blocks. Conventions: :mod:`kfac_fast.curvature.blocks.base` (Ā the mean over its
     rows, G and F divided by N, the number of loss terms). Arguments as :func:`kronecker_factors`;
-    ``unsupported`` as :func:`~kfac_fast.curvature.blocks.find_blocks`.
+    ``unsupported``, ``tied_weights`` as :func:`~kfac_fast.curvature.blocks.find_blocks`.
     """
     dist = get_loss(loss, ignore_index=ignore_index, ignore_nan_targets=ignore_nan_targets)
     if fisher not in FISHER_KINDS:
@@ -133,7 +134,7 @@ def block_factors(
         raise ValueError("fisher='empirical' needs targets=")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-    blocks = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported)
+    blocks = find_blocks(model, kfac_approx=kfac_approx, unsupported=unsupported, tied_weights=tied_weights)
     batch_size(inputs)  # validates the batch
     with torch.enable_grad():
         with capture(blocks) as rec:

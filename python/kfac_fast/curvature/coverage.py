@@ -92,7 +92,8 @@ def diagonal_factors_note(block: CurvatureBlock, max_block_dim: Optional[int]) -
 
 
 def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: str = "model",
-             kfac_approx: str = "expand", max_block_dim: Optional[int] = None) -> Coverage:
+             kfac_approx: str = "expand", max_block_dim: Optional[int] = None,
+             tied_weights: str = "unsupported") -> Coverage:
     """How ``blocks`` (from :func:`~kfac_fast.curvature.blocks.find_blocks` on ``model`` with the
     same ``model_name``) model the trainable parameters of ``model``.
 
@@ -107,7 +108,7 @@ def coverage(model: nn.Module, blocks: Sequence[CurvatureBlock], *, model_name: 
     ``max_block_dim`` a Kronecker block with a factor above it is still ``kronecker``, its
     ``reason`` naming the diagonal factor (:func:`diagonal_factors_note`).
     """
-    reasons = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx)
+    reasons = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx, tied_weights=tied_weights)
     name_of = {id(p): n for n, p in model.named_parameters()}
     entries, seen = [], set()
     for b in blocks:

@@ -7,9 +7,10 @@ structure** when no registered type matches (:data:`STRUCTURAL`: transformers' w
 ``Conv1D``, its ``*RMSNorm`` modules, timm's ``LayerScale``); a registration always wins over a
 structural match.
 Trainable parameters no block claims (a custom ``nn.Parameter``, a layer
-type without a block, a parameter shared by two modules) follow the ``unsupported`` policy, except
-one sharing: an ``nn.Embedding`` tied to a bias-free ``nn.Linear`` output layer becomes a tied pair
-(:mod:`.tied`: the head owns the weight, its inverse the Kronecker sum over both uses).
+type without a block, a parameter shared by two modules) follow the ``unsupported`` policy; with
+``tied_weights="kronecker_sum"`` an ``nn.Embedding`` tied to a bias-free ``nn.Linear`` output layer
+becomes a tied pair instead (:mod:`.tied`: the head owns the weight, its inverse the Kronecker sum
+over both uses).
 """
 from __future__ import annotations
 
@@ -94,7 +95,18 @@ def check_unsupported(unsupported: str) -> str:
     return unsupported
 
 
-def _survey(model: nn.Module, model_name: str, kfac_approx: str):
+#: ``tied_weights=`` choices: an embedding tied to a bias-free output layer follows ``unsupported=``
+#: like any other shared parameter (the default), or is one Kronecker-sum block (:mod:`.tied`)
+TIED_WEIGHTS = ("unsupported", "kronecker_sum")
+
+
+def check_tied_weights(tied_weights: str) -> str:
+    if tied_weights not in TIED_WEIGHTS:
+        raise ValueError(f"unknown tied_weights={tied_weights!r}; choose one of {', '.join(TIED_WEIGHTS)}")
+    return tied_weights
+
+
+def _survey(model: nn.Module, model_name: str, kfac_approx: str, tied_weights: str = "unsupported"):
     """(the blocks of the supported modules, module path -> why it has none, the trainable
     parameters no block claims as [(parameter name, parameter)], parameter id -> (module path, module))."""
     blocks: list[CurvatureBlock] = []
@@ -114,22 +126,25 @@ def _survey(model: nn.Module, model_name: str, kfac_approx: str):
             continue
         if cls.accepts(module):
             blocks += cls.create(full, module, kfac_approx=kfac_approx)
-    # a parameter claimed by two blocks (tied weights): an embedding and a bias-free output layer
-    # of its transposed shape become a tied pair (one owner); any other sharing goes diagonal
+    # a parameter claimed by two blocks (tied weights): with tied_weights="kronecker_sum" an embedding
+    # and a bias-free output layer of its transposed shape become a tied pair (one owner); any other
+    # sharing, and that one by default, follows `unsupported=`
     owners: dict[int, list[CurvatureBlock]] = {}
     for b in blocks:
         for p in b.params():
             owners.setdefault(id(p), []).append(b)
     for bs in owners.values():
         pair = tieable(*bs) if len(bs) == 2 else None
-        if pair is not None:
+        if pair is not None and tied_weights == "kronecker_sum":
             tied = dict(zip(map(id, pair), tie(*pair)))
             blocks = [tied.get(id(b), b) for b in blocks]
         elif len(bs) > 1:
+            hint = ("; tied_weights='kronecker_sum' models both uses as one Kronecker-sum block" if pair is not None
+                    else "")
             for b in bs:
                 others = ", ".join(o.name for o in bs if o is not b)
                 refused[b.name] = (f"{_describe(type(b.module))} sharing a parameter with {others} (tied weights: one "
-                                   "Kronecker block cannot model both uses)")
+                                   f"Kronecker block cannot model both uses{hint})")
     blocks = [b for b in blocks if b.name not in refused]
     claimed = {id(p) for b in blocks for p in b.params()}
     mod_of = {}
@@ -140,12 +155,13 @@ def _survey(model: nn.Module, model_name: str, kfac_approx: str):
     return blocks, refused, loose, mod_of
 
 
-def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand") -> dict[str, str]:
+def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand",
+                   tied_weights: str = "unsupported") -> dict[str, str]:
     """Trainable parameter name -> why no Kronecker or norm block models it (its module's
     refusal, tied weights, a layer type without a block, a parameter a container module applies
     in its own forward: a layer scale, a class token, a position table)."""
     handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
-    _, refused, loose, mod_of = _survey(model, model_name, kfac_approx)
+    _, refused, loose, mod_of = _survey(model, model_name, kfac_approx, check_tied_weights(tied_weights))
     out = {}
     for pname, p in loose:
         path, module = mod_of[id(p)]
@@ -168,17 +184,24 @@ def why_unmodelled(model: nn.Module, *, model_name: str = "model", kfac_approx: 
 
 
 def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str = "expand",
-                unsupported: str = "error") -> list[CurvatureBlock]:
+                unsupported: str = "error", tied_weights: str = "unsupported") -> list[CurvatureBlock]:
     """One block per supported module of ``model`` (registration order; two for
     ``nn.MultiheadAttention``), then one :class:`DiagonalBlock` per other trainable parameter
     when ``unsupported="diagonal"``.
 
     ``unsupported``: what happens to trainable parameters no Kronecker/norm block models (a layer
     type without a block, a refused configuration such as cross-attention projections, a custom
-    ``nn.Parameter``, a parameter shared by two modules other than an ``nn.Embedding`` tied to a
-    bias-free ``nn.Linear`` output layer, which is a tied pair of blocks, :mod:`.tied`): ``"diagonal"`` (a diagonal Fisher block each), ``"skip"`` (left alone: train them
-    with another optimizer) or ``"error"``. :func:`~kfac_fast.curvature.coverage.coverage` says
-    which parameters went where and why.
+    ``nn.Parameter``, a parameter shared by two modules): ``"diagonal"`` (a diagonal Fisher block
+    each), ``"skip"`` (left alone: train them with another optimizer) or ``"error"``.
+    :func:`~kfac_fast.curvature.coverage.coverage` says which parameters went where and why.
+
+    ``tied_weights``: an ``nn.Embedding`` tied to a bias-free ``nn.Linear`` output layer (GPT-2,
+    Gemma) follows ``unsupported`` (``"unsupported"``, the default) or is one Kronecker-sum block
+    over both uses (``"kronecker_sum"``, :mod:`.tied`). The default is the fallback because it
+    trained better: on a tied character LM, 250 iterations, 3 seeds, the held-out loss was
+    2.48/2.11/2.38 (diagonal) against 2.80/2.69/2.38 (Kronecker sum) with ``KFAC`` and
+    2.04/2.00/1.97 against 2.11/2.09/2.06 with ``KFACPreconditioner`` + AdamW
+    (``benchmarks/bench_tied_lm.py``).
 
     Raises:
         ValueError: ``unsupported="error"`` and such a parameter exists (the message names the
@@ -186,11 +209,12 @@ def find_blocks(model: nn.Module, *, model_name: str = "model", kfac_approx: str
     """
     check_kfac_approx(kfac_approx)
     check_unsupported(unsupported)
+    check_tied_weights(tied_weights)
     handled = ", ".join([_describe(t) for t in _REGISTRY] + [what for what, _, _ in STRUCTURAL])
-    blocks, _, loose, _ = _survey(model, model_name, kfac_approx)
+    blocks, _, loose, _ = _survey(model, model_name, kfac_approx, tied_weights)
     if loose and unsupported == "error":
         pname, _ = loose[0]
-        why = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx)[pname]
+        why = why_unmodelled(model, model_name=model_name, kfac_approx=kfac_approx, tied_weights=tied_weights)[pname]
         raise ValueError(f"unsupported layer {why} (parameter {pname}); choose unsupported='diagonal' (a diagonal "
                          "Fisher block for its parameters), unsupported='skip' (K-FAC leaves them to another "
                          "optimizer), freeze them (requires_grad_(False)), or register a block with "

@@ -13,6 +13,10 @@ diagonal), so in the head's layout (V, d):
 
 which :mod:`kfac_fast.curvature.tied_inverse` inverts exactly by Appendix B.
 
+Opt-in: ``tied_weights="kronecker_sum"`` (``find_blocks``, ``KFAC``, ``KFACPreconditioner``);
+by default the shared weight follows ``unsupported=``, which trained better on a tied LM with
+held-out data (``benchmarks/bench_tied_lm.py``, docs/architectures.md).
+
 Both modules keep their captures, statistics and running factors exactly as untied (two
 records); the pair has ONE owner of W: the head block (:class:`TiedHeadBlock`) owns it, the
 embedding block (:class:`TiedEmbeddingBlock`) is a statistics-only partner whose ``params()``

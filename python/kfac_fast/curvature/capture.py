@@ -24,6 +24,23 @@ class Recording:
 _INTERNAL = [0]  # depth of kfac_fast's own passes (statistics forwards and backwards)
 
 
+class Pausable:
+    """A recorder that can be paused: :meth:`paused` nests, and ``self._paused`` (the depth) is
+    what the recorder's hook checks before recording a forward."""
+
+    _paused: int = 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside the block are not recorded (kfac_fast's own replays, a validation
+        pass with grad enabled); backwards of passes recorded before still are."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+
 @contextlib.contextmanager
 def internal_pass() -> Iterator[None]:
     """Mark kfac_fast's own passes (the statistics forward and backward of ``KFAC`` and of

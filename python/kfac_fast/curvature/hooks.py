@@ -61,18 +61,17 @@ step. :meth:`remove` takes every hook off the model and drops whatever is pendin
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..batch import model_output
 from .blocks import CurvatureBlock
-from .capture import Recording, check_calls, in_internal_pass, internal_pass
+from .capture import Pausable, Recording, check_calls, in_internal_pass, internal_pass
 
 #: pending passes at which :class:`HookCapture` warns that ``step()`` is not being called
 PENDING_WARN = 64
@@ -142,7 +141,7 @@ class CapturedPass:
         return torch.zeros(shape, dtype=dtype, device=device)
 
 
-class HookCapture:
+class HookCapture(Pausable):
     """Hooks on ``model`` that record every block's statistics from the user's passes.
 
     Args:
@@ -196,15 +195,6 @@ class HookCapture:
     def _recording(self) -> bool:
         return (self.armed and not self._paused and torch.is_grad_enabled() and not in_internal_pass()
                 and not in_backward())
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Forwards inside the block are not recorded (backwards of passes recorded before still are)."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
 
     def remove(self) -> None:
         """Take every hook off the model and drop whatever is pending (idempotent)."""

@@ -20,13 +20,12 @@ recorder holds references to the user's tensors until :meth:`take` releases them
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from .capture import in_internal_pass
+from .capture import Pausable, in_internal_pass
 
 __all__ = ["RecordedBatch", "TargetsFn"]
 
@@ -48,7 +47,7 @@ def _as_batch(args: tuple, kwargs: dict):
     return tuple(args), None  # keyword flags only (e.g. return_dict=True): replayed positionally
 
 
-class RecordedBatch:
+class RecordedBatch(Pausable):
     """The batches of the user's grad-enabled forwards since the last :meth:`take`.
 
     Args:
@@ -80,15 +79,6 @@ class RecordedBatch:
     # it only records (the forward is unchanged), so linearized passes that bypass the module call
     # (curvature.sequential_jvp) may skip it
     _record.kfac_fast_passive = True
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Forwards inside the block are not recorded (kfac_fast's own replays, validation)."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
 
     def set_targets(self, targets) -> None:
         """The targets of the next step only (a tensor, or a list with one per recorded pass)."""

@@ -89,13 +89,11 @@ def main(argv=None):
     rows = []
     for seed in map(int, args.seeds.split(",")):
         for method in args.methods.split(","):
-            for variant in (args.variants.split(",") if method != "adamw" else ["diagonal"]):
+            # AdamW alone runs once on the tied model (the variants are K-FAC's treatments of it)
+            for variant in args.variants.split(",") if method != "adamw" else ["diagonal"]:
+                row = run(task, method, variant, seed, args.iters)
                 if method == "adamw":
-                    variant = "tied (no K-FAC)"
-                    row = run(task, "adamw", "diagonal", seed, args.iters)
-                    row["variant"] = variant
-                else:
-                    row = run(task, method, variant, seed, args.iters)
+                    row["variant"] = "tied (no K-FAC)"
                 print(row, flush=True)
                 rows.append(row)
     print_table(rows, ["method", "variant", "seed", "iters", "eval_loss", "train_seconds"])

@@ -35,8 +35,7 @@ from ._parts import default_factor_dtype, default_generator, model_device, warn_
 from .curvature.coverage import Coverage, coverage
 from .config import KFACConfig
 from .batch import batch_size, buffers_kept, call, functional_call
-from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
-from .curvature.blocks.registry import check_tied_weights
+from .curvature.blocks import check_kfac_approx, check_tied_weights, check_unsupported, find_blocks
 from .curvature.losses import get_loss
 from .curvature.recorded_batch import RecordedBatch, TargetsFn
 from .curvature.running import RunningFactors

@@ -70,8 +70,7 @@ from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
 from .curvature.coverage import Coverage, coverage
-from .curvature.blocks import check_kfac_approx, check_unsupported, find_blocks
-from .curvature.blocks.registry import check_tied_weights
+from .curvature.blocks import check_kfac_approx, check_tied_weights, check_unsupported, find_blocks
 from .curvature.capture import forward_order, internal_pass
 from .curvature.hooks import CapturedPass, HookCapture, check_pass
 from .curvature.inverses import (build_block_inverse, inverse_state, load_inverse, resolve_factorization,

@@ -11,7 +11,8 @@ from .grouped_conv import GroupedConvBlock
 from .grouped_conv_kronecker import GroupedKroneckerConvBlock
 from .layer_scale import LayerScaleBlock
 from .linear import LinearBlock
-from .registry import UNSUPPORTED, block_class, check_unsupported, find_blocks, register_block, registered_blocks
+from .registry import (TIED_WEIGHTS, UNSUPPORTED, block_class, check_tied_weights, check_unsupported, find_blocks,
+                       register_block, registered_blocks)
 from .scale_shift import ScaleShiftBlock
 from .transposed_linear import TransposedLinearBlock
 
@@ -37,9 +38,11 @@ __all__ = [
     "LinearBlock",
     "ScaleShiftBlock",
     "TransposedLinearBlock",
+    "TIED_WEIGHTS",
     "UNSUPPORTED",
     "block_class",
     "check_kfac_approx",
+    "check_tied_weights",
     "check_unsupported",
     "find_blocks",
     "register_block",

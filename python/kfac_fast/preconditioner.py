@@ -496,7 +496,7 @@ class KFACPreconditioner:
         m = self._check_batch(inputs, targets)
         grads = [l.grad_matrix() for l in self.layers]  # raises if backward was not called
         if not self._statistics_step():
-            if all(bool(torch.isfinite(g).all()) for g in grads):
+            if _all_finite(grads):  # one host sync for all blocks
                 self._precondition(grads)
             self.k += 1
             return
@@ -513,7 +513,7 @@ class KFACPreconditioner:
             stats = stats.permuted(order)
             self._ordered = True
         self._update(stats)
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not _all_finite(grads):
             # e.g. a GradScaler overflow step: leave .grad as it is so the scaler sees inf and skips
             self.k += 1
             return

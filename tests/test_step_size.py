@@ -49,7 +49,7 @@ def _dense_direction(model, x, y, gamma):
 
 def _step(model, x, y, rule, gamma=0.1):
     pre = KFACPreconditioner(model, loss="softmax_cross_entropy", damping=gamma, fisher="empirical", tau1=1.0,
-                             step_size=rule)
+                             step_size=rule, damping_warmup=0)  # γ itself at k = 1
     F.cross_entropy(model(x), y).backward()
     pre.step(x, y)  # k = 1: the running factors are this batch's
     return [vec(torch.cat([l.weight.grad, l.bias.grad[:, None]], 1)) for l in model if isinstance(l, nn.Linear)]

@@ -46,7 +46,8 @@ def test_large_blocks_keep_their_first_inverse_until_t3(monkeypatch, factorizati
     monkeypatch.setattr(inverses, "WARMUP_REBUILD_MAX_DIM", 14)  # the first two Linear blocks are "large"
     model = _model()
     pre = kfac_fast.KFACPreconditioner(model, loss="softmax_cross_entropy", factor_dtype=D, T3=4, inverse=inverse,
-                                       factorization=factorization, fisher="empirical", tau1=1.0)
+                                       factorization=factorization, fisher="empirical", tau1=1.0,
+                                       damping_warmup=0)  # one γ at every refresh: the rebuild rule alone
     seen = []
     for x, y in _batches(4):  # k = 1..4: every step refreshes (k ≤ 3, k = T3)
         model.zero_grad()

@@ -69,6 +69,7 @@ from ._parts import (default_factor_dtype, default_generator, memory_report_of, 
 from .checkpoint import READABLE_VERSIONS, STATE_VERSION
 from .config import INVERSES, check_factorization
 from .batch import batch_size, select
+from .curvature.damping import DEFAULT_DAMPING_WARMUP, warmup_damping
 from .curvature.coverage import Coverage, coverage
 from .curvature.blocks import check_kfac_approx, check_tied_weights, check_unsupported, find_blocks
 from .curvature.capture import forward_order, internal_pass
@@ -213,6 +214,14 @@ class KFACPreconditioner:
             ``Graft()`` (default: each block's u rescaled to the norm of its gradient, so your
             optimizer's usual learning rate applies), ``KLClip(kappa=1e-3, lr=optimizer)`` (u
             scaled so that lr²∇ᵀu ≤ κ) or None (u itself: tune the learning rate for it).
+        damping_warmup: K, the damping warm-up in iterations: an inverse built at iteration k
+            uses γ_k = γ·max(1, K/k) (:func:`kfac_fast.curvature.damping.warmup_damping`), Kγ
+            at the first refreshes and γ from iteration K on. The young factors average few
+            statistics and are noisy; damping them more makes K-FAC's early steps at least as good
+            as your optimizer's own (docs/race.md, "Damping warm-up"). 0: γ throughout. Default
+            (None): ``DEFAULT_DAMPING_WARMUP`` = 30 with ``Graft`` (which gives every block the
+            gradient's norm, so γ shapes only the direction), 0 with ``KLClip`` or None, whose
+            step length γ sets (a warm-up there would shrink your early steps up to K×).
         max_block_dim: the largest Kronecker factor (Ā or G) kept dense; a larger one is kept as
             its diagonal (the block stays a Kronecker product, diag ⊗ dense, and a block-diagonal
             entry also with ``inverse="block_tridiagonal"``). Default 4096 (an LM head's
@@ -253,6 +262,7 @@ class KFACPreconditioner:
         step_size: StepSize = Graft(),
         Tf: Optional[int] = None,
         max_block_dim: Optional[int] = DEFAULT_MAX_BLOCK_DIM,
+        damping_warmup: Optional[int] = None,
     ):
         check_factorization(factorization, inverse)
         self.max_block_dim = check_max_block_dim(max_block_dim)
@@ -276,6 +286,11 @@ class KFACPreconditioner:
             raise ValueError(f"damping must be a positive finite number, got {damping}")
         if not isinstance(T3, int) or T3 < 1:
             raise ValueError(f"T3 must be a positive integer, got {T3!r}")
+        if damping_warmup is None:
+            damping_warmup = DEFAULT_DAMPING_WARMUP if isinstance(step_size, Graft) else 0
+        if isinstance(damping_warmup, bool) or not isinstance(damping_warmup, int) or damping_warmup < 0:
+            raise ValueError(f"damping_warmup must be an integer >= 0 (iterations; 0 keeps the damping constant), "
+                             f"got {damping_warmup!r}")
         if Tf is None:
             Tf = default_statistics_period(T3) if isinstance(T3, int) and T3 >= 1 else 1
         if not isinstance(Tf, int) or Tf < 1:
@@ -290,6 +305,8 @@ class KFACPreconditioner:
         self.unsupported = check_unsupported(unsupported)
         self.tied_weights = check_tied_weights(tied_weights)
         self.damping = float(damping)
+        self.damping_warmup = damping_warmup
+        self._gamma: Optional[float] = None  # γ_k of the current inverse (warmup_damping)
         self.fisher = fisher
         self.inverse_kind = inverse
         self.T3, self.Tf, self.tau1, self.ema_max = T3, Tf, tau1, ema_max
@@ -535,10 +552,18 @@ class KFACPreconditioner:
         scheduled = self.inverse is None or self.k % self.T3 == 0
         if scheduled or self.k <= 3:  # k = 2, 3: the small blocks only (warmup_rebuild)
             records = snapshot(self.factors.current)
-            self.inverse = build_block_inverse(self.inverse_kind, records, damping=self.damping,
+            self.inverse = build_block_inverse(self.inverse_kind, records, damping=self._refresh_damping(scheduled),
                                                backend=self.backend, warm_start=self.inverse,
                                                factorization=self.factorization,
                                                rebuild=warmup_rebuild(records, self.k, scheduled=scheduled))
+
+    def _refresh_damping(self, scheduled: bool) -> float:
+        """γ for the inverse built now: γ_k of the damping warm-up on a scheduled refresh (the
+        first, and every T3); the warm-up refreshes of k = 2, 3 keep the γ of k = 1, so that
+        the blocks they do not rebuild (warmup_rebuild) and those they do share one γ."""
+        if scheduled or self._gamma is None:
+            self._gamma = warmup_damping(self.damping, self.k, self.damping_warmup)
+        return self._gamma
 
     def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
@@ -734,7 +759,7 @@ class KFACPreconditioner:
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION, "kind": "KFACPreconditioner", "layers": [l.name for l in self.layers],
-            "ordered": self._ordered, "k": self.k, "damping": self.damping,
+            "ordered": self._ordered, "k": self.k, "damping": self.damping, "inverse_damping": self._gamma,
             "factors": None if self.factors is None else self.factors.state(),
             "inverse": inverse_state(self.inverse), "generator": self.generator.get_state(),
         }
@@ -761,6 +786,8 @@ class KFACPreconditioner:
         self._ordered = state["ordered"]
         self.k = int(state["k"])
         self.damping = float(state["damping"])
+        g = state.get("inverse_damping")  # absent before the damping warm-up: the inverse was built at γ
+        self._gamma = float(g) if g is not None else (self.damping if state.get("factors") is not None else None)
         self.factors = None
         if state["factors"] is not None:
             self.factors = RunningFactors(self.layers, dtype=self.factor_dtype, device=self.device,
@@ -847,7 +874,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     # ------------------------------------------------------------------ the iteration
     def _new_inverse(self) -> ShardedInverse:
         def build(records, warm):
-            return build_block_inverse(self.inverse_kind, records, damping=self.damping, backend=self.backend,
+            gamma = self._gamma if self._gamma is not None else self.damping
+            return build_block_inverse(self.inverse_kind, records, damping=gamma, backend=self.backend,
                                        warm_start=warm, factorization=self.factorization)
 
         return ShardedInverse(self.distributor, mode=self.mode, kind=self.inverse_kind, build=build,
@@ -932,6 +960,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     handle_f.wait()
                 self.factors.commit()
             self._synced = True
+            self._refresh_damping(self.inverse is None or self.k % self.T3 == 0)
             if self.inverse is None:
                 self.inverse = self._new_inverse()
             self.inverse.refresh(snapshot(self.factors.current))
@@ -980,7 +1009,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         inv = self.inverse
         return {
             "version": STATE_VERSION, "kind": STATE_KIND, "layers": [l.name for l in self.layers],
-            "ordered": self._ordered, "k": self.k, "damping": self.damping,
+            "ordered": self._ordered, "k": self.k, "damping": self.damping, "inverse_damping": self._gamma,
             "factors": None if self.factors is None else self.factors.state(),
             "inverse_records": None if inv is None or inv.records is None else
             [record_to_dict(r) for r in inv.records],

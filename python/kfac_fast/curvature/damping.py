@@ -54,3 +54,22 @@ def check_damping(damping: float) -> float:
     if not math.isfinite(damping) or damping < 0:
         raise ValueError(f"damping (γ) must be a finite number >= 0, got {damping}")
     return damping
+
+
+#: K of :func:`warmup_damping`, the default of ``KFACPreconditioner(damping_warmup=...)``
+DEFAULT_DAMPING_WARMUP = 30
+
+
+def warmup_damping(gamma: float, k: int, warmup: int) -> float:
+    """γ_k = γ · max(1, K / k): the damping of an inverse built at iteration ``k`` under a damping
+    warm-up of K = ``warmup`` iterations (0 or 1: γ throughout).
+
+    The early factors are running averages over few statistics (Sec 5), noisy and, for a layer
+    wider than the rows seen, of low rank: with a small γ their inverse amplifies the noise
+    directions. Damping them more while they are young, and less as they fill in, plays the part
+    that the adaptive γ of Sec 6.6 (which starts large and falls as the quadratic model proves
+    accurate) plays in :class:`kfac_fast.KFAC`, for a preconditioner that has no exact-Fisher
+    model to adapt it by."""
+    if warmup <= 1:
+        return float(gamma)
+    return float(gamma) * max(1.0, warmup / max(int(k), 1))

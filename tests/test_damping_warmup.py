@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-import kfac_fast
 from kfac_fast import KFACPreconditioner
 from kfac_fast.curvature import inverses
 from kfac_fast.curvature.block_inverse import largest_dense_factor

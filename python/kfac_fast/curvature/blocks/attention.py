@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KRONECKER, CurvatureBlock, FactorSpec
+from .base import KRONECKER, CurvatureBlock
 from .linear import LinearBlock
 
 

@@ -198,3 +198,13 @@ class CurvatureBlock(abc.ABC):
         """Kinds ``dense``/``diagonal``: per-example parameter derivatives u_n arranged as
         (m, k, b) (F = (1/N) Σ_n u_n u_nᵀ per small block) from the captured input and ∂/∂output."""
         raise NotImplementedError(f"{type(self).__name__} is a {self.factor_kind!r} block: no per-example rows")
+
+
+def output_positions(x: torch.Tensor, geometry: dict) -> int:
+    """R = H_out·W_out, the output positions of a convolution with ``geometry`` (kernel_size,
+    stride, padding, dilation as pairs) on x (m, C, H, W)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (geometry["kernel_size"], geometry["stride"], geometry["padding"],
+                                              geometry["dilation"])
+    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return ho * wo

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KRONECKER, CurvatureBlock, FactorSpec, frozen_bias
+from .base import KRONECKER, CurvatureBlock, FactorSpec, frozen_bias, output_positions
 
 
 class Conv2dBlock(CurvatureBlock):
@@ -120,12 +120,7 @@ class Conv2dBlock(CurvatureBlock):
         x = self.batched(x)
         if self.kfac_approx == "reduce":
             return x.shape[0]
-        geo = self.geometry()
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (geo["kernel_size"], geo["stride"], geo["padding"],
-                                                  geo["dilation"])
-        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return x.shape[0] * ho * wo
+        return x.shape[0] * output_positions(x, self.geometry())
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """(m, C_in, H, W) -> (m, C_in·kh·kw, R), the unfolded patches."""

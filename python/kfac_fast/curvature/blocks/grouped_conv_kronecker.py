@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KRONECKER_GROUPED, FactorSpec, frozen_bias
+from .base import KRONECKER_GROUPED, FactorSpec, frozen_bias, output_positions
 from .grouped_conv import MAX_BLOCK, GroupedConvBlock
 
 #: per-group parameter count b up to which the exact (b × b) per-group Fisher is kept
@@ -125,12 +125,7 @@ class GroupedKroneckerConvBlock(GroupedConvBlock):
         """Rows of Ā_j for the input x (as :meth:`a_input`): m·R (expand) or m (reduce)."""
         if self.kfac_approx == "reduce":
             return x.shape[0]
-        geo = self._geometry()
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (geo["kernel_size"], geo["stride"], geo["padding"],
-                                                  geo["dilation"])
-        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return x.shape[0] * ho * wo
+        return x.shape[0] * output_positions(x, self._geometry())
 
     def g_rows(self, g: torch.Tensor) -> torch.Tensor:
         """∂(Σ loss)/∂output (m, C_out, H_out, W_out) (or the Conv1d shape) -> (rows, G, C_out/G):

@@ -127,10 +127,7 @@ class EigenbasisPreconditioner(_Base):
         U = apply_step_size(self.step_size, grads, U)
         if self.scale != 1.0:
             U = [u * self.scale for u in U]
-        with torch.no_grad():
-            for layer, u in zip(self.layers, U):
-                for p, part in zip(layer.params(), layer.from_matrix(u)):
-                    p.grad.copy_(part.to(p.dtype).reshape(p.shape))
+        self._write_grads(U)
 
 
 def main(argv: Optional[list] = None):

@@ -567,7 +567,10 @@ class KFACPreconditioner:
 
     def _precondition(self, grads: list) -> None:
         U = self.inverse.apply([g.to(self.factor_dtype) for g in grads])
-        U = apply_step_size(self.step_size, grads, U)
+        self._write_grads(apply_step_size(self.step_size, grads, U))
+
+    def _write_grads(self, U: list) -> None:
+        """``.grad`` of every block's parameters ← its (g_dim, a_dim) matrix in ``U``."""
         with torch.no_grad():
             for layer, u in zip(self.layers, U):
                 for p, part in zip(layer.params(), layer.from_matrix(u)):
@@ -874,8 +877,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     # ------------------------------------------------------------------ the iteration
     def _new_inverse(self) -> ShardedInverse:
         def build(records, warm):
-            gamma = self._gamma if self._gamma is not None else self.damping
-            return build_block_inverse(self.inverse_kind, records, damping=gamma, backend=self.backend,
+            # γ_k of this refresh (step) or of the saved inverse (load_state_dict)
+            return build_block_inverse(self.inverse_kind, records, damping=self._gamma, backend=self.backend,
                                        warm_start=warm, factorization=self.factorization)
 
         return ShardedInverse(self.distributor, mode=self.mode, kind=self.inverse_kind, build=build,
@@ -984,10 +987,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         # rounding, and so the parameters, differ between ranks
         U = apply_step_size(self.step_size, grads, [u.to(g.dtype).contiguous() for u, g in zip(U, grads)])
         with t("write"):
-            with torch.no_grad():
-                for layer, u in zip(self.layers, U):
-                    for p, part in zip(layer.params(), layer.from_matrix(u)):
-                        p.grad.copy_(part.to(p.dtype).reshape(p.shape))
+            self._write_grads(U)
         self.k += 1
 
     # ------------------------------------------------------------------ checkpoints
